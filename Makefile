@@ -1,0 +1,56 @@
+# Two commands do everything on a fresh machine:
+#   make run    set up, then run the default pipeline end to end (dvc repro)
+#   make test   set up, then run the test suite
+# Both are idempotent: the venv is rebuilt only when pyproject.toml changes, and the
+# dataset is staged once.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DATA_STAMP := data/raw/FashionMNIST/raw/t10k-labels-idx1-ubyte
+
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup run test test-fast data dag mlflow-ui prefect-ui clean
+
+setup: $(STAMP) $(DATA_STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+data: $(DATA_STAMP)
+
+$(DATA_STAMP): | $(STAMP)
+	bash scripts/ensure_dataset.sh $(BIN)/python
+
+run: setup
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow and not integration"
+
+dag: setup
+	$(BIN)/dvc dag
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+prefect-ui: setup
+	$(BIN)/prefect server start
+
+clean:
+	rm -rf .prefect mlruns mlflow.db reports .pytest_cache

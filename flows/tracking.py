@@ -1,0 +1,56 @@
+"""MLflow wiring shared by every flow.
+
+Default store: SQLite file ``mlflow.db`` in the project root, artifacts under
+``mlruns/``; ``MLFLOW_TRACKING_URI`` overrides both (a server, another SQLite file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+
+from flows.project import Paths
+
+DATA_EXPERIMENT = "securemark-data"
+TRAIN_EXPERIMENT = "securemark-train"
+
+
+def configure(paths: Paths) -> str:
+    """Point MLflow at the project's store and return the tracking URI."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment(name: str, paths: Paths) -> str:
+    """Get or create an experiment whose artifacts live under the project's mlruns/."""
+    existing = mlflow.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks")):
+        location = (paths.mlruns / name).as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+@contextmanager
+def run(name: str, experiment_name: str, paths: Paths, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    configure(paths)
+    experiment_id = experiment(experiment_name, paths)
+    with mlflow.start_run(run_name=name, experiment_id=experiment_id, tags=tags) as active:
+        yield active
+
+
+def write_json(obj: Any, path: Path) -> None:
+    """Write a metrics/report JSON file (sorted keys, newline at the end)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        json.dump(obj, tmp, indent=2, sort_keys=True, default=float)
+        tmp.write("\n")
+    os.replace(tmp.name, path)

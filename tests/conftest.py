@@ -1,0 +1,100 @@
+"""Shared fixtures.
+
+Heavy things are built once per session and copied per test:
+- a Prefect test harness (one temporary server for the whole session);
+- the real Fashion-MNIST, staged by ``make test``'s set-up under ``data/raw``;
+- a small project (tiny partitions of the real data) prepared once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import flows  # noqa: F401  (sets project-local Prefect/DVC/GX defaults)
+from flows.project import Paths
+from securemark import data as fmnist
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL_PARAMS = {
+    "base": {"seed": 7, "profile": "test"},
+    "data": {"source_dir": str(fmnist.DEBIAN_DATASET_DIR), "allow_download": False},
+    "prepare": {
+        "owners": 2,
+        "owner_size": 300,
+        "aux_size": 200,
+        "attacker_size": 200,
+        "test_size": 500,
+        "mode": "iid",
+        "dirichlet_alpha": 0.5,
+    },
+    "validate": {"class_share_tolerance": 0.25},
+}
+
+
+@pytest.fixture(scope="session")
+def raw_dataset() -> Path:
+    """The staged real dataset (make test stages it; staged here if run bare)."""
+    raw = REPO / "data" / "raw"
+    try:
+        fmnist.ensure_staged(raw, allow_download=False)
+    except fmnist.DatasetMissingError as exc:
+        pytest.skip(str(exc))
+    return raw
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def make_project(root: Path, raw: Path, params: dict) -> Paths:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    link = root / "data" / "raw"
+    if not link.exists():
+        link.symlink_to(raw, target_is_directory=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return Paths(root)
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow-test.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def prepared_project(tmp_path_factory, raw_dataset, prefect_harness) -> Paths:
+    """A small project with partitions written by the real prepare flow (once)."""
+    from flows.prepare import prepare_flow
+
+    root = tmp_path_factory.mktemp("prepared")
+    paths = make_project(root, raw_dataset, SMALL_PARAMS)
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        prepare_flow(paths, SMALL_PARAMS)
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+    return paths
+
+
+@pytest.fixture
+def project_copy(prepared_project, tmp_path) -> Paths:
+    """A private copy of the prepared project that a test may corrupt."""
+    root = tmp_path / "project"
+    shutil.copytree(prepared_project.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    return Paths(root)

@@ -1,0 +1,68 @@
+"""Stage entry points as DVC runs them: clear errors on bad input, and `dvc repro`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from securemark import data as fmnist
+from tests.conftest import REPO, SMALL_PARAMS, make_project
+
+pytestmark = pytest.mark.integration
+
+
+def _stage(module: str, root, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SECUREMARK_ROOT": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", module], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [({"owners": 0}, "prepare.owners"), ({"owner_size": 30000}, "prepare.owner_size"), ({"mode": "zipf"}, "prepare.mode")],
+)
+def test_impossible_params_rejected_before_any_work(tmp_path, raw_dataset, override, key):
+    params = yaml.safe_load(yaml.safe_dump(SMALL_PARAMS))
+    params["prepare"].update(override)
+    paths = make_project(tmp_path, raw_dataset, params)
+    proc = _stage("flows.prepare", tmp_path)
+    assert proc.returncode == 2
+    assert key in proc.stderr and "Traceback" not in proc.stderr
+    assert not paths.partitions.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    with pytest.raises(fmnist.DatasetMissingError) as err:
+        fmnist.ensure_staged(tmp_path / "raw", source_dir=tmp_path / "nowhere", allow_download=False)
+    assert "apt-get install -y dataset-fashion-mnist" in str(err.value)
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_data_stages_in_a_copy_of_the_repo(tmp_path, raw_dataset):
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    root = tmp_path / "repo"
+    for f in files:
+        if (REPO / f).is_file():
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, root / f)
+    params = yaml.safe_load(yaml.safe_dump(SMALL_PARAMS))
+    params["prepare"]["owners"] = 3  # dvc.yaml lists owner_1..owner_3
+    make_project(root, raw_dataset, params)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    venv_bin = os.path.dirname(sys.executable)  # stages call `python`, as under `make run`
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    env.pop("SECUREMARK_ROOT", None)
+    dvc = [sys.executable, "-m", "dvc"]
+    proc = subprocess.run([*dvc, "repro", "validate"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert {"prepare", "validate"} <= set(lock["stages"])
+    status = subprocess.run([*dvc, "status", "validate"], cwd=root, env=env, capture_output=True, text=True)
+    assert "up to date" in status.stdout.lower(), status.stdout
+    assert (root / "data/partitions/owner_3/manifest.csv").is_file()
