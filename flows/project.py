@@ -84,9 +84,12 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def build(cls, params: dict[str, Any], name: str, **extra):
-    """Turn a params section into a frozen dataclass; unknown keys are named."""
-    values = dict(section(params, name))
+def build(cls, params: dict[str, Any], name: str, exclude: tuple[str, ...] = (), **extra):
+    """Turn a params section into a frozen dataclass; unknown keys are named.
+
+    ``exclude``: keys of the section that the flow reads itself; ``extra``: values
+    from elsewhere (e.g. the shared seed)."""
+    values = {k: v for k, v in section(params, name).items() if k not in exclude}
     fields = cls.__dataclass_fields__
     unknown = sorted(set(values) - set(fields))
     if unknown:

@@ -23,3 +23,35 @@ class ValidationFailed(SecureMarkError):
     def __init__(self, message: str, failures: list[dict]) -> None:
         super().__init__(message)
         self.failures = failures
+
+
+class LedgerError(SecureMarkError):
+    """The customer ledger refused an operation; the message says which and why."""
+
+
+class LedgerFull(LedgerError):
+    """Every code word of the codebook is already assigned to a customer."""
+
+
+class LedgerMismatch(LedgerError):
+    """An existing ledger belongs to another codebook (or capacity) than the one given."""
+
+
+class InvalidCustomerId(LedgerError, ValueError):
+    """A customer id that cannot be used in alias and file names."""
+
+
+class SecretError(SecureMarkError):
+    """The vendor secret is missing, exposed, malformed or does not match a key."""
+
+
+class SecretMissing(SecretError, FileNotFoundError):
+    """No vendor secret at the expected path."""
+
+
+class SecretExists(SecretError, FileExistsError):
+    """Refused to overwrite an existing vendor secret (it would orphan every issued copy)."""
+
+
+class InsecureSecret(SecretError, PermissionError):
+    """The secret file is readable or writable by group or others."""

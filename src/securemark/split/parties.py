@@ -1,0 +1,130 @@
+"""The two sides of split training: a data owner and the vendor's server.
+
+Each holds only its half of the model and its own optimiser. They talk exclusively
+through :mod:`securemark.split.messages`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from securemark.split.defence import DefenceConfig, add_noise, distance_correlation
+from securemark.split.messages import GradientReply, SmashedBatch, check_smashed
+
+
+def order_generator(seed: int, owner: int) -> torch.Generator:
+    """The generator that shuffles owner ``owner``'s batches (also used to replay the order)."""
+    return torch.Generator().manual_seed(seed * 1009 + owner)
+
+
+class DataOwner:
+    """Data owner ``index`` (1-based): runs the client part on its private images.
+
+    ``images`` float32 [N, 1, 28, 28] in [0, 1] never leave this object; only the
+    (defended) features at the cut do.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        client: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        lr: float,
+        defence: DefenceConfig,
+        seed: int,
+    ) -> None:
+        self.index = index
+        self.client = client
+        self.images, self.labels = images, labels
+        self.defence = defence
+        self.optimizer = torch.optim.Adam(client.parameters(), lr=lr)
+        self._order = order_generator(seed, index)
+        self._noise = torch.Generator().manual_seed(seed * 2027 + index)
+        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.dcor_sum, self.steps = 0.0, 0
+
+    def epoch_batches(self, batch_size: int) -> list[torch.Tensor]:
+        """This epoch's batches as index tensors (shuffled with the owner's own generator)."""
+        perm = torch.randperm(len(self.labels), generator=self._order)
+        return list(perm.split(batch_size))
+
+    def forward(self, batch: torch.Tensor) -> SmashedBatch:
+        """Compute defended features for one batch and keep the graph for :meth:`backward`."""
+        self.client.train()
+        x = self.images[batch]
+        z = self.client(x)
+        penalty = distance_correlation(x, z) if self.defence.alpha > 0 else None
+        sent = add_noise(z, self.defence.sigma, self._noise)
+        self._pending = (sent, penalty)
+        return SmashedBatch(self.index, sent.detach().contiguous(), self.labels[batch].contiguous())
+
+    def backward(self, reply: GradientReply) -> None:
+        """Back-propagate the vendor's gradient (plus the NoPeek penalty) and step."""
+        sent, penalty = self._pending
+        self._pending = None
+        self.optimizer.zero_grad(set_to_none=True)
+        if penalty is not None:
+            torch.autograd.backward([sent, self.defence.alpha * penalty], [reply.grad, None])
+            self.dcor_sum += float(penalty.detach())
+        else:
+            sent.backward(reply.grad)
+        self.optimizer.step()
+        self.steps += 1
+
+
+@dataclass
+class FeatureBank:
+    """What the server received: features float16 [N, C, H, W], labels, sending owner."""
+
+    features: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
+    owners: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, msg: SmashedBatch) -> None:
+        self.features.append(msg.features.detach().to(torch.float16))
+        self.labels.append(msg.labels.detach().clone())
+        self.owners.append(torch.full_like(msg.labels, msg.owner))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"features": torch.cat(self.features), "labels": torch.cat(self.labels), "owners": torch.cat(self.owners)}
+
+
+class SplitServer:
+    """The vendor's half: computes the loss on received features, steps, returns dL/dz."""
+
+    def __init__(self, server: nn.Module, cut_shape: tuple[int, int, int], lr: float, num_classes: int = 10) -> None:
+        self.server = server
+        self.cut_shape = tuple(cut_shape)
+        self.num_classes = num_classes
+        self.optimizer = torch.optim.Adam(server.parameters(), lr=lr)
+        self.bank: FeatureBank | None = None
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+    def stats(self) -> dict[str, float]:
+        n = max(self.seen, 1)
+        return {"train_loss": self.loss_sum / n, "train_accuracy": self.correct / n}
+
+    def handle(self, msg: SmashedBatch) -> GradientReply:
+        check_smashed(msg, self.cut_shape, self.num_classes)  # raw images never get past here
+        self.server.train()
+        z = msg.features.detach().requires_grad_(True)
+        logits = self.server(z)
+        loss = F.cross_entropy(logits, msg.labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        n = len(msg.labels)
+        self.loss_sum += float(loss.detach()) * n
+        self.correct += int((logits.argmax(1) == msg.labels).sum())
+        self.seen += n
+        if self.bank is not None:
+            self.bank.add(msg)
+        return GradientReply(z.grad.detach(), float(loss.detach()))
