@@ -218,11 +218,13 @@ class Ledger:
         log.info("assigned code word %d to customer %s", index, customer_id)
         return record
 
-    def complete(self, customer_id: str, model_version: str, weights_sha256: str) -> LedgerRecord:
+    def complete(self, customer_id: str, model_version: str, weights_sha256: str, reissue: bool = False) -> LedgerRecord:
         """Mark ``customer_id``'s copy as issued: model version and sha256 of its weights.
 
         Idempotent for the same values; raises :class:`LedgerError` if the customer was
-        never assigned or was already issued with a different version or hash.
+        never assigned, or was already issued with a different version or hash and
+        ``reissue`` is False. With ``reissue=True`` (a new base model), the record points
+        to the new copy; the customer keeps its code word.
         """
         validate_customer_id(customer_id)
         if not isinstance(model_version, str) or not model_version:
@@ -236,12 +238,13 @@ class Ledger:
                 raise LedgerError(f"customer {customer_id!r} has no code word in {self.path}; call assign() first")
             current = _record(row)
             if current.status == ISSUED:
-                if (current.model_version, current.weights_sha256) != (model_version, digest):
+                if (current.model_version, current.weights_sha256) != (model_version, digest) and not reissue:
                     raise LedgerError(
                         f"customer {customer_id!r} was already issued model {current.model_version!r} "
                         f"(sha256 {current.weights_sha256}); refusing to record {model_version!r} (sha256 {digest})"
                     )
-                return current
+                if (current.model_version, current.weights_sha256) == (model_version, digest):
+                    return current
             conn.execute(
                 "UPDATE customers SET status = ?, model_version = ?, weights_sha256 = ?, issued_at = ? "
                 "WHERE customer_id = ?",

@@ -103,7 +103,12 @@ def init_weights(model: nn.Module, generator: torch.Generator) -> nn.Module:
 
 def build_model(spec: ModelSpec, seed: int) -> SplitNet:
     """A freshly initialised model whose weights depend only on ``seed``."""
-    return init_weights(SplitNet(spec), torch.Generator().manual_seed(seed))
+    # nn.Conv2d/nn.Linear draw default weights from the global generator while they are
+    # built; fork it so the caller's RNG stream is left as it was (weights are then
+    # overwritten from ``seed`` by init_weights).
+    with torch.random.fork_rng(devices=[]):
+        net = SplitNet(spec)
+    return init_weights(net, torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

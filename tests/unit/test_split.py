@@ -1,0 +1,208 @@
+"""Split training on synthetic tensors: dCor, shapes at the cut, the server's message
+gate, the schedule and its replay, the transport registry and seeded initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from securemark.errors import ConfigError
+from securemark.model import ModelSpec, SplitNet, build_client, build_model, build_server
+from securemark.split.defence import DefenceConfig, distance_correlation
+from securemark.split.messages import MessageRejected, SmashedBatch
+from securemark.split.parties import SplitServer
+from securemark.split.protocol import InMemoryOwners, SplitJob, TrainConfig, bank_positions
+from securemark.split.transport import create_transport, transport_names
+
+SMALL = ModelSpec(widths=(4, 8), cut=1)
+
+
+def numpy_dcor(x: np.ndarray, z: np.ndarray) -> float:
+    """Szekely et al. (2007) sample distance correlation, written out plainly."""
+
+    def centred(a: np.ndarray) -> np.ndarray:
+        d = np.sqrt(((a[:, None, :] - a[None, :, :]) ** 2).sum(-1))
+        return d - d.mean(0, keepdims=True) - d.mean(1, keepdims=True) + d.mean()
+
+    a, b = centred(x.reshape(len(x), -1)), centred(z.reshape(len(z), -1))
+    return math.sqrt((a * b).mean() / math.sqrt((a * a).mean() * (b * b).mean()))
+
+
+# ----------------------------------------------------------------- distance correlation
+def test_dcor_of_a_variable_with_itself_and_its_affine_image_is_one():
+    x = torch.randn(40, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert distance_correlation(x, x).item() == pytest.approx(1.0, abs=1e-6)
+    assert distance_correlation(x, 2.5 * x + 3.0).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_dcor_matches_a_hand_computed_value():
+    x = np.array([[0.0, 1.0], [1.0, 0.5], [2.0, -1.0], [0.3, 0.3], [-1.0, 2.0], [4.0, 0.0]])
+    z = np.array([[1.0], [0.0], [2.5], [-0.5], [1.5], [0.2]])
+    expected = numpy_dcor(x, z)
+    assert 0.05 < expected < 0.95  # a non-trivial value, not an end point
+    got = distance_correlation(torch.from_numpy(x), torch.from_numpy(z)).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+    got32 = distance_correlation(torch.from_numpy(x).float(), torch.from_numpy(z).float()).item()
+    assert got32 == pytest.approx(expected, abs=1e-5)
+
+
+def test_dcor_of_independent_samples_is_small_and_dependent_is_large():
+    g = torch.Generator().manual_seed(1)
+    x, z = torch.randn(500, 3, generator=g), torch.randn(500, 3, generator=g)
+    assert distance_correlation(x, z).item() < 0.2
+    assert distance_correlation(x, x**2).item() > 0.3  # uncorrelated but dependent
+
+
+def test_dcor_is_differentiable():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 1, 6, 6, generator=g)
+    z = torch.randn(32, 4, 3, 3, generator=g, requires_grad=True)
+    value = distance_correlation(x, z)
+    assert value.requires_grad
+    value.backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------- shapes at the cut
+@pytest.mark.parametrize(
+    "widths, cut",
+    [((16, 32, 64), 1), ((16, 32, 64), 2), ((16, 32, 64), 3), ((8,), 1), ((4, 8, 16, 32), 4), ((4, 8, 16, 32), 2)],
+)
+def test_client_output_has_the_cut_shape_and_the_net_gives_ten_logits(widths, cut):
+    spec = ModelSpec(widths, cut)
+    x = torch.rand(5, 1, 28, 28)
+    assert tuple(build_client(spec)(x).shape[1:]) == spec.cut_shape
+    assert spec.cut_shape[0] == widths[cut - 1]
+    assert build_server(spec)(torch.rand(5, *spec.cut_shape)).shape == (5, 10)
+    assert SplitNet(spec)(x).shape == (5, 10)
+
+
+@pytest.mark.parametrize(
+    "widths, cut, key",
+    [((16, 32), 0, "model.cut"), ((16, 32), 3, "model.cut"), ((4, 8, 16, 32, 64), 2, "model.widths"), ((), 1, "model.widths")],
+)
+def test_model_spec_rejects_impossible_architectures(widths, cut, key):
+    with pytest.raises(ConfigError) as info:
+        ModelSpec(widths, cut)
+    assert info.value.key == key and key in str(info.value)
+
+
+# ----------------------------------------------------------------- the server's gate
+@pytest.fixture
+def server() -> SplitServer:
+    return SplitServer(build_model(SMALL, seed=0).server, SMALL.cut_shape, lr=1e-3)
+
+
+def good_batch(b: int = 6) -> SmashedBatch:
+    g = torch.Generator().manual_seed(3)
+    return SmashedBatch(1, torch.rand(b, *SMALL.cut_shape, generator=g), torch.randint(0, 10, (b,), generator=g))
+
+
+def with_nan(f: torch.Tensor) -> torch.Tensor:
+    f = f.clone()
+    f[0, 0, 0, 0] = float("nan")
+    return f
+
+
+BAD = {
+    "raw image": lambda m: SmashedBatch(1, torch.rand(len(m.labels), 1, 28, 28), m.labels),
+    "flat features": lambda m: SmashedBatch(1, m.features.reshape(len(m.labels), -1), m.labels),
+    "float64": lambda m: SmashedBatch(1, m.features.double(), m.labels),
+    "float16": lambda m: SmashedBatch(1, m.features.half(), m.labels),
+    "int32 labels": lambda m: SmashedBatch(1, m.features, m.labels.int()),
+    "float labels": lambda m: SmashedBatch(1, m.features, m.labels.float()),
+    "short labels": lambda m: SmashedBatch(1, m.features, m.labels[:-1]),
+    "label 10": lambda m: SmashedBatch(1, m.features, torch.full_like(m.labels, 10)),
+    "label -1": lambda m: SmashedBatch(1, m.features, torch.full_like(m.labels, -1)),
+    "NaN": lambda m: SmashedBatch(1, with_nan(m.features), m.labels),
+    "Inf": lambda m: SmashedBatch(1, m.features / 0.0, m.labels),
+    "empty": lambda m: SmashedBatch(1, m.features[:0], m.labels[:0]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_server_rejects_malformed_messages_before_learning_from_them(server, kind):
+    before = {k: v.clone() for k, v in server.server.state_dict().items()}
+    with pytest.raises(MessageRejected):
+        server.handle(BAD[kind](good_batch()))
+    after = server.server.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no step was taken
+    assert server.seen == 0
+
+
+def test_server_accepts_smashed_features_and_returns_their_gradient(server):
+    msg = good_batch()
+    before = server.server.fc.weight.detach().clone()
+    reply = server.handle(msg)
+    assert reply.grad.shape == msg.features.shape and reply.grad.dtype == torch.float32
+    assert torch.isfinite(reply.grad).all() and reply.grad.abs().sum() > 0
+    assert math.isfinite(reply.loss) and reply.loss > 0
+    assert not torch.equal(before, server.server.fc.weight)  # the vendor stepped
+    assert server.seen == len(msg.labels)
+
+
+# ----------------------------------------------------------------- schedule and replay
+def synthetic_job(sizes: tuple[int, ...], batch: int, local_steps: int, epochs: int = 2, seed: int = 5) -> SplitJob:
+    g = torch.Generator().manual_seed(seed)
+    data = tuple((torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes)
+    return SplitJob(
+        SMALL,
+        TrainConfig(epochs=epochs, batch_size=batch, lr=1e-3, local_steps=local_steps, seed=seed),
+        DefenceConfig(),
+        sizes,
+        InMemoryOwners(data),
+    )
+
+
+@pytest.mark.parametrize(
+    "sizes, batch, local_steps",
+    [((100, 100), 16, 2), ((100, 37, 250), 16, 3), ((64,), 64, 1), ((1, 1000), 7, 25), ((500, 499, 10), 128, 1)],
+)
+def test_schedule_sends_every_batch_once(sizes, batch, local_steps):
+    job = SplitJob(SMALL, TrainConfig(batch_size=batch, local_steps=local_steps), DefenceConfig(), sizes, InMemoryOwners(()))
+    schedule = job.schedule()
+    for k, n in enumerate(sizes):
+        assert sum(r[k] for r in schedule) == math.ceil(n / batch)
+    assert all(0 <= c <= local_steps for r in schedule for c in r)
+    assert all(any(c > 0 for c in r) for r in schedule)  # no empty rounds
+
+
+def test_bank_positions_replay_what_the_server_recorded():
+    job = synthetic_job((100, 100), batch=16, local_steps=2, epochs=2)
+    result = create_transport("inprocess").train(job, progress=False)
+    owners, positions = bank_positions(job)
+    assert torch.equal(result.bank["owners"], owners)
+    labels = torch.stack([job.load_owner(int(k))[1][int(i)] for k, i in zip(owners, positions)])
+    assert torch.equal(result.bank["labels"], labels)
+    for k in (1, 2):  # the final epoch saw each image exactly once
+        assert sorted(positions[owners == k].tolist()) == list(range(100))
+    assert result.bank["features"].shape == (200, *SMALL.cut_shape)
+
+
+# ----------------------------------------------------------------- registry and init
+def test_unknown_transport_lists_valid_names():
+    with pytest.raises(ValueError) as info:
+        create_transport("nope")
+    assert {"inprocess", "gloo"} <= set(transport_names())
+    for name in transport_names():
+        assert name in str(info.value)
+
+
+def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_model_init_is_a_function_of_the_seed():
+    spec = ModelSpec()
+    assert states_equal(build_model(spec, 11), build_model(spec, 11))
+    assert not states_equal(build_model(spec, 11), build_model(spec, 12))
+
+
+def test_model_init_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    build_model(ModelSpec(), 11)
+    assert torch.equal(state, torch.random.get_rng_state())
