@@ -7,6 +7,7 @@ model through pyfunc: it downloads the artifacts and reads the weights file as t
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,12 +28,15 @@ def log_classifier(weights: Path, registered_name: str | None = None, tags: dict
 
     Returns the ModelVersion (registered) or the ModelInfo (not registered).
     """
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(_CODE),
-        artifacts={"weights": str(weights)},
-        pip_requirements=_REQUIREMENTS,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / WEIGHTS_ARTIFACT  # one stable artifact name, whatever the file is called
+        shutil.copyfile(weights, staged)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(_CODE),
+            artifacts={"weights": str(staged)},
+            pip_requirements=_REQUIREMENTS,
+        )
     if registered_name is None:
         return info
     version = mlflow.register_model(info.model_uri, registered_name, tags=tags)

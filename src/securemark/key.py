@@ -227,3 +227,11 @@ class FingerprintKey:
                 f"missing {sorted(expected - set(data))}, unknown {sorted(set(data) - expected)}"
             )
         return cls(**{name: data[name] for name in expected})
+
+
+def derive_seed(secret: bytes, purpose: str) -> int:
+    """A 63-bit seed for ``purpose`` (e.g. "codebook", "embed|customer-7") derived from the
+    secret with HMAC-SHA256: reproducible for the vendor, unpredictable for anyone else.
+    The codebook is seeded this way so that params.yaml (in git) never determines it."""
+    digest = hmac.new(_check_secret(secret), f"seed|{purpose}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
