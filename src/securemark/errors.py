@@ -55,3 +55,7 @@ class SecretExists(SecretError, FileExistsError):
 
 class InsecureSecret(SecretError, PermissionError):
     """The secret file is readable or writable by group or others."""
+
+
+class InvalidModel(SecureMarkError):
+    """A suspicious model file that cannot be examined (not a model, wrong shapes, NaN...)."""

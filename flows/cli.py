@@ -1,0 +1,86 @@
+"""The ``securemark`` command: a thin layer over the flows.
+
+    securemark issue --customer ID [--customer ID ...]
+    securemark trace --model PATH|models:/NAME@ALIAS [--json] [--epsilon E] [--scorer S]
+
+Exit codes of ``trace``: 0 no one accused, 10 someone accused, 2 invalid input
+(unreadable, non-model or malformed file, unknown registry model, bad params).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from flows.entry import EXIT_INVALID
+from flows.project import Paths, load_params
+from securemark.errors import SecureMarkError
+
+EXIT_NONE_ACCUSED = 0
+EXIT_ACCUSED = 10
+
+
+def _issue(args, paths: Paths, params: dict) -> int:
+    from flows.issue import issue_flow
+
+    rows = issue_flow(paths, params, customers=args.customer)
+    for row in rows:
+        print(f"{row['customer_id']}: {row['path']}  (registry version {row['model_version']}, BER {row['ber']:.3f}, accuracy {row['test_accuracy']:.4f})")
+    return 0
+
+
+def _prevalidate(model: str, params: dict, paths: Paths) -> None:
+    """Reject bad input before any flow starts (clear message, no engine traceback)."""
+    from flows import tracking
+    from flows.project import build
+    from flows.trace import expected_shapes, resolve_model
+    from securemark.model import ModelSpec
+    from securemark.suspect import load_suspect
+
+    tracking.configure(paths)
+    with tempfile.TemporaryDirectory() as tmp:
+        load_suspect(resolve_model(model, Path(tmp)), expected_shapes(build(ModelSpec, params, "model")))
+
+
+def _trace(args, paths: Paths, params: dict) -> int:
+    from flows.trace import markdown, trace_flow
+
+    _prevalidate(args.model, params, paths)
+    report = trace_flow(paths, params, args.model, epsilon=args.epsilon, scorer=args.scorer)
+    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    return EXIT_ACCUSED if report["accused"] else EXIT_NONE_ACCUSED
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="securemark", description="Trace leaked classifiers back to the customers who leaked them.")
+    sub = p.add_subparsers(dest="command", required=True)
+    issue = sub.add_parser("issue", help="issue fingerprinted copies (weights only) to customers")
+    issue.add_argument("--customer", action="append", required=True, help="customer id (repeat for a batch)")
+    issue.set_defaults(run=_issue)
+    trace = sub.add_parser("trace", help="trace a suspicious model; exit 0 none accused, 10 accused, 2 invalid input")
+    trace.add_argument("--model", required=True, help="safetensors / tensor-only state dict path, or models:/NAME@ALIAS")
+    trace.add_argument("--json", action="store_true", help="print the report as JSON")
+    trace.add_argument("--epsilon", type=float, default=None, help="whole-trace false-accusation probability (default: params)")
+    trace.add_argument("--scorer", default=None, help="correlation | tardos (default: params)")
+    trace.set_defaults(run=_trace)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    paths = Paths.from_env()
+    try:
+        code = args.run(args, paths, load_params(paths.params))
+    except SecureMarkError as exc:
+        sys.stderr.write(f"securemark: {exc}\n")
+        code = EXIT_INVALID
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
