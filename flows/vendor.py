@@ -29,9 +29,11 @@ from securemark.ledger import Ledger
 log = logging.getLogger(__name__)
 
 
-def secret_file(params: dict) -> Path:
+def secret_file(paths: Paths, params: dict) -> Path:
+    """The secret's path; a relative one is taken from the project root."""
     configured = os.environ.get("SECUREMARK_SECRET_FILE") or params.get("vendor", {}).get("secret_file", "~/.securemark/vendor.key")
-    return Path(configured).expanduser()
+    path = Path(configured).expanduser()
+    return path if path.is_absolute() else paths.root / path
 
 
 def state_dir(paths: Paths, params: dict) -> Path:
@@ -61,7 +63,7 @@ class Vendor:
 
     @classmethod
     def open(cls, paths: Paths, params: dict, n_weights: int) -> "Vendor":
-        secret_path = secret_file(params)
+        secret_path = secret_file(paths, params)
         if not secret_path.exists() and params.get("vendor", {}).get("create_secret", True):
             log.warning("creating the vendor secret %s (first use); back it up: without it no copy can be traced", secret_path)
             create_secret(secret_path)

@@ -34,6 +34,27 @@ SMALL_PARAMS = {
         "dirichlet_alpha": 0.5,
     },
     "validate": {"class_share_tolerance": 0.25},
+    # A tiny profile of every later stage (seconds per stage on 2 cores).
+    "model": {"widths": [8, 16, 32], "cut": 2},
+    "train": {"epochs": 2, "batch_size": 64, "lr": 0.002, "local_steps": 3, "transport": "inprocess"},
+    "defence": {"alpha": 0.5, "sigma": 0.1},
+    "privacy_audit": {"decoder_epochs": 2, "batch_size": 64, "lr": 0.001, "sample": 100},
+    "vendor": {"secret_file": "secrets/vendor.key", "state_dir": "vendor", "create_secret": True},
+    "fingerprint": {
+        "code": {"family": "random", "capacity": 50, "code_length": 64},
+        "layer": "server.block3.conv.weight",
+        "lam": 1.0,
+        "margin": 0.2,
+        "slack": 0.2,
+        "lr": 0.002,
+        "batch_size": 64,
+        "max_steps": 3000,
+        "check_every": 25,
+        "accuracy_tolerance": 0.05,
+        "eval_rows": 500,
+    },
+    "issue": {"customers": 2},
+    "trace": {"epsilon": 1.0e-6, "scorer": "correlation", "null_independent": 1, "null_random_keys": 2},
 }
 
 

@@ -23,7 +23,14 @@ from securemark.model import SplitNet
 
 
 class EmbeddingFailed(SecureMarkError):
-    """The step budget ran out before the code word was embedded within tolerance."""
+    """The step budget ran out before the code word was embedded within tolerance.
+
+    ``model`` is the partly trained copy (never to be delivered; an attacker may keep it)."""
+
+    def __init__(self, message: str, model: SplitNet | None = None, steps: int = 0) -> None:
+        super().__init__(message)
+        self.model = model
+        self.steps = steps
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,9 @@ def embed(
             if steps >= cfg.max_steps:
                 raise EmbeddingFailed(
                     f"code word not embedded after {steps} steps: min margin {min_margin:.4f} "
-                    f"(need {cfg.margin}); raise fingerprint.max_steps or fingerprint.lam"
+                    f"(need {cfg.margin}); raise fingerprint.max_steps or fingerprint.lam",
+                    model=model.eval(),
+                    steps=steps,
                 )
         model.server.train()
         idx = torch.randint(len(labels), (cfg.batch_size,), generator=generator)

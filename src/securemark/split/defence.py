@@ -16,7 +16,8 @@ from securemark.errors import ConfigError
 
 @dataclass(frozen=True)
 class DefenceConfig:
-    """``alpha``: weight of the dCor penalty; ``sigma``: std of noise added to z before sending."""
+    """``alpha``: weight of the dCor penalty; ``sigma``: std of the noise added to z before
+    sending, relative to the RMS of z (sigma = 1 means a signal-to-noise ratio of 1)."""
 
     alpha: float = 0.0
     sigma: float = 0.0
@@ -50,6 +51,13 @@ def distance_correlation(x: torch.Tensor, z: torch.Tensor, eps: float = 1e-12) -
 
 
 def add_noise(z: torch.Tensor, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``z`` plus Gaussian noise of std ``sigma`` times the batch's feature RMS.
+
+    The noise is relative to the signal (the RMS is taken without gradient): with a
+    fixed absolute std, the client would learn to scale its features up and drown the
+    noise, and the defence would vanish during training.
+    """
     if sigma <= 0:
         return z
-    return z + sigma * torch.randn(z.shape, generator=generator, dtype=z.dtype)
+    rms = z.detach().pow(2).mean().sqrt()
+    return z + sigma * rms * torch.randn(z.shape, generator=generator, dtype=z.dtype)

@@ -1,0 +1,263 @@
+"""Issue fingerprinted copies of a model trained on real Fashion-MNIST partitions, then
+trace them back: through the flows (Prefect test harness, MLflow on a temporary SQLite
+file) and through the ``securemark trace`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from flows.project import Paths, build
+from flows.registry import CUSTOMER_MODEL, load_registered
+from flows.trace import TRACE_EXPERIMENT, open_vendor
+from flows.vendor import Vendor, secret_file
+from securemark.ledger import ISSUED
+from securemark.model import ModelSpec, SplitNet
+from securemark.weights import SPEC_KEY
+from tests.conftest import SMALL_PARAMS
+
+pytestmark = pytest.mark.integration
+
+CUSTOMERS = ["alice", "bob"]
+
+
+@dataclass(frozen=True)
+class Issued:
+    paths: Paths
+    uri: str                 # MLflow tracking URI of this project
+    rows: list[dict]         # issue_flow's rows, in CUSTOMERS order
+    prefect_api_url: str     # the harness server, for subprocesses
+
+    def delivered(self, customer: str) -> Path:
+        return self.paths.root / "data" / "customers" / customer / "model.safetensors"
+
+    def vendor(self) -> Vendor:
+        return open_vendor(self.paths, SMALL_PARAMS)[0]
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)
+
+
+@pytest.fixture(scope="module")
+def issued(prepared_project, prefect_harness, tmp_path_factory):
+    """A copy of the prepared project with a trained base model and copies issued to
+    alice and bob (built once for the module)."""
+    import prefect.settings
+
+    from flows.issue import issue_flow
+    from flows.train import train_flow
+
+    root = tmp_path_factory.mktemp("fingerprint") / "project"
+    shutil.copytree(prepared_project.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    paths = Paths(root)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR", "SECUREMARK_ROOT"):
+            mp.delenv(var, raising=False)
+        train_flow(paths, SMALL_PARAMS)
+        rows = issue_flow(paths, SMALL_PARAMS, customers=list(CUSTOMERS))
+        yield Issued(paths, uri, rows, str(prefect.settings.PREFECT_API_URL.value() or ""))
+
+
+def _trace(issued: Issued, model: str) -> dict:
+    from flows.trace import trace_flow
+
+    return trace_flow(issued.paths, SMALL_PARAMS, model)
+
+
+def _accused(report: dict) -> list[str]:
+    return [a["customer_id"] for a in report["accused"]]
+
+
+# --------------------------------------------------------------------------- issuing
+
+
+def test_both_copies_carry_their_word_without_errors(issued):
+    assert [r["customer_id"] for r in issued.rows] == CUSTOMERS
+    for row in issued.rows:
+        assert row["ber"] == 0.0
+        assert row["min_margin"] >= SMALL_PARAMS["fingerprint"]["margin"]
+        assert Path(row["path"]) == issued.delivered(row["customer_id"])
+        assert Path(row["path"]).is_file()
+
+
+def test_ledger_records_both_customers_as_issued(issued):
+    vendor = issued.vendor()
+    records = {r.customer_id: r for r in vendor.ledger.records()}
+    assert set(records) == set(CUSTOMERS)
+    assert all(r.status == ISSUED for r in records.values())
+    assert all(r.key_id == vendor.key.key_id for r in records.values())
+    indices = [records[c].codeword_index for c in CUSTOMERS]
+    assert len(set(indices)) == 2
+    words = [vendor.codebook.word(i) for i in indices]
+    assert not np.array_equal(*words)
+    for row in issued.rows:
+        assert records[row["customer_id"]].model_version == row["model_version"]
+    assert (issued.paths.root / "vendor" / "ledger.sqlite").is_file()
+
+
+def test_registered_copy_round_trips_and_is_tagged(issued):
+    client = issued.client()
+    registered = load_registered("models:/securemark-customer@customer-alice")
+    delivered = load_file(str(issued.delivered("alice")))
+    state = registered.state_dict()
+    assert state.keys() == delivered.keys()
+    for name, tensor in delivered.items():
+        assert torch.equal(state[name], tensor), name
+
+    version = client.get_model_version_by_alias(CUSTOMER_MODEL, "customer-alice")
+    record = issued.vendor().ledger.get("alice")
+    assert version.tags["customer_id"] == "alice"
+    assert version.tags["codeword_index"] == str(record.codeword_index)
+    assert version.tags["key_id"] == issued.vendor().key.key_id
+    assert str(version.version) == record.model_version
+    assert version.tags["weights_sha256"] == record.weights_sha256
+
+
+def test_delivered_file_holds_weights_only(issued):
+    vendor = issued.vendor()
+    secret_path = secret_file(issued.paths, SMALL_PARAMS)
+    secret_hex = secret_path.read_text().strip()
+    assert bytes.fromhex(secret_hex) == vendor.secret
+    spec = build(ModelSpec, SMALL_PARAMS, "model")
+    for customer in CUSTOMERS:
+        path = issued.delivered(customer)
+        data = path.read_bytes()
+        assert secret_hex.encode() not in data and secret_hex.upper().encode() not in data
+        assert vendor.secret not in data
+        bits = vendor.codebook.word(vendor.ledger.get(customer).codeword_index)
+        assert "".join(map(str, bits.tolist())).encode() not in data
+        assert np.packbits(bits, bitorder="little").tobytes() not in data
+        K = vendor.key_matrix
+        for row in (K[0], K[len(K) // 2], K[-1]):
+            assert row.numpy().tobytes()[:256] not in data
+        with safe_open(str(path), framework="pt") as f:
+            assert set(f.keys()) == set(SplitNet(spec).state_dict().keys())
+            assert set(f.metadata()) == {SPEC_KEY}
+
+
+def test_issuing_again_returns_the_same_word_and_registers_nothing_new(issued):
+    from flows.issue import issue_flow
+
+    client = issued.client()
+    query = f"name='{CUSTOMER_MODEL}' and tags.customer_id='alice'"
+    before = client.search_model_versions(query)
+    index = issued.vendor().ledger.get("alice").codeword_index
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", issued.uri)
+        (row,) = issue_flow(issued.paths, SMALL_PARAMS, customers=["alice"])
+    after = client.search_model_versions(query)
+    record = issued.vendor().ledger.get("alice")
+    assert record.codeword_index == index and record.status == ISSUED
+    assert len(issued.vendor().ledger) == 2
+    hashes = [v.tags.get("weights_sha256") for v in after]
+    assert len(hashes) == len(set(hashes)), hashes  # no copy registered twice
+    assert row["ber"] == 0.0
+    if any(v.tags.get("weights_sha256") == record.weights_sha256 for v in before):
+        # the embedding is deterministic: the same copy, the same registered version
+        assert len(after) == len(before) and row["model_version"] == issued.rows[0]["model_version"]
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def _assert_trace_run(issued: Issued, report: dict) -> None:
+    client = issued.client()
+    run = client.get_run(report["mlflow_run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == TRACE_EXPERIMENT
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"trace_report.json", "trace_report.md", "scores.png"} <= artifacts
+    assert run.data.metrics["accused"] == len(report["accused"])
+
+
+@pytest.fixture(scope="module")
+def traces(issued):
+    """Reports of alice's registered copy, bob's delivered file and the base model."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", issued.uri)
+        return {
+            "alice": _trace(issued, "models:/securemark-customer@customer-alice"),
+            "bob": _trace(issued, str(issued.delivered("bob"))),
+            "base": _trace(issued, str(issued.paths.models / "defended.safetensors")),
+        }
+
+
+def test_trace_of_registered_copy_accuses_exactly_alice(issued, traces):
+    report = traces["alice"]
+    assert _accused(report) == ["alice"]
+    assert report["accused"][0]["codeword_index"] == issued.vendor().ledger.get("alice").codeword_index
+    assert report["accused"][0]["family_p"] <= SMALL_PARAMS["trace"]["epsilon"]
+    assert report["key_id"] == issued.vendor().key.key_id
+    _assert_trace_run(issued, report)
+
+
+def test_trace_of_delivered_file_accuses_exactly_bob(issued, traces):
+    assert _accused(traces["bob"]) == ["bob"]
+    _assert_trace_run(issued, traces["bob"])
+
+
+def test_trace_of_base_model_accuses_no_one(issued, traces):
+    report = traces["base"]
+    assert report["accused"] == []
+    assert all(a["score"] < report["threshold"] for a in report["top_innocent_scores"])
+    _assert_trace_run(issued, report)
+
+
+def test_each_trace_is_its_own_run(traces):
+    assert len({r["mlflow_run_id"] for r in traces.values()}) == 3
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _cli(issued: Issued, model: str) -> subprocess.CompletedProcess:
+    root = issued.paths.root
+    env = {**os.environ, "SECUREMARK_ROOT": str(root), "MLFLOW_TRACKING_URI": issued.uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR"):
+        env.pop(var, None)
+    if issued.prefect_api_url:  # reuse the harness server instead of starting another
+        env["PREFECT_API_URL"] = issued.prefect_api_url
+    return subprocess.run([sys.executable, "-m", "flows.cli", "trace", "--model", model, "--json"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trace_of_alice_exits_10_with_json_naming_her(issued):
+    proc = _cli(issued, str(issued.delivered("alice")))
+    assert proc.returncode == 10, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert _accused(report) == ["alice"]
+    assert report["model"] == str(issued.delivered("alice"))
+
+
+def test_cli_trace_of_malicious_pickle_exits_2_and_runs_nothing(issued, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(Evil(marker)))
+    proc = _cli(issued, str(evil))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    assert "evil.pt" in proc.stderr
+    assert not marker.exists()

@@ -1,0 +1,261 @@
+"""Attacks: every registered attack returns a new model and leaves its inputs alone;
+each attack does what it claims (exact averages, pruning rate, quantisation error...)."""
+
+from __future__ import annotations
+
+import copy
+
+import math
+
+import pytest
+import torch
+
+from securemark import attacks
+from securemark.attacks import AttackData, available_attacks, create_attack
+from securemark.fingerprint import EmbeddingFailed
+from securemark.model import ModelSpec, SplitNet, build_model
+
+SPEC = ModelSpec(widths=(4, 8, 16), cut=2)
+
+# A small, fast config per registered attack (every attack must have one: see below).
+CONFIGS: dict[str, dict] = {
+    "fine_tune": {"fraction": 0.5, "epochs": 1, "batch_size": 64},
+    "prune": {"rate": 0.5, "recovery_epochs": 1, "batch_size": 64},
+    "average": {"weights": "random"},
+    "quantize": {"bits": 4},
+    "noise": {"scale": 0.1},
+    "overwrite": {"code_length": 16, "margin": 0.02, "max_steps": 50},
+    "retrain": {"layers": 2, "epochs": 1, "batch_size": 64},
+    "compose": {"steps": [{"attack": "average"}, {"attack": "fine_tune", "epochs": 1, "batch_size": 64}, {"attack": "prune", "rate": 0.3}]},
+}
+
+
+@pytest.fixture(scope="module")
+def data() -> AttackData:
+    g = torch.Generator().manual_seed(0)
+    return AttackData(torch.rand(200, 1, 28, 28, generator=g), torch.randint(0, 10, (200,), generator=g))
+
+
+@pytest.fixture
+def models() -> list[SplitNet]:
+    return [build_model(SPEC, seed) for seed in (1, 2, 3)]
+
+
+def snapshot(model: SplitNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def conv_linear_weights(model: SplitNet) -> torch.Tensor:
+    return torch.cat([m.weight.detach().reshape(-1) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))])
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_every_registered_attack_has_a_test_config():
+    assert set(CONFIGS) == set(available_attacks())
+
+
+@pytest.mark.parametrize("name", available_attacks())
+def test_every_attack_returns_a_new_model_and_leaves_its_inputs_alone(name, models, data):
+    attack = create_attack(name, **CONFIGS[name])
+    before = [snapshot(m) for m in models]
+    images_before, labels_before = data.images.clone(), data.labels.clone()
+
+    out = attack(models, data, gen(5))
+
+    assert isinstance(out, SplitNet) and all(out is not m for m in models)
+    input_storage = {p.data_ptr() for m in models for p in m.parameters()}
+    assert not any(p.data_ptr() in input_storage for p in out.parameters())  # no shared tensors
+    for m, state in zip(models, before):
+        assert same_state(snapshot(m), state)
+    assert torch.equal(data.images, images_before) and torch.equal(data.labels, labels_before)
+
+    assert list(out.state_dict()) == list(models[0].state_dict())  # same layout as a copy
+    assert not same_state(snapshot(out), before[0])  # the attack did something
+    logits = out(data.images[:16])
+    assert logits.shape == (16, 10) and torch.isfinite(logits).all()
+    assert isinstance(attack.name, str) and attack.name
+    assert isinstance(attack.strength, float) and math.isfinite(attack.strength)
+
+    again = attack(models, data, gen(5))  # reproducible from the generator alone
+    assert same_state(snapshot(again), snapshot(out))
+
+
+def test_unknown_attack_lists_the_valid_names():
+    with pytest.raises(ValueError) as err:
+        create_attack("gaussian_blur")
+    for name in available_attacks():
+        assert name in str(err.value)
+
+
+def test_unknown_parameter_lists_the_accepted_ones():
+    with pytest.raises(ValueError, match="unknown parameter.*'rate'"):
+        create_attack("prune", ratio=0.5)
+
+
+@pytest.mark.parametrize(
+    "name, cfg",
+    [
+        ("fine_tune", {"fraction": 0.0}),
+        ("fine_tune", {"optimizer": "lbfgs"}),
+        ("fine_tune", {"epochs": 1.5}),
+        ("prune", {"rate": 1.5}),
+        ("prune", {"lr": -1.0}),
+        ("average", {"weights": "softmax"}),
+        ("quantize", {"bits": 1}),
+        ("noise", {"scale": -0.1}),
+        ("noise", {"scale": float("nan")}),
+        ("overwrite", {"layer": "client.block1.conv.weight"}),
+        ("overwrite", {"code_length": 0}),
+        ("retrain", {"layers": 0}),
+        ("retrain", {"layers": "client"}),
+        ("compose", {"steps": []}),
+        ("compose", {"steps": [{"attack": "prune", "rate": 2.0}]}),
+        ("compose", {"steps": [{"rate": 0.5}]}),
+    ],
+)
+def test_invalid_config_is_a_value_error_naming_the_key(name, cfg):
+    with pytest.raises(ValueError) as err:
+        create_attack(name, **cfg)
+    key = next(iter(cfg))
+    assert key in str(err.value) or "step" in str(err.value)
+
+
+def test_attack_data_is_checked():
+    with pytest.raises(ValueError, match="images"):
+        AttackData(torch.rand(4, 28, 28), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="labels"):
+        AttackData(torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="as many"):
+        AttackData(torch.rand(4, 1, 28, 28), torch.zeros(3, dtype=torch.int64))
+
+
+def constant_model(value: float) -> SplitNet:
+    model = build_model(SPEC, 0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(value)
+    return model
+
+
+def test_uniform_average_is_exact(data):
+    attack = create_attack("average")
+    out = attack([constant_model(1.0), constant_model(3.0)], data, gen())
+    for value in out.state_dict().values():
+        assert torch.equal(value, torch.full_like(value, 2.0))
+    assert attack.strength == 2.0
+
+
+def test_random_average_is_the_convex_combination_of_its_weights(models, data):
+    attack = create_attack("average", weights="random")
+    out = attack(models, data, gen(9))
+    w = attack.mixing_weights(len(models), gen(9))  # the draw the attack made
+    assert w.shape == (3,) and torch.all(w > 0) and math.isclose(float(w.sum()), 1.0, abs_tol=1e-12)
+    assert not torch.allclose(w, torch.full_like(w, 1 / 3), atol=1e-3)
+    states = [m.state_dict() for m in models]
+    for key, value in out.state_dict().items():
+        expected = sum(float(wi) * s[key].double() for wi, s in zip(w, states))
+        torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6)
+    assert attack.strength == 3.0
+
+
+def test_average_refuses_different_architectures(data):
+    with pytest.raises(ValueError, match="architecture"):
+        create_attack("average")([build_model(SPEC, 0), build_model(ModelSpec(widths=(4, 8, 8), cut=2), 0)], data, gen())
+
+
+@pytest.mark.parametrize("rate, recovery", [(0.3, 0), (0.7, 0), (0.6, 1)])
+def test_pruning_hits_its_rate(rate, recovery, models, data):
+    out = create_attack("prune", rate=rate, recovery_epochs=recovery, batch_size=64)([models[0]], data, gen())
+    w = conv_linear_weights(out)
+    assert abs(float((w == 0).float().mean()) - rate) < 0.01
+    assert not any(hasattr(m, "weight_orig") for m in out.modules())  # no prune re-parametrisation left
+    if recovery == 0:
+        original = conv_linear_weights(models[0])
+        kept = w != 0
+        assert original[~kept].abs().max() <= original[kept].abs().min()  # the smallest went
+        assert torch.equal(w[kept], original[kept])
+        for (k, before), after in zip(models[0].state_dict().items(), out.state_dict().values()):
+            if k.endswith("bias"):
+                assert torch.equal(before, after)  # biases are not pruned
+    else:
+        assert not torch.equal(w[w != 0], conv_linear_weights(models[0])[w != 0])  # recovery trained
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_error_is_at_most_half_a_step(bits, models, data):
+    out = create_attack("quantize", bits=bits)([models[0]], data, gen())
+    levels = 2 ** (bits - 1) - 1
+    for key, before in models[0].state_dict().items():
+        after = out.state_dict()[key]
+        scale = before.abs().max() / levels
+        assert (after - before).abs().max() <= scale / 2 + 1e-6 * scale
+        assert len(torch.unique(after)) <= 2 * levels + 1
+
+
+def test_noise_has_the_relative_standard_deviation(models, data):
+    scale = 0.3
+    out = create_attack("noise", scale=scale)([models[0]], data, gen())
+    checked = 0
+    for key, before in models[0].state_dict().items():
+        delta = out.state_dict()[key] - before
+        assert torch.all(delta != 0)
+        if before.numel() >= 1000:
+            ratio = float(delta.std() / before.std(correction=0))
+            assert abs(ratio - scale) < 0.1 * scale, (key, ratio)
+            assert abs(float(delta.mean())) < 0.2 * float(delta.std())
+            checked += 1
+    assert checked >= 2
+
+
+def test_retrain_server_leaves_the_client_alone(models, data):
+    attack = create_attack("retrain", layers="server", epochs=1, batch_size=64)
+    out = attack([models[0]], data, gen())
+    for key, before in models[0].state_dict().items():
+        after = out.state_dict()[key]
+        assert torch.equal(before, after) == key.startswith("client."), key
+    assert attack.strength == 2.0  # block3.conv and fc
+
+
+def test_retrain_last_layer_changes_only_that_layer(models, data):
+    attack = create_attack("retrain", layers=1, epochs=1, batch_size=64)
+    out = attack([models[0]], data, gen())
+    for key, before in models[0].state_dict().items():
+        assert torch.equal(before, out.state_dict()[key]) == (not key.startswith("server.fc.")), key
+    assert all(p.requires_grad for p in out.parameters())
+    with pytest.raises(ValueError, match="only 4"):
+        create_attack("retrain", layers=5)([models[0]], data, gen())
+
+
+def test_compose_applies_its_steps_in_order(models, data):
+    steps = [{"attack": "average"}, {"attack": "quantize", "bits": 4}, {"attack": "prune", "rate": 0.5}]
+    composed = create_attack("compose", steps=steps)
+    out = composed(models, data, gen(3))
+
+    g = gen(3)
+    manual = create_attack("average")(models, data, g)
+    manual = create_attack("quantize", bits=4)([manual], data, g)
+    manual = create_attack("prune", rate=0.5)([manual], data, g)
+    assert same_state(snapshot(out), snapshot(manual))
+
+    swapped = create_attack("compose", steps=[steps[0], steps[2], steps[1]])(models, data, gen(3))
+    assert not same_state(snapshot(swapped), snapshot(out))  # order matters
+    assert composed.name == "average>quantize>prune"
+    assert composed.strength == 0.5
+
+
+def test_overwrite_falls_back_to_the_trained_model_when_embedding_fails(models, data, monkeypatch):
+    partly_trained = copy.deepcopy(models[0])
+
+    def failing_embed(*args, **kwargs):
+        raise EmbeddingFailed("budget ran out", model=partly_trained, steps=20)
+
+    monkeypatch.setattr(attacks, "embed", failing_embed)
+    out = create_attack("overwrite", code_length=16, max_steps=20)([models[0]], data, gen())
+    assert out is partly_trained  # the attacker keeps what embed trained

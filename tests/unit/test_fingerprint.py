@@ -1,0 +1,201 @@
+"""Embedding a code word into server weights, reading it back, and deciding whom to
+accuse, on a tiny model and a synthetic feature bank."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from securemark.codes import create_code
+from securemark.errors import ConfigError
+from securemark.fingerprint import EmbedConfig, EmbeddingFailed, bit_error_rate, embed, extract
+from securemark.key import projection
+from securemark.model import ModelSpec, SplitNet, build_model
+from securemark.tracing import decide
+
+SPEC = ModelSpec(widths=(4, 8, 16), cut=2)
+LAYER = "server.block3.conv.weight"
+CODE_LENGTH = 64
+SECRET = bytes(range(32))
+FAST = dict(lr=1e-2, batch_size=64, check_every=10, accuracy_tolerance=0.05, eval_rows=1000)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster than two fighting over shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bank() -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic smashed features [2000, 8, 7, 7] labelled by a fixed random "teacher"
+    server (logits centred per class so every class occurs)."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.relu(torch.randn(2000, *SPEC.cut_shape, generator=g))
+    teacher = build_model(SPEC, 1)
+    with torch.no_grad():
+        logits = teacher.server(features)
+        labels = (logits - logits.mean(0)).argmax(1)
+    assert len(labels.unique()) >= 5  # there is something to learn
+    return features, labels
+
+
+@pytest.fixture(scope="module")
+def base(bank) -> SplitNet:
+    """A base model whose server learnt the teacher a little (so accuracy is meaningful)."""
+    features, labels = bank
+    model = build_model(SPEC, 2)
+    g = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.Adam(model.server.parameters(), lr=1e-2)
+    for _ in range(100):
+        idx = torch.randint(len(labels), (128,), generator=g)
+        loss = F.cross_entropy(model.server(features[idx]), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def key_matrix(base) -> torch.Tensor:
+    return projection(SECRET, LAYER, CODE_LENGTH, base.state_dict()[LAYER].numel())
+
+
+@pytest.fixture(scope="module")
+def bits() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 2, CODE_LENGTH).astype(np.uint8)
+
+
+def _clone_state(model: SplitNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def embedded(base, bank, key_matrix, bits):
+    cfg = EmbedConfig(layer=LAYER, margin=0.05, max_steps=2000, **FAST)
+    before = _clone_state(base)
+    result = embed(base, bits, key_matrix, *bank, cfg, torch.Generator().manual_seed(3))
+    return cfg, before, result
+
+
+def test_embedding_reaches_zero_ber_with_the_margin(embedded, base, key_matrix, bits):
+    cfg, _, result = embedded
+    assert result.ber == 0.0
+    assert result.min_margin >= cfg.margin
+    assert result.steps > 0  # the base model did not carry the word by chance
+    assert bit_error_rate(extract(base, LAYER, key_matrix), bits) > 0.2
+    assert result.bank_accuracy >= result.base_bank_accuracy - cfg.accuracy_tolerance
+
+
+def test_embedding_leaves_the_base_model_unchanged(embedded, base):
+    _, before, result = embedded
+    after = base.state_dict()
+    assert after.keys() == before.keys()
+    for name in before:
+        assert torch.equal(after[name], before[name]), name
+    assert result.model is not base
+    assert not torch.equal(result.model.state_dict()[LAYER], before[LAYER])
+
+
+def test_embedding_changes_no_client_parameter(embedded):
+    _, before, result = embedded
+    state = result.model.state_dict()
+    client = [k for k in state if k.startswith("client.")]
+    assert client
+    for name in client:
+        assert torch.equal(state[name], before[name]), name
+    assert any(not torch.equal(state[k], before[k]) for k in state if k.startswith("server."))
+
+
+def test_extract_agrees_in_sign_with_the_code_word(embedded, key_matrix, bits):
+    cfg, _, result = embedded
+    s = 2.0 * bits.astype(np.float64) - 1.0
+    for source in (result.model, result.model.state_dict()):
+        y = extract(source, LAYER, key_matrix).numpy()
+        assert y.dtype == np.float64 and y.shape == (CODE_LENGTH,)
+        assert np.array_equal(y > 0, bits.astype(bool))
+        assert (s * y).min() >= cfg.margin * (1 - 1e-5)
+
+
+def test_extract_under_another_key_does_not_read_the_word(embedded, bits):
+    _, _, result = embedded
+    other = projection(bytes(32 * [7]), LAYER, CODE_LENGTH, result.model.state_dict()[LAYER].numel())
+    assert bit_error_rate(extract(result.model, LAYER, other), bits) > 0.2
+
+
+def test_unreachable_margin_raises_embedding_failed(base, bank, key_matrix, bits):
+    cfg = EmbedConfig(layer=LAYER, margin=100.0, max_steps=1, **{**FAST, "lr": 1e-4})
+    before = _clone_state(base)
+    with pytest.raises(EmbeddingFailed, match="not embedded after"):
+        embed(base, bits, key_matrix, *bank, cfg, torch.Generator().manual_seed(0))
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("layer", ["client.block1.conv.weight", "block3.conv.weight", "fc.weight"])
+def test_embed_config_rejects_a_non_server_layer(layer):
+    with pytest.raises(ConfigError, match="fingerprint.layer"):
+        EmbedConfig(layer=layer)
+
+
+@pytest.mark.parametrize("key", ["lam", "margin", "lr"])
+def test_embed_config_rejects_non_positive_values(key):
+    with pytest.raises(ConfigError, match=f"fingerprint.{key}"):
+        EmbedConfig(**{key: 0.0})
+
+
+def test_extract_rejects_a_key_of_the_wrong_width(base):
+    with pytest.raises(ValueError, match="key expects"):
+        extract(base, LAYER, torch.zeros(CODE_LENGTH, 7))
+
+
+# --------------------------------------------------------------------------- decide
+
+
+@pytest.fixture(scope="module")
+def codebook():
+    return create_code("random", code_length=256).generate(200, seed=5)
+
+
+def test_decide_accuses_exactly_the_customer_whose_word_is_in_y(codebook):
+    rng = np.random.default_rng(1)
+    guilty = 37
+    b = codebook.word(guilty).astype(np.float64)
+    y = 0.2 * (2 * b - 1) + rng.normal(0, 0.1, b.size)
+    verdict = decide(y, codebook, np.arange(len(codebook)), epsilon=1e-6)
+    assert [c.codeword_index for c in verdict.accused] == [guilty]
+    accused = verdict.accused[0]
+    assert accused.score >= verdict.threshold and accused.family_p <= 1e-6
+    assert all(c.score < verdict.threshold for c in verdict.top_others)
+    assert verdict.n_customers == len(codebook) and verdict.scores.shape == (len(codebook),)
+
+
+def test_decide_scores_only_the_given_indices(codebook):
+    b = codebook.word(37).astype(np.float64)
+    y = 0.2 * (2 * b - 1)
+    verdict = decide(y, codebook, np.arange(0, 30), epsilon=1e-6)  # 37 is not in the ledger
+    assert verdict.accused == [] and verdict.n_customers == 30
+
+
+def test_decide_accuses_no_one_for_an_unrelated_vector(codebook):
+    for seed in range(5):
+        y = np.random.default_rng(100 + seed).normal(0, 0.2, codebook.length)
+        verdict = decide(y, codebook, np.arange(len(codebook)), epsilon=1e-6)
+        assert verdict.accused == [], seed
+        assert np.isfinite(verdict.threshold) and verdict.scores.max() < verdict.threshold
+
+
+def test_verdict_to_dict_is_json_serialisable(codebook):
+    b = codebook.word(3).astype(np.float64)
+    verdict = decide(0.2 * (2 * b - 1), codebook, np.arange(len(codebook)), epsilon=1e-6)
+    d = json.loads(json.dumps(verdict.to_dict()))
+    assert "scores" not in d
+    assert d["accused"][0]["codeword_index"] == 3
+    assert {"scorer", "epsilon", "threshold", "n_customers", "top_others"} <= set(d)
