@@ -35,7 +35,7 @@ from securemark.attacks import AttackData, create_attack
 from securemark.fingerprint import bit_error_rate, extract
 from securemark.model import accuracy
 from securemark.storage import read_partition
-from securemark.tracing import decide
+from securemark.tracing import create_decoder
 from securemark.weights import load_weights
 
 ATTACK_EXPERIMENT = "securemark-attacks"
@@ -58,10 +58,10 @@ def is_coalition(config: dict) -> bool:
     return first == "average"
 
 
-def evaluate(model, colluders: list[str], vendor: Vendor, indices: np.ndarray, ledger: dict, test, epsilon: float, scorer: str) -> dict:
+def evaluate(model, colluders: list[str], vendor: Vendor, indices: np.ndarray, ledger: dict, test, epsilon: float, scorer: str, decoder: str) -> dict:
     y = extract(model.state_dict(), vendor.key.layer, vendor.key_matrix)
     bers = [bit_error_rate(y, vendor.codebook.word(ledger[c])) for c in colluders]
-    verdict = decide(y.numpy(), vendor.codebook, indices, epsilon, scorer)
+    verdict = create_decoder(decoder)(y.numpy(), vendor.codebook, indices, epsilon, scorer)
     accused = {c.codeword_index for c in verdict.accused}
     guilty = {ledger[c] for c in colluders}
     return {
@@ -93,14 +93,14 @@ def tradeoff(df: pd.DataFrame) -> list[dict]:
 
 
 @task(name="attack-family", cache_policy=NO_CACHE)
-def run_family(config: dict, targets: list[list[str]], copies: dict, vendor: Vendor, indices, ledger, data, test, epsilon, scorer, seed) -> list[dict]:
+def run_family(config: dict, targets: list[list[str]], copies: dict, vendor: Vendor, indices, ledger, data, test, epsilon, scorer, decoder, seed) -> list[dict]:
     attack = create_attack(config["attack"], **{k: v for k, v in config.items() if k != "attack"})
     rows = []
     for trial, coalition in enumerate(targets):
         generator = torch.Generator().manual_seed(seed + trial)
         attacked = attack([copies[c] for c in coalition], data, generator)
         rows.append({"attack": attack.name, "strength": float(attack.strength), "coalition_size": len(coalition), "trial": trial,
-                     **evaluate(attacked, coalition, vendor, indices, ledger, test, epsilon, scorer)})
+                     **evaluate(attacked, coalition, vendor, indices, ledger, test, epsilon, scorer, decoder)})
     return rows
 
 
@@ -111,6 +111,7 @@ def attack_flow(paths: Paths, params: dict) -> dict:
     seed = int(section(params, "base")["seed"])
     trace_cfg = params.get("trace", {})
     epsilon, scorer = float(trace_cfg.get("epsilon", 1e-6)), trace_cfg.get("scorer", "correlation")
+    decoder = trace_cfg.get("decoder", "peeling")
     tracking.configure(paths)
     vendor, _ = open_vendor(paths, params)
     indices = ledger_indices(vendor)
@@ -132,7 +133,7 @@ def attack_flow(paths: Paths, params: dict) -> dict:
                        for c in cfg["coalition_sizes"] if c <= len(customers) for _ in range(int(cfg["trials"]))]
         else:
             targets = [[c] for c in customers[: int(cfg["targets"])]]
-        family_rows = run_family(config, targets, copies, vendor, indices, ledger, data, test, epsilon, scorer, seed)
+        family_rows = run_family(config, targets, copies, vendor, indices, ledger, data, test, epsilon, scorer, decoder, seed)
         rows += family_rows
         name = family_rows[0]["attack"]
         with tracking.run(f"attack-{name}-{family_rows[0]['strength']:g}", ATTACK_EXPERIMENT, paths, tags={"attack": name}):
@@ -151,6 +152,7 @@ def attack_flow(paths: Paths, params: dict) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "customers_in_codebook": int(len(indices)),
         "epsilon": epsilon,
+        "decoder": decoder,
     }
     return {"rows": df, "summary": summary}
 

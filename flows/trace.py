@@ -44,7 +44,7 @@ from securemark.model import ModelSpec, SplitNet, build_model  # noqa: E402
 from securemark.storage import read_partition  # noqa: E402
 from securemark.suspect import load_suspect  # noqa: E402
 from securemark.training import train_epochs  # noqa: E402
-from securemark.tracing import BOUND_DESCRIPTION, Verdict, decide  # noqa: E402
+from securemark.tracing import BOUND_DESCRIPTION, Verdict, create_decoder  # noqa: E402
 from securemark.weights import load_weights, sha256_file  # noqa: E402
 
 TRACE_EXPERIMENT = "securemark-trace"
@@ -54,6 +54,7 @@ TRACE_EXPERIMENT = "securemark-trace"
 class TraceSettings:
     epsilon: float = 1e-6
     scorer: str = "correlation"
+    decoder: str = "peeling"
 
 
 def settings(params: dict, epsilon: float | None = None, scorer: str | None = None) -> TraceSettings:
@@ -61,6 +62,7 @@ def settings(params: dict, epsilon: float | None = None, scorer: str | None = No
     return TraceSettings(
         epsilon=float(epsilon if epsilon is not None else section_.get("epsilon", 1e-6)),
         scorer=scorer or section_.get("scorer", "correlation"),
+        decoder=section_.get("decoder", "peeling"),
     )
 
 
@@ -165,7 +167,7 @@ def trace_flow(paths: Paths, params: dict, model: str, epsilon: float | None = N
         sha = sha256_file(file)
     indices = ledger_indices(vendor)
     y = extract(state, vendor.key.layer, vendor.key_matrix).numpy()
-    verdict = decide(y, vendor.codebook, indices, cfg.epsilon, cfg.scorer)
+    verdict = create_decoder(cfg.decoder)(y, vendor.codebook, indices, cfg.epsilon, cfg.scorer)
     report = verdict_report(verdict, vendor, model, sha)
     with tracking.run("trace", TRACE_EXPERIMENT, paths, tags={"model": model[:250], "model_sha256": sha}) as run:
         mlflow.log_params({"model": model[:250], "epsilon": cfg.epsilon, "scorer": cfg.scorer, "key_id": vendor.key.key_id})
@@ -208,7 +210,7 @@ def null_model_scores(paths: Paths, params: dict, vendor: Vendor, spec: ModelSpe
             nulls.append((f"{copy.parent.name}@random-key-{j}", state, K))
     rows = []
     for name, state, K in tqdm(nulls, desc="null models", unit="model"):
-        verdict = decide(extract(state, layer, K).numpy(), vendor.codebook, indices, eps, cfg.get("scorer", "correlation"))
+        verdict = create_decoder(cfg.get("decoder", "peeling"))(extract(state, layer, K).numpy(), vendor.codebook, indices, eps, cfg.get("scorer", "correlation"))
         rows.append({"model": name, "accused": len(verdict.accused), "max_score": float(verdict.scores.max()), "threshold": verdict.threshold})
     return rows
 

@@ -47,6 +47,30 @@ class Verdict:
         return d
 
 
+_DECODERS: dict = {}
+
+
+def register_decoder(name: str):
+    """Register a decoder ``(y, codebook, indices, epsilon, scorer) -> Verdict`` by name."""
+
+    def decorate(fn):
+        _DECODERS[name] = fn
+        return fn
+
+    return decorate
+
+
+def create_decoder(name: str):
+    if name not in _DECODERS:
+        raise ValueError(f"unknown decoder {name!r}; valid decoders: {sorted(_DECODERS)}")
+    return _DECODERS[name]
+
+
+def available_decoders() -> list[str]:
+    return sorted(_DECODERS)
+
+
+@register_decoder("plain")
 def decide(
     y: np.ndarray,
     codebook: Codebook,
@@ -73,3 +97,55 @@ def decide(
     accused = [c for c in candidates if c.score >= thr]
     others = [c for c in candidates if c.score < thr][:top]
     return Verdict(scorer, epsilon, float(thr), len(indices), accused, others, all_scores)
+
+
+@register_decoder("peeling")
+def decide_peeling(
+    y: np.ndarray,
+    codebook: Codebook,
+    indices: np.ndarray,
+    epsilon: float = 1e-6,
+    scorer: str = "correlation",
+    max_accused: int = 32,
+    top: int = 5,
+) -> Verdict:
+    """Successive-cancellation ("peeling") decoder for large coalitions.
+
+    Accuse the strongest customer if it clears the threshold, remove its expected
+    contribution from ``y`` (least-squares fit of its centred code word), re-score, and
+    repeat while the next score clears the threshold. The first step spends
+    ``epsilon / 2`` (so it accuses nearly whenever the plain decoder would), each of the
+    at most ``max_accused - 1`` later steps ``epsilon / (2 (max_accused - 1))``. While
+    every accused customer is guilty, the residual depends only on ``y`` and colluders'
+    words, so innocents' words stay independent of it and each step's bound holds: by
+    the union bound the whole trace accuses an innocent with probability <= ``epsilon``.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    residual = np.asarray(y, dtype=np.float64).copy()
+    p = codebook.biases
+    if max_accused < 2:
+        raise ValueError("max_accused must be >= 2 for peeling; use decide() otherwise")
+    budgets = [epsilon / 2] + [epsilon / (2 * (max_accused - 1))] * (max_accused - 1)
+    accused: list[Candidate] = []
+    taken: set[int] = set()
+    scores = thr = None
+    for step_eps in budgets:
+        w = create_scorer(scorer).weights(residual)
+        scores = score_all(codebook, w)[indices]
+        thr = threshold(w, p, step_eps, len(indices))
+        order = [j for j in np.argsort(-scores) if int(indices[j]) not in taken]
+        best = order[0]
+        if scores[best] < thr:
+            break
+        per, fam = p_values(scores[[best]], w, p, len(indices))
+        index = int(indices[best])
+        accused.append(Candidate(index, float(scores[best]), float(per[0]), float(min(1.0, fam[0] * epsilon / step_eps))))
+        taken.add(index)
+        u = (codebook.word(index).astype(np.float64) - p) / np.sqrt(p * (1 - p))
+        residual = residual - (residual @ u) / (u @ u) * u
+        if not np.any(residual):
+            break
+    order = [j for j in np.argsort(-scores) if int(indices[j]) not in taken][:top]
+    per, fam = p_values(scores[order], create_scorer(scorer).weights(residual), p, len(indices))
+    others = [Candidate(int(indices[j]), float(scores[j]), float(a), float(b)) for j, a, b in zip(order, per, fam)]
+    return Verdict(f"{scorer}+peeling", epsilon, float(thr), len(indices), accused, others, scores)
