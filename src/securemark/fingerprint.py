@@ -50,6 +50,12 @@ class EmbedConfig:
         for key in ("lam", "margin", "lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"fingerprint.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("max_steps", "check_every", "batch_size", "eval_rows"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"fingerprint.{key}", f"must be a positive integer, got {getattr(self, key)}")
+        for key in ("accuracy_tolerance", "slack"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"fingerprint.{key}", f"must be >= 0, got {getattr(self, key)}")
         if not self.layer.startswith("server."):
             raise ConfigError("fingerprint.layer", f"must be a server parameter (the vendor's half), got {self.layer!r}")
 
@@ -125,7 +131,7 @@ def embed(
     optimizer = torch.optim.Adam(model.server.parameters(), lr=cfg.lr)
     steps = 0
     while True:
-        if steps % cfg.check_every == 0:
+        if steps % cfg.check_every == 0 or steps >= cfg.max_steps:
             with torch.no_grad():
                 y = K @ weight.reshape(-1)
                 min_margin = float((s * y).min())

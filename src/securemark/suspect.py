@@ -23,6 +23,7 @@ from securemark.errors import InvalidModel
 
 MAX_BYTES = 512 * 1024 * 1024  # far above any SecureMark model; refuse to read more
 SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -36,13 +37,23 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, TypeError) as exc:
+    except pickle.UnpicklingError:
+        raise InvalidModel(
+            f"{path.name} contains Python objects other than tensors; refused to unpickle it (it could run code). "
+            "Send a safetensors file or a tensor-only state dict"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, AttributeError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModel(f"{path.name} is not a tensor-only state dict (refused to load: {first[:300]})") from None
+        raise InvalidModel(f"{path.name} is not a readable tensor-only state dict ({first[:200]})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise InvalidModel(f"{path.name} does not hold a mapping of layer names to tensors")
+    if not isinstance(obj, dict):
+        raise InvalidModel(f"{path.name} holds a {type(obj).__name__}; need a mapping of layer names to tensors")
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise InvalidModel(f"{path.name}: key {str(key)[:80]!r} is a {type(key).__name__}; need a mapping of layer names to tensors")
+        if not isinstance(value, torch.Tensor):
+            raise InvalidModel(f"{path.name}: entry {key[:80]!r} is a {type(value).__name__}; need a mapping of layer names to tensors")
     return obj
 
 
@@ -59,7 +70,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     with open(path, "rb") as f:
         head = f.read(8)
     # safetensors files start with a little-endian u64 header length; zip (torch.save) with PK.
-    if path.suffix in SAFETENSORS_SUFFIXES or not head.startswith(b"PK"):
+    # Anything else named like a torch file (legacy torch.save, a raw pickle) goes to the
+    # restricted loader too, which reads tensors and refuses every other object.
+    if path.suffix in SAFETENSORS_SUFFIXES or not (head.startswith(b"PK") or path.suffix in TORCH_SUFFIXES):
         return _read_safetensors(path)
     return _read_state_dict(path)
 
