@@ -53,4 +53,5 @@ def write_json(obj: Any, path: Path) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
         json.dump(obj, tmp, indent=2, sort_keys=True, default=float)
         tmp.write("\n")
+    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates 0600; metrics are for everyone
     os.replace(tmp.name, path)

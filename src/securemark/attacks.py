@@ -253,6 +253,11 @@ class FineTune(Attack):
         self._config = dict(fraction=self.fraction, epochs=self.epochs, optimizer=self.optimizer, lr=self.lr, batch_size=self.batch_size)
 
     @property
+    def name(self) -> str:
+        """``fine_tune_adam`` / ``fine_tune_sgd``: one attack family per optimiser in reports."""
+        return f"{self.kind}_{self.optimizer}"
+
+    @property
     def strength(self) -> float:
         return float(self.epochs)
 
@@ -281,6 +286,11 @@ class Prune(Attack):
         self.lr = _number("prune", "lr", lr, 0.0, low_open=True)
         self.batch_size = _integer("prune", "batch_size", batch_size, 1)
         self._config = dict(rate=self.rate, recovery_epochs=self.recovery_epochs, lr=self.lr, batch_size=self.batch_size)
+
+    @property
+    def name(self) -> str:
+        """``prune``, or ``prune_recovery`` when the pruned model is fine-tuned afterwards."""
+        return f"{self.kind}_recovery" if self.recovery_epochs else self.kind
 
     @property
     def strength(self) -> float:

@@ -1,0 +1,102 @@
+"""The later stages end to end on a tiny profile of real data: both trainings, the
+privacy audit, issuing, the trace stage (copies and null models) and the attack grid."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from flows.project import Paths
+from tests.conftest import SMALL_PARAMS
+
+pytestmark = pytest.mark.integration
+
+PARAMS = copy.deepcopy(SMALL_PARAMS)
+PARAMS["attack"] = {
+    "targets": 1,
+    "trials": 1,
+    "coalition_sizes": [2],
+    "grid": [
+        {"attack": "fine_tune", "epochs": 1},
+        {"attack": "prune", "rate": [0.3, 0.6]},
+        {"attack": "average"},
+        {"attack": "compose", "steps": [{"attack": "average"}, {"attack": "prune", "rate": 0.5}]},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def staged(prepared_project, prefect_harness, tmp_path_factory):
+    """Run train (both variants) and issue once for the module."""
+    from flows.issue import _stage as issue_stage
+    from flows.train import train_flow
+
+    root = tmp_path_factory.mktemp("stages") / "project"
+    shutil.copytree(prepared_project.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    paths = Paths(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR", "SECUREMARK_ROOT"):
+            mp.delenv(var, raising=False)
+        for variant in ("defended", "undefended"):
+            train_flow(paths, PARAMS, variant)
+        issue_stage(paths, PARAMS)
+        yield paths
+
+
+def test_train_writes_metrics_and_feature_bank(staged):
+    metrics = json.loads((staged.metrics / "train.json").read_text())
+    assert {"test_accuracy", "epochs", "seconds"} <= set(metrics)
+    assert 0.3 < metrics["test_accuracy"] <= 1.0  # two tiny epochs, well above chance (0.1)
+    assert (staged.features / "defended_bank.safetensors").is_file()
+    assert json.loads((staged.metrics / "train_undefended.json").read_text())["epochs"] == 2
+
+
+def test_privacy_audit_writes_metrics_and_grid(staged):
+    from flows.privacy_audit import privacy_audit_flow
+
+    results = privacy_audit_flow(staged, PARAMS)
+    on_disk = json.loads((staged.metrics / "privacy.json").read_text())
+    assert set(on_disk) == {"defended", "undefended"}
+    for variant in on_disk.values():
+        assert {"test_accuracy", "ssim", "psnr", "dcor"} <= set(variant)
+        assert -1.0 <= variant["ssim"] <= 1.0 and 0.0 <= variant["dcor"] <= 1.0 and variant["psnr"] > 0
+    assert results["defended"]["ssim"] == on_disk["defended"]["ssim"]
+    grid = Image.open(staged.reports / "privacy_grid.png")
+    assert grid.size[0] > grid.size[1] > 0  # 8 columns, 3 rows
+
+
+def test_issue_stage_metrics(staged):
+    metrics = json.loads((staged.metrics / "fingerprint.json").read_text())
+    assert metrics["copies"] == 2 and metrics["ber_max"] == 0.0
+    assert metrics["margin_min"] >= PARAMS["fingerprint"]["margin"]
+    assert metrics["code_length"] == PARAMS["fingerprint"]["code"]["code_length"]
+
+
+def test_trace_stage_accuses_each_copy_and_no_null_model(staged):
+    from flows.trace import trace_stage_flow
+
+    metrics = trace_stage_flow(staged, PARAMS)
+    assert metrics["copies_traced"] == metrics["copies_correct"] == 2
+    assert metrics["null_models"] == 1 + PARAMS["trace"]["null_independent"] + 2 * PARAMS["trace"]["null_random_keys"]
+    assert metrics["null_accusations"] == 0 and metrics["max_null_score_ratio"] < 1.0
+
+
+def test_attack_stage_traces_attacked_copies(staged):
+    from flows.attack import CSV_COLUMNS, _stage
+
+    _stage(staged, PARAMS)
+    rows = pd.read_csv(staged.metrics / "attacks.csv")
+    assert list(rows.columns) == CSV_COLUMNS
+    assert set(rows["attack"]) == {"fine_tune_adam", "prune", "average", "average>prune"}
+    assert len(rows) == 1 + 2 + 1 + 1
+    assert (rows["innocents_accused"] == 0).all()
+    mild = rows[(rows["attack"] == "prune") & (rows["strength"] == 0.3)]
+    assert (mild["caught"] == 1).all() and (mild["ber"] == 0).all()
+    summary = json.loads((staged.metrics / "attacks.json").read_text())
+    assert {t["attack"] for t in summary["tradeoff"]} == set(rows["attack"])
