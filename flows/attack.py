@@ -16,7 +16,6 @@ import argparse
 import itertools
 import statistics
 import time
-from pathlib import Path
 
 import mlflow
 import numpy as np

@@ -15,7 +15,6 @@ anyone), and writes ``metrics/trace.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from flows import tracking  # noqa: E402
 from flows.entry import stage_main  # noqa: E402
 from flows.project import Paths, section  # noqa: E402
-from flows.registry import BASE_MODEL, download_weights  # noqa: E402
+from flows.registry import download_weights  # noqa: E402
 from flows.vendor import Vendor  # noqa: E402
 from securemark.errors import InvalidModel  # noqa: E402
 from securemark.fingerprint import extract  # noqa: E402

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import tracking
 from flows.entry import stage_main
-from flows.project import Paths, build, section
+from flows.project import Paths, build
 from securemark.errors import ValidationFailed
 from securemark.partition import PartitionSpec
 from securemark.storage import read_manifest, read_tensors

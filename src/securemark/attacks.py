@@ -24,7 +24,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from torch.nn.utils import prune as torch_prune
 from securemark.fingerprint import EmbedConfig, EmbeddingFailed, embed
 from securemark.key import SECRET_BYTES, projection
 from securemark.model import SplitNet, init_weights
+from securemark.registry import Registry
 from securemark.training import train_epochs
 
 log = logging.getLogger(__name__)
@@ -140,26 +141,9 @@ class Attack:
     _config: dict[str, Any]
 
 
-_ATTACKS: dict[str, type[Attack]] = {}
-A = TypeVar("A", bound=type[Attack])
-
-
-def register_attack(name: str) -> Callable[[A], A]:
-    """Class decorator: make an attack available as ``create_attack(name, ...)``."""
-
-    def decorator(cls: A) -> A:
-        if name in _ATTACKS:
-            raise ValueError(f"attack {name!r} is already registered")
-        _ATTACKS[name] = cls
-        cls.kind = name
-        return cls
-
-    return decorator
-
-
-def available_attacks() -> list[str]:
-    """Names of the registered attacks, sorted."""
-    return sorted(_ATTACKS)
+_ATTACKS: Registry[type[Attack]] = Registry("attack", tag="kind")
+register_attack = _ATTACKS.register  # class decorator: make an attack available as create_attack(name, ...)
+available_attacks = _ATTACKS.names  # names of the registered attacks, sorted
 
 
 def create_attack(name: str, **cfg: Any) -> Attack:
@@ -169,10 +153,7 @@ def create_attack(name: str, **cfg: Any) -> Attack:
         ValueError: unknown attack (the message lists the valid names), unknown
             parameter (the message lists the accepted ones), or an invalid value.
     """
-    try:
-        cls = _ATTACKS[name]
-    except KeyError:
-        raise ValueError(f"unknown attack {name!r}; valid names: {', '.join(available_attacks())}") from None
+    cls = _ATTACKS.get(name)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(cfg) - set(accepted))
     if unknown:

@@ -31,9 +31,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
+
+from securemark.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -168,26 +170,9 @@ class CodeFamily(Protocol):
         ...
 
 
-_CODES: dict[str, type] = {}
-T = TypeVar("T", bound=type)
-
-
-def register_code(name: str) -> Callable[[T], T]:
-    """Class decorator: make a code family available as ``create_code(name, ...)``."""
-
-    def decorator(cls: T) -> T:
-        if name in _CODES:
-            raise ValueError(f"code family {name!r} is already registered")
-        _CODES[name] = cls
-        cls.name = name  # type: ignore[attr-defined]
-        return cls
-
-    return decorator
-
-
-def available_codes() -> list[str]:
-    """Names of the registered code families, sorted."""
-    return sorted(_CODES)
+_CODES: Registry[type] = Registry("code family")
+register_code = _CODES.register  # class decorator: make a family available as create_code(name, ...)
+available_codes = _CODES.names  # names of the registered code families, sorted
 
 
 def create_code(name: str, **cfg: Any) -> CodeFamily:
@@ -197,10 +182,7 @@ def create_code(name: str, **cfg: Any) -> CodeFamily:
         ValueError: unknown family (the message lists the valid names), unknown
             parameter, or an invalid parameter value (the message names it).
     """
-    try:
-        cls = _CODES[name]
-    except KeyError:
-        raise ValueError(f"unknown code family {name!r}; valid names: {', '.join(available_codes())}") from None
+    cls = _CODES.get(name)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg) - known)
     if unknown:

@@ -26,13 +26,14 @@ import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 from scipy.optimize import brentq
 from scipy.special import expit
 
 from securemark.codes import Codebook
+from securemark.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -69,34 +70,14 @@ class Scorer(Protocol):
         ...
 
 
-_SCORERS: dict[str, type] = {}
-T = TypeVar("T", bound=type)
-
-
-def register_scorer(name: str) -> Callable[[T], T]:
-    """Class decorator: make a scorer available as ``create_scorer(name)``."""
-
-    def decorator(cls: T) -> T:
-        if name in _SCORERS:
-            raise ValueError(f"scorer {name!r} is already registered")
-        _SCORERS[name] = cls
-        cls.name = name  # type: ignore[attr-defined]
-        return cls
-
-    return decorator
-
-
-def available_scorers() -> list[str]:
-    """Names of the registered scorers, sorted."""
-    return sorted(_SCORERS)
+_SCORERS: Registry[type] = Registry("scorer")
+register_scorer = _SCORERS.register  # class decorator: make a scorer available as create_scorer(name)
+available_scorers = _SCORERS.names  # names of the registered scorers, sorted
 
 
 def create_scorer(name: str) -> Scorer:
     """The scorer registered as ``name``; ValueError listing the valid names otherwise."""
-    try:
-        return _SCORERS[name]()
-    except KeyError:
-        raise ValueError(f"unknown scorer {name!r}; valid names: {', '.join(available_scorers())}") from None
+    return _SCORERS.get(name)()
 
 
 def _check_soft_values(y: np.ndarray) -> np.ndarray:

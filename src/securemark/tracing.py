@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from securemark.codes import Codebook
+from securemark.registry import Registry
 from securemark.scoring import create_scorer, p_values, score_all, threshold
 
 BOUND_DESCRIPTION = (
@@ -47,27 +48,11 @@ class Verdict:
         return d
 
 
-_DECODERS: dict = {}
-
-
-def register_decoder(name: str):
-    """Register a decoder ``(y, codebook, indices, epsilon, scorer) -> Verdict`` by name."""
-
-    def decorate(fn):
-        _DECODERS[name] = fn
-        return fn
-
-    return decorate
-
-
-def create_decoder(name: str):
-    if name not in _DECODERS:
-        raise ValueError(f"unknown decoder {name!r}; valid decoders: {sorted(_DECODERS)}")
-    return _DECODERS[name]
-
-
-def available_decoders() -> list[str]:
-    return sorted(_DECODERS)
+_DECODERS: Registry = Registry("decoder", tag=None)
+# function decorator: register a decoder ``(y, codebook, indices, epsilon, scorer) -> Verdict``
+register_decoder = _DECODERS.register
+create_decoder = _DECODERS.get
+available_decoders = _DECODERS.names
 
 
 @register_decoder("plain")

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from securemark.model import SplitNet
+from securemark.registry import Registry
 from securemark.split.messages import GradientReply, MessageRejected, SmashedBatch
 from securemark.split.parties import DataOwner, SplitServer
 from securemark.split.protocol import (
@@ -46,26 +47,13 @@ from securemark.split.protocol import (
 )
 
 log = logging.getLogger(__name__)
-_TRANSPORTS: dict[str, type] = {}
-
-
-def register_transport(name: str) -> Callable[[type], type]:
-    def decorate(cls: type) -> type:
-        _TRANSPORTS[name] = cls
-        cls.name = name
-        return cls
-
-    return decorate
+_TRANSPORTS: Registry[type] = Registry("transport")
+register_transport = _TRANSPORTS.register
+transport_names = _TRANSPORTS.names
 
 
 def create_transport(name: str, **cfg):
-    if name not in _TRANSPORTS:
-        raise ValueError(f"unknown transport {name!r}; valid transports: {sorted(_TRANSPORTS)}")
-    return _TRANSPORTS[name](**cfg)
-
-
-def transport_names() -> list[str]:
-    return sorted(_TRANSPORTS)
+    return _TRANSPORTS.get(name)(**cfg)
 
 
 # --------------------------------------------------------------------- in-process
