@@ -53,4 +53,4 @@ prefect-ui: setup
 	$(BIN)/prefect server start
 
 clean:
-	rm -rf .prefect mlruns mlflow.db reports .pytest_cache
+	rm -rf .prefect mlruns mlflow.db .pytest_cache dvc_plots
