@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.codes import create_code
 from securemark.tracing import create_decoder
 
@@ -59,8 +60,7 @@ def main() -> None:
                              "all_caught": int((caught == c).sum()), "innocents_accused": s["innocents"]}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    report(rows, args.out, one_line=False)
 
 
 if __name__ == "__main__":

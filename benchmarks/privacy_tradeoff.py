@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from flows.train import OwnerPartitions
+from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.model import ModelSpec, accuracy
 from securemark.privacy import AuditConfig, reconstruction_scores, smash, train_decoder
 from securemark.split.defence import DefenceConfig
@@ -60,8 +61,7 @@ def main() -> None:
                    "widths": list(spec.widths), "cut": spec.cut, "epochs": args.epochs, "seconds": round(time.perf_counter() - start, 1)}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    report(rows, args.out, one_line=False)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Split runs undefended (alpha = sigma = 0, the same computation as central) and d
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.model import ModelSpec, SplitNet
 from securemark.split.defence import DefenceConfig
 from securemark.split.parties import order_generator
@@ -162,10 +162,7 @@ def main() -> None:
         "gloo_threads": args.gloo_threads,
         **run(job, DefenceConfig(args.alpha, args.sigma), args.gloo_threads),
     }
-    line = json.dumps(result)
-    print(line)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(line + "\n")
+    report(result, args.output)
 
 
 if __name__ == "__main__":

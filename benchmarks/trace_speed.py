@@ -10,12 +10,12 @@ and writes it to ``benchmarks/results/trace_speed.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.codes import create_code
 from securemark.scoring import create_scorer, score_all
 
@@ -53,10 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     result = run(args.customers, args.code_length, args.seed)
-    line = json.dumps(result)
-    print(line)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(line + "\n")
+    report(result, args.output)
 
 
 if __name__ == "__main__":
