@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import statistics
 import time
 
@@ -28,17 +29,17 @@ from tqdm.auto import tqdm
 from flows import tracking
 from flows.entry import stage_main
 from flows.project import Paths, section
-from flows.trace import ledger_indices, open_vendor
+from flows.trace import Extractor, ledger_indices, make_extractor, open_vendor
 from flows.vendor import Vendor
 from securemark.attacks import AttackData, create_attack
-from securemark.fingerprint import bit_error_rate, extract
+from securemark.fingerprint import bit_error_rate
 from securemark.model import accuracy
 from securemark.storage import read_partition
 from securemark.tracing import create_decoder
 from securemark.weights import load_weights
 
 ATTACK_EXPERIMENT = "securemark-attacks"
-CSV_COLUMNS = ["attack", "strength", "coalition_size", "trial", "accuracy", "ber", "colluders", "caught", "innocents_accused"]
+CSV_COLUMNS = ["attack", "strength", "coalition_size", "trial", "accuracy", "ber", "ber_unaligned", "colluders", "caught", "innocents_accused"]
 
 
 def expand_grid(grid: list[dict]) -> list[dict]:
@@ -57,19 +58,37 @@ def is_coalition(config: dict) -> bool:
     return first == "average"
 
 
-def evaluate(model, colluders: list[str], vendor: Vendor, indices: np.ndarray, ledger: dict, test, epsilon: float, scorer: str, decoder: str) -> dict:
-    y = extract(model.state_dict(), vendor.key.layer, vendor.key_matrix)
-    bers = [bit_error_rate(y, vendor.codebook.word(ledger[c])) for c in colluders]
-    verdict = create_decoder(decoder)(y.numpy(), vendor.codebook, indices, epsilon, scorer)
+def evaluate(model, colluders: list[str], vendor: Vendor, extractor: Extractor, indices: np.ndarray, ledger: dict, test, epsilon: float, scorer: str, decoder: str) -> dict:
+    """Accuracy, mean BER over the colluders (after re-alignment, and of the raw weights)
+    and the verdict of tracing the attacked model at ``epsilon``."""
+    y, _ = extractor(model)
+    raw = extractor.raw(model)
+
+    def ber(values: np.ndarray) -> float:
+        return float(np.mean([bit_error_rate(torch.as_tensor(values), vendor.codebook.word(ledger[c])) for c in colluders]))
+
+    verdict = create_decoder(decoder)(y, vendor.codebook, indices, epsilon, scorer)
     accused = {c.codeword_index for c in verdict.accused}
     guilty = {ledger[c] for c in colluders}
     return {
         "accuracy": accuracy(model, *test),
-        "ber": float(np.mean(bers)),
+        "ber": ber(y),
+        "ber_unaligned": ber(raw),
         "colluders": len(colluders),
         "caught": len(accused & guilty),
         "innocents_accused": len(accused - guilty),
     }
+
+
+def draw_coalitions(rng: np.random.Generator, customers: list[str], size: int, trials: int) -> list[list[str]]:
+    """``trials`` distinct random coalitions of ``size`` customers (fewer when fewer exist)."""
+    possible = math.comb(len(customers), size)
+    drawn: list[list[str]] = []
+    while len(drawn) < min(trials, possible):
+        coalition = sorted(rng.choice(customers, size=size, replace=False).tolist())
+        if coalition not in drawn:
+            drawn.append(coalition)
+    return drawn
 
 
 def tradeoff(df: pd.DataFrame) -> list[dict]:
@@ -92,14 +111,14 @@ def tradeoff(df: pd.DataFrame) -> list[dict]:
 
 
 @task(name="attack-family", cache_policy=NO_CACHE)
-def run_family(config: dict, targets: list[list[str]], copies: dict, vendor: Vendor, indices, ledger, data, test, epsilon, scorer, decoder, seed) -> list[dict]:
+def run_family(config: dict, targets: list[list[str]], copies: dict, vendor: Vendor, extractor: Extractor, indices, ledger, data, test, epsilon, scorer, decoder, seed) -> list[dict]:
     attack = create_attack(config["attack"], **{k: v for k, v in config.items() if k != "attack"})
     rows = []
     for trial, coalition in enumerate(targets):
         generator = torch.Generator().manual_seed(seed + trial)
         attacked = attack([copies[c] for c in coalition], data, generator)
         rows.append({"attack": attack.name, "strength": float(attack.strength), "coalition_size": len(coalition), "trial": trial,
-                     **evaluate(attacked, coalition, vendor, indices, ledger, test, epsilon, scorer, decoder)})
+                     **evaluate(attacked, coalition, vendor, extractor, indices, ledger, test, epsilon, scorer, decoder)})
     return rows
 
 
@@ -112,7 +131,8 @@ def attack_flow(paths: Paths, params: dict) -> dict:
     epsilon, scorer = float(trace_cfg.get("epsilon", 1e-6)), trace_cfg.get("scorer", "correlation")
     decoder = trace_cfg.get("decoder", "peeling")
     tracking.configure(paths)
-    vendor, _ = open_vendor(paths, params)
+    vendor, spec = open_vendor(paths, params)
+    extractor = make_extractor(paths, params, vendor, spec)
     indices = ledger_indices(vendor)
     ledger = {r.customer_id: r.codeword_index for r in vendor.ledger.records("issued")}
     copy_files = {p.parent.name: p for p in sorted((paths.root / "data" / "customers").glob("*/model.safetensors")) if p.parent.name in ledger}
@@ -128,11 +148,11 @@ def attack_flow(paths: Paths, params: dict) -> dict:
     start = time.perf_counter()
     for config in tqdm(configs, desc="attack grid", unit="attack"):
         if is_coalition(config):
-            targets = [sorted(rng.choice(customers, size=c, replace=False).tolist())
-                       for c in cfg["coalition_sizes"] if c <= len(customers) for _ in range(int(cfg["trials"]))]
+            targets = [coalition for c in cfg["coalition_sizes"] if c <= len(customers)
+                       for coalition in draw_coalitions(rng, customers, c, int(cfg["trials"]))]
         else:
             targets = [[c] for c in customers[: int(cfg["targets"])]]
-        family_rows = run_family(config, targets, copies, vendor, indices, ledger, data, test, epsilon, scorer, decoder, seed)
+        family_rows = run_family(config, targets, copies, vendor, extractor, indices, ledger, data, test, epsilon, scorer, decoder, seed)
         rows += family_rows
         name = family_rows[0]["attack"]
         with tracking.run(f"attack-{name}-{family_rows[0]['strength']:g}", ATTACK_EXPERIMENT, paths, tags={"attack": name}):

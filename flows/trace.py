@@ -2,7 +2,8 @@
 
 ``trace_flow`` takes a path (safetensors or tensor-only state dict) or a registry URI
 (``models:/NAME@ALIAS``), loads it as hostile input (tensors only, checked against the
-base architecture), extracts ``y = K w``, scores every customer in the ledger and
+base architecture), re-aligns it to the base model (undoing channel permutations and
+positive rescalings, :mod:`securemark.alignment`), extracts ``y = K w``, scores every customer in the ledger and
 decides at the whole-trace false-accusation probability ``epsilon``. Each trace is an
 MLflow run (experiment ``securemark-trace``) with the report (JSON + markdown) and a
 score plot.
@@ -36,7 +37,8 @@ from flows.entry import stage_main  # noqa: E402
 from flows.project import Paths, section  # noqa: E402
 from flows.registry import download_weights  # noqa: E402
 from flows.vendor import Vendor  # noqa: E402
-from securemark.errors import InvalidModel  # noqa: E402
+from securemark.alignment import align  # noqa: E402
+from securemark.errors import ConfigError, InvalidModel  # noqa: E402
 from securemark.fingerprint import extract  # noqa: E402
 from securemark.key import projection, random_secret  # noqa: E402
 from securemark.model import ModelSpec, SplitNet, build_model  # noqa: E402
@@ -54,6 +56,8 @@ class TraceSettings:
     epsilon: float = 1e-6
     scorer: str = "correlation"
     decoder: str = "peeling"
+    align: bool = True
+    probe_size: int = 512
 
 
 def settings(params: dict, epsilon: float | None = None, scorer: str | None = None) -> TraceSettings:
@@ -62,7 +66,57 @@ def settings(params: dict, epsilon: float | None = None, scorer: str | None = No
         epsilon=float(epsilon if epsilon is not None else section_.get("epsilon", 1e-6)),
         scorer=scorer or section_.get("scorer", "correlation"),
         decoder=section_.get("decoder", "peeling"),
+        align=bool(section_.get("align", True)),
+        probe_size=int(section_.get("probe_size", 512)),
     )
+
+
+@dataclass(frozen=True, eq=False)
+class Extractor:
+    """Soft values ``y = K w`` of a suspect, read after aligning it to the base model.
+
+    ``reference`` is the vendor's base model and ``probe`` the first ``probe_size`` images
+    of the vendor's ``aux`` partition; with ``align`` off (params ``trace.align``) the raw
+    weights are projected, as before re-alignment existed.
+    """
+
+    spec: ModelSpec
+    layer: str
+    key_matrix: torch.Tensor
+    reference: SplitNet
+    probe: torch.Tensor
+    align: bool = True
+
+    def model(self, state_or_model) -> SplitNet:
+        if isinstance(state_or_model, SplitNet):
+            return state_or_model
+        model = SplitNet(self.spec)
+        model.load_state_dict(state_or_model)
+        return model
+
+    def aligned(self, state_or_model) -> tuple[SplitNet, dict]:
+        """The suspect aligned to the base model, and the alignment summary (empty when off)."""
+        if not self.align:
+            return self.model(state_or_model), {}
+        result = align(self.model(state_or_model), self.reference, self.probe)
+        return result.model, result.summary()
+
+    def __call__(self, state_or_model, key_matrix: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
+        """``(y, alignment summary)`` under the vendor's key (or ``key_matrix``)."""
+        model, summary = self.aligned(state_or_model)
+        return extract(model, self.layer, self.key_matrix if key_matrix is None else key_matrix).numpy(), summary
+
+    def raw(self, state_or_model) -> np.ndarray:
+        """``y`` of the weights as they are (what an extractor without alignment reads)."""
+        return extract(state_or_model, self.layer, self.key_matrix).numpy()
+
+
+def make_extractor(paths: Paths, params: dict, vendor: Vendor, spec: ModelSpec) -> Extractor:
+    cfg = settings(params)
+    if cfg.probe_size < 1:
+        raise ConfigError("trace.probe_size", f"must be a positive number of aux images, got {cfg.probe_size}")
+    probe = read_partition(paths.partition("aux")).as_float()[: cfg.probe_size]
+    return Extractor(spec, vendor.key.layer, vendor.key_matrix, load_weights(paths.models / "defended.safetensors"), probe, cfg.align)
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, torch.Size]:
@@ -79,7 +133,7 @@ def resolve_model(model: str, workdir: Path) -> Path:
     return Path(model)
 
 
-def verdict_report(verdict: Verdict, vendor: Vendor, model: str, sha: str) -> dict:
+def verdict_report(verdict: Verdict, vendor: Vendor, model: str, sha: str, alignment: dict | None = None) -> dict:
     by_index = {r.codeword_index: r.customer_id for r in vendor.ledger.records()}
 
     def row(c):
@@ -100,6 +154,7 @@ def verdict_report(verdict: Verdict, vendor: Vendor, model: str, sha: str) -> di
         "bound": BOUND_DESCRIPTION,
         "accused": [row(c) for c in verdict.accused],
         "top_innocent_scores": [row(c) for c in verdict.top_others],
+        "alignment": alignment or {},
     }
 
 
@@ -117,6 +172,10 @@ def markdown(report: dict) -> str:
         lines += ["## Verdict: no one accused"]
     lines += ["", "## Highest scores below the threshold", "", "| customer | score |", "|---|---|"]
     lines += [f"| {a['customer_id']} | {a['score']:.3f} |" for a in report["top_innocent_scores"]]
+    if report.get("alignment"):
+        lines += ["", "## Re-alignment to the base model", "", "| block | channels moved | scale range | weakest match |", "|---|---|---|---|"]
+        lines += [f"| {b} | {a['channels_moved']} | {a['scale_min']:.3g} to {a['scale_max']:.3g} | {a['min_similarity']:.3f} |"
+                  for b, a in report["alignment"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -165,9 +224,9 @@ def trace_flow(paths: Paths, params: dict, model: str, epsilon: float | None = N
         state = load_suspect(file, expected_shapes(spec))
         sha = sha256_file(file)
     indices = ledger_indices(vendor)
-    y = extract(state, vendor.key.layer, vendor.key_matrix).numpy()
+    y, alignment = make_extractor(paths, params, vendor, spec)(state)
     verdict = create_decoder(cfg.decoder)(y, vendor.codebook, indices, cfg.epsilon, cfg.scorer)
-    report = verdict_report(verdict, vendor, model, sha)
+    report = verdict_report(verdict, vendor, model, sha, alignment)
     with tracking.run("trace", TRACE_EXPERIMENT, paths, tags={"model": model[:250], "model_sha256": sha}) as run:
         mlflow.log_params({"model": model[:250], "epsilon": cfg.epsilon, "scorer": cfg.scorer, "key_id": vendor.key.key_id})
         mlflow.log_metrics({"accused": len(report["accused"]), "threshold": verdict.threshold,
@@ -195,21 +254,22 @@ def null_model_scores(paths: Paths, params: dict, vendor: Vendor, spec: ModelSpe
     indices = ledger_indices(vendor)
     layer, m = vendor.key.layer, vendor.codebook.length
     eps = float(cfg.get("epsilon", 1e-6))
-    nulls: list[tuple[str, dict[str, torch.Tensor], torch.Tensor]] = []
-    base = load_weights(paths.models / "defended.safetensors")
-    nulls.append(("base", base.state_dict(), vendor.key_matrix))
+    extractor = make_extractor(paths, params, vendor, spec)
+    nulls: list[tuple[str, SplitNet, torch.Tensor]] = []  # (name, aligned model, key)
+    nulls.append(("base", extractor.aligned(load_weights(paths.models / "defended.safetensors"))[0], vendor.key_matrix))
     attacker = read_partition(paths.partition("attacker"))
     for i in range(int(cfg.get("null_independent", 3))):  # trained on other data, never fingerprinted
         model = train_epochs(build_model(spec, 10_000 + i), attacker.as_float(), attacker.labels, 1, torch.Generator().manual_seed(i))
-        nulls.append((f"independent-{i}", model.state_dict(), vendor.key_matrix))
+        nulls.append((f"independent-{i}", extractor.aligned(model)[0], vendor.key_matrix))
     for copy in copies:
-        state = load_weights(copy).state_dict()
+        state = extractor.aligned(load_weights(copy))[0]
         for j in range(int(cfg.get("null_random_keys", 10))):
             K = projection(random_secret(), layer, m, vendor.key.n_weights)
             nulls.append((f"{copy.parent.name}@random-key-{j}", state, K))
     rows = []
     for name, state, K in tqdm(nulls, desc="null models", unit="model"):
-        verdict = create_decoder(cfg.get("decoder", "peeling"))(extract(state, layer, K).numpy(), vendor.codebook, indices, eps, cfg.get("scorer", "correlation"))
+        y = extract(state, layer, K).numpy()
+        verdict = create_decoder(cfg.get("decoder", "peeling"))(y, vendor.codebook, indices, eps, cfg.get("scorer", "correlation"))
         rows.append({"model": name, "accused": len(verdict.accused), "max_score": float(verdict.scores.max()), "threshold": verdict.threshold})
     return rows
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from securemark.alignment import conv_blocks, permute_channels, scale_channels
 from securemark.fingerprint import EmbedConfig, EmbeddingFailed, embed
 from securemark.key import SECRET_BYTES, projection
 from securemark.model import SplitNet, init_weights
@@ -52,6 +53,8 @@ __all__ = [
     "Noise",
     "Overwrite",
     "Retrain",
+    "Permute",
+    "Rescale",
     "Compose",
 ]
 
@@ -538,6 +541,59 @@ class Retrain(Attack):
             p.requires_grad_(True)
         self._count = float(len(targets))
         return model
+
+
+@register_attack("permute")
+class Permute(Attack):
+    """Shuffle the channels of conv blocks of ``models[0]`` at random, the next layer's
+    inputs along (:func:`securemark.alignment.permute_channels`): predictions stay the
+    same, every weight moves. ``blocks``: how many blocks, from the first (client)
+    block on; 0 means all of them.
+
+    Strength: the number of blocks permuted.
+    """
+
+    def __init__(self, blocks: int = 0) -> None:
+        self.blocks = _integer("permute", "blocks", blocks, 0)
+        self._config = dict(blocks=self.blocks)
+
+    @property
+    def strength(self) -> float:
+        return float(self.blocks)
+
+    def apply(self, models, data, generator):
+        out = _working_copy(models[0])
+        blocks = conv_blocks(out)
+        for index, (_, block) in enumerate(blocks[: self.blocks or len(blocks)]):
+            permute_channels(out, index, torch.randperm(block.conv.out_channels, generator=generator))
+        return out
+
+
+@register_attack("rescale")
+class Rescale(Attack):
+    """Multiply every channel of every conv block of ``models[0]`` by a positive factor
+    drawn log-uniformly from ``[1/spread, spread]``, and divide the next layer's inputs
+    by it (:func:`securemark.alignment.scale_channels`): predictions stay the same up to
+    float rounding, every weight's magnitude changes.
+
+    Strength: ``spread``.
+    """
+
+    def __init__(self, spread: float = 4.0) -> None:
+        self.spread = _number("rescale", "spread", spread, 1.0)
+        self._config = dict(spread=self.spread)
+
+    @property
+    def strength(self) -> float:
+        return self.spread
+
+    def apply(self, models, data, generator):
+        out = _working_copy(models[0])
+        log_spread = math.log(self.spread)
+        for index, (_, block) in enumerate(conv_blocks(out)):
+            u = torch.rand(block.conv.out_channels, generator=generator, dtype=torch.float64)
+            scale_channels(out, index, torch.exp((2 * u - 1) * log_spread))
+        return out
 
 
 @register_attack("compose")

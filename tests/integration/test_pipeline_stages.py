@@ -26,6 +26,7 @@ PARAMS["attack"] = {
         {"attack": "prune", "rate": [0.3, 0.6]},
         {"attack": "average"},
         {"attack": "compose", "steps": [{"attack": "average"}, {"attack": "prune", "rate": 0.5}]},
+        {"attack": "compose", "steps": [{"attack": "permute"}, {"attack": "rescale", "spread": 10.0}]},
     ],
 }
 
@@ -93,9 +94,12 @@ def test_attack_stage_traces_attacked_copies(staged):
     _stage(staged, PARAMS)
     rows = pd.read_csv(staged.metrics / "attacks.csv")
     assert list(rows.columns) == CSV_COLUMNS
-    assert set(rows["attack"]) == {"fine_tune_adam", "prune", "average", "average>prune"}
-    assert len(rows) == 1 + 2 + 1 + 1
+    assert set(rows["attack"]) == {"fine_tune_adam", "prune", "average", "average>prune", "permute>rescale"}
+    assert len(rows) == 1 + 2 + 1 + 1 + 1
     assert (rows["innocents_accused"] == 0).all()
+    # Re-parametrisation scrambles the raw weights; re-alignment reads the mark again.
+    reparam = rows[rows["attack"] == "permute>rescale"].iloc[0]
+    assert reparam["ber_unaligned"] > 0.2 and reparam["ber"] == 0 and reparam["caught"] == 1
     mild = rows[(rows["attack"] == "prune") & (rows["strength"] == 0.3)]
     assert (mild["caught"] == 1).all() and (mild["ber"] == 0).all()
     summary = json.loads((staged.metrics / "attacks.json").read_text())

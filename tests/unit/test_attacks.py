@@ -26,6 +26,8 @@ CONFIGS: dict[str, dict] = {
     "noise": {"scale": 0.1},
     "overwrite": {"code_length": 16, "margin": 0.02, "max_steps": 50},
     "retrain": {"layers": 2, "epochs": 1, "batch_size": 64},
+    "permute": {"blocks": 0},
+    "rescale": {"spread": 8.0},
     "compose": {"steps": [{"attack": "average"}, {"attack": "fine_tune", "epochs": 1, "batch_size": 64}, {"attack": "prune", "rate": 0.3}]},
 }
 
@@ -259,3 +261,21 @@ def test_overwrite_falls_back_to_the_trained_model_when_embedding_fails(models, 
     monkeypatch.setattr(attacks, "embed", failing_embed)
     out = create_attack("overwrite", code_length=16, max_steps=20)([models[0]], data, gen())
     assert out is partly_trained  # the attacker keeps what embed trained
+
+
+@pytest.mark.parametrize("config", [{"attack": "permute"}, {"attack": "permute", "blocks": 1}, {"attack": "rescale", "spread": 100.0}])
+def test_reparametrisations_keep_predictions(config, models, data):
+    name = config.pop("attack")
+    out = create_attack(name, **config)(models[:1], data, gen(3))
+    with torch.no_grad():
+        before, after = models[0].eval()(data.images), out(data.images)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert torch.equal(after.argmax(1), before.argmax(1))
+    changed = [k for k, v in out.state_dict().items() if not torch.equal(v, models[0].state_dict()[k])]
+    assert "client.block1.conv.weight" in changed
+
+
+def test_permute_only_moves_weights(models, data):
+    out = create_attack("permute")(models[:1], data, gen(4))
+    for key, value in models[0].state_dict().items():  # same multiset of values per tensor
+        torch.testing.assert_close(out.state_dict()[key].flatten().sort().values, value.flatten().sort().values, rtol=0, atol=0)
