@@ -26,14 +26,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from flows import tracking
+from flows import artifacts, tracking
 from flows.entry import stage_main
 from flows.project import Paths, section
+from flows.registry import CUSTOMER_MODEL, load_registered
+from flows.scaleout import retry_unless_invalid, task_runner
 from flows.trace import Extractor, ledger_indices, make_extractor, open_vendor
 from flows.vendor import Vendor
 from securemark.attacks import AttackData, create_attack
 from securemark.fingerprint import bit_error_rate
-from securemark.model import accuracy
+from securemark.model import SplitNet, accuracy
 from securemark.storage import read_partition
 from securemark.tracing import create_decoder
 from securemark.weights import load_weights
@@ -105,12 +107,41 @@ def tradeoff(df: pd.DataFrame) -> list[dict]:
             "weakest_failing_strength": None if first is None else float(first),
             "accuracy_at_failure": None if first is None else float(failed.loc[first, "accuracy"]),
             "traced_fraction_overall": float((group["caught"] > 0).mean()),
+            "innocents_accused": int(group["innocents_accused"].sum()),
             "accuracy_min": float(group["accuracy"].min()),
         })
     return table
 
 
-@task(name="attack-family", cache_policy=NO_CACHE)
+def compare_audits(previous: list[dict] | None, current: list[dict]) -> list[dict]:
+    """Per (attack, coalition size): traced fraction and worst accuracy now and at the
+    previous audit, with a status: ``new``, ``same``, ``improved``, ``regressed`` (tracing
+    caught fewer, or an innocent was accused where none was before) or ``gone``."""
+    def key(row: dict) -> tuple[str, int]:
+        return row["attack"], int(row["coalition_size"])
+
+    before = {key(r): r for r in previous or []}
+    now = {key(r): r for r in current}
+    rows = []
+    for k in sorted(set(before) | set(now)):
+        old, new = before.get(k), now.get(k)
+        if new is None:
+            status = "gone"
+        elif old is None:
+            status = "new"
+        else:
+            worse = new["traced_fraction_overall"] < old["traced_fraction_overall"] or new.get("innocents_accused", 0) > old.get("innocents_accused", 0)
+            better = new["traced_fraction_overall"] > old["traced_fraction_overall"]
+            status = "regressed" if worse else "improved" if better else "same"
+        rows.append({"attack": k[0], "coalition_size": k[1], "status": status,
+                     "traced_now": None if new is None else new["traced_fraction_overall"],
+                     "traced_before": None if old is None else old["traced_fraction_overall"],
+                     "accuracy_min_now": None if new is None else new["accuracy_min"],
+                     "accuracy_min_before": None if old is None else old["accuracy_min"]})
+    return rows
+
+
+@task(name="attack-family", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_invalid, task_run_name="attack-{config[attack]}")
 def run_family(config: dict, targets: list[list[str]], copies: dict, vendor: Vendor, extractor: Extractor, indices, ledger, data, test, epsilon, scorer, decoder, seed) -> list[dict]:
     attack = create_attack(config["attack"], **{k: v for k, v in config.items() if k != "attack"})
     rows = []
@@ -122,8 +153,22 @@ def run_family(config: dict, targets: list[list[str]], copies: dict, vendor: Ven
     return rows
 
 
+def load_copies(paths: Paths, vendor: Vendor, source: str) -> dict[str, SplitNet]:
+    """The issued copies, by customer id: the delivered files (``files``, what DVC tracks)
+    or the registry's current versions (``registry``, ``models:/securemark-customer@customer-<id>``)."""
+    issued = [r.customer_id for r in vendor.ledger.records("issued")]
+    if source == "files":
+        files = {c: paths.root / "data" / "customers" / c / "model.safetensors" for c in issued}
+        return {c: load_weights(p) for c, p in sorted(files.items()) if p.is_file()}
+    if source == "registry":
+        return {c: load_registered(f"models:/{CUSTOMER_MODEL}@customer-{c}") for c in sorted(issued)}
+    raise ValueError(f"copies source must be 'files' or 'registry', got {source!r}")
+
+
 @flow(name="attack-evaluation")
-def attack_flow(paths: Paths, params: dict) -> dict:
+def attack_flow(paths: Paths, params: dict, source: str = "files") -> dict:
+    """Run the params' attack grid against the issued copies (from ``source``), one task
+    per attack family on the flow's task runner; trace every attacked model."""
     logger = get_run_logger()
     cfg = section(params, "attack")
     seed = int(section(params, "base")["seed"])
@@ -135,29 +180,32 @@ def attack_flow(paths: Paths, params: dict) -> dict:
     extractor = make_extractor(paths, params, vendor, spec)
     indices = ledger_indices(vendor)
     ledger = {r.customer_id: r.codeword_index for r in vendor.ledger.records("issued")}
-    copy_files = {p.parent.name: p for p in sorted((paths.root / "data" / "customers").glob("*/model.safetensors")) if p.parent.name in ledger}
-    copies = {c: load_weights(p) for c, p in copy_files.items()}
+    copies = load_copies(paths, vendor, source)
     customers = sorted(copies)
     attacker = read_partition(paths.partition("attacker"))
     data = AttackData(attacker.as_float(), attacker.labels)
     test_part = read_partition(paths.partition("test"))
     test = (test_part.as_float(), test_part.labels)
     rng = np.random.default_rng(seed)
-    rows: list[dict] = []
     configs = expand_grid(cfg["grid"])
     start = time.perf_counter()
-    for config in tqdm(configs, desc="attack grid", unit="attack"):
+    futures = []
+    for config in configs:  # coalitions are drawn here, in order, so results do not depend on scheduling
         if is_coalition(config):
             targets = [coalition for c in cfg["coalition_sizes"] if c <= len(customers)
                        for coalition in draw_coalitions(rng, customers, c, int(cfg["trials"]))]
         else:
             targets = [[c] for c in customers[: int(cfg["targets"])]]
-        family_rows = run_family(config, targets, copies, vendor, extractor, indices, ledger, data, test, epsilon, scorer, decoder, seed)
+        involved = {c: copies[c] for t in targets for c in t}
+        futures.append(run_family.submit(config, targets, involved, vendor, extractor, indices, ledger, data, test, epsilon, scorer, decoder, seed))
+    rows: list[dict] = []
+    for config, future in tqdm(list(zip(configs, futures)), desc="attack grid", unit="attack"):
+        family_rows = future.result()
         rows += family_rows
         name = family_rows[0]["attack"]
-        with tracking.run(f"attack-{name}-{family_rows[0]['strength']:g}", ATTACK_EXPERIMENT, paths, tags={"attack": name}):
+        frame = pd.DataFrame(family_rows)
+        with tracking.run(f"attack-{name}-{family_rows[0]['strength']:g}", ATTACK_EXPERIMENT, paths, tags={"attack": name, "copies": source}):
             mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
-            frame = pd.DataFrame(family_rows)
             mlflow.log_metrics({"accuracy_mean": frame["accuracy"].mean(), "traced_fraction": float((frame["caught"] > 0).mean()),
                                 "innocents_accused": int(frame["innocents_accused"].sum()), "ber_mean": frame["ber"].mean()})
             mlflow.log_table(frame, "attack_rows.json")
@@ -173,11 +221,18 @@ def attack_flow(paths: Paths, params: dict) -> dict:
         "epsilon": epsilon,
         "decoder": decoder,
     }
+    artifacts.table(artifacts.ATTACK_RESULTS, df.round(4).to_dict("records"),
+                    f"Attack grid against {len(copies)} copies ({source}): accuracy, BER (aligned / raw), colluders caught, innocents accused")
     return {"rows": df, "summary": summary}
 
 
+def run_attacks(paths: Paths, params: dict, source: str = "files") -> dict:
+    """``attack_flow`` on the task runner params/env ask for (thread pool or Dask)."""
+    return attack_flow.with_options(task_runner=task_runner(params))(paths, params, source)
+
+
 def _stage(paths: Paths, params: dict) -> None:
-    result = attack_flow(paths, params)
+    result = run_attacks(paths, params)
     out = paths.metrics / "attacks.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     result["rows"].to_csv(out, index=False, float_format="%.6g")

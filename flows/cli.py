@@ -2,6 +2,7 @@
 
     securemark issue --customer ID [--customer ID ...]
     securemark trace --model PATH|models:/NAME@ALIAS [--json] [--epsilon E] [--scorer S]
+    securemark registry list [--json]
 
 Exit codes of ``trace``: 0 no one accused, 10 someone accused, 2 invalid input
 (unreadable, non-model or malformed file, unknown registry model, bad params).
@@ -25,9 +26,9 @@ EXIT_ACCUSED = 10
 
 
 def _issue(args, paths: Paths, params: dict) -> int:
-    from flows.issue import issue_flow
+    from flows.issue import run_issue
 
-    rows = issue_flow(paths, params, customers=args.customer)
+    rows = run_issue(paths, params, customers=args.customer)
     for row in rows:
         print(f"{row['customer_id']}: {row['path']}  (registry version {row['model_version']}, BER {row['ber']:.3f}, accuracy {row['test_accuracy']:.4f})")
     return 0
@@ -55,6 +56,29 @@ def _trace(args, paths: Paths, params: dict) -> int:
     return EXIT_ACCUSED if report["accused"] else EXIT_NONE_ACCUSED
 
 
+def _registry_list(args, paths: Paths, params: dict) -> int:
+    from flows import tracking
+    from flows.registry import customer_table
+    from flows.trace import open_vendor
+
+    tracking.configure(paths)
+    vendor, _ = open_vendor(paths, params)
+    rows = customer_table(vendor.ledger.records())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Customers ({len(rows)}; key {vendor.key.key_id})")
+    for column in ("customer", "status", "model version", "key id", "issued at", "registry agrees"):
+        table.add_column(column, no_wrap=True)
+    for r in rows:
+        table.add_row(r["customer_id"], r["status"], r["model_version"] or "-", r["key_id"], r["issued_at"] or "-", "yes" if r["in_sync"] else "NO")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="securemark", description="Trace leaked classifiers back to the customers who leaked them.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -67,6 +91,11 @@ def parser() -> argparse.ArgumentParser:
     trace.add_argument("--epsilon", type=float, default=None, help="whole-trace false-accusation probability (default: params)")
     trace.add_argument("--scorer", default=None, help="correlation | tardos (default: params)")
     trace.set_defaults(run=_trace)
+    registry = sub.add_parser("registry", help="the model registry joined with the customer ledger")
+    registry_sub = registry.add_subparsers(dest="registry_command", required=True)
+    listing = registry_sub.add_parser("list", help="customers with model version, key id and issue time")
+    listing.add_argument("--json", action="store_true", help="print the rows as JSON")
+    listing.set_defaults(run=_registry_list)
     return p
 
 

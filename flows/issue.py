@@ -12,12 +12,16 @@ registered twice.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import statistics
 import time
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -25,15 +29,16 @@ from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from flows import tracking
+from flows import artifacts, tracking
 from flows.entry import stage_main
 from flows.project import Paths, section
 from flows.registry import BASE_MODEL, CUSTOMER_MODEL, download_weights, log_classifier, set_alias
+from flows.scaleout import retry_unless_invalid, task_runner
 from flows.train import bank_path
 from flows.vendor import Vendor
-from securemark.fingerprint import embed, layer_weight
+from securemark.fingerprint import EmbedConfig, embed, layer_weight
 from securemark.key import derive_seed
-from securemark.model import accuracy
+from securemark.model import SplitNet, accuracy
 from securemark.storage import read_partition
 from securemark.weights import load_weights, save_weights, sha256_file
 
@@ -60,54 +65,90 @@ def _existing_version(customer_id: str, sha: str):
     return next((v for v in versions if v.tags.get("weights_sha256") == sha), None)
 
 
-@task(name="issue-copy", cache_policy=NO_CACHE, retries=1)
-def issue_copy(paths: Paths, vendor: Vendor, base, base_version: str, base_accuracy: float, bank: dict, test: tuple, customer_id: str) -> dict:
-    """Issue one customer's copy; returns its row for metrics/fingerprint.json."""
+@lru_cache(maxsize=2)
+def _bank_and_test(root: str) -> tuple[dict, tuple]:
+    """The feature bank and the test set, read once per process (thread or Dask worker)."""
+    paths = Paths(Path(root))
+    bank = load_file(str(bank_path(paths, "defended")))
+    test_part = read_partition(paths.partition("test"))
+    return bank, (test_part.as_float(), test_part.labels)
+
+
+@task(name="embed-fingerprint", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_invalid, task_run_name="embed-{customer_id}")
+def embed_copy(paths: Paths, base: SplitNet, bits: np.ndarray, key_matrix: torch.Tensor, config: EmbedConfig, seed: int, customer_id: str) -> dict:
+    """Embed one customer's code word and write the deliverable (weights only).
+
+    Runs wherever the flow's task runner puts it (a thread, or a Dask worker that sees
+    the project directory): it reads the feature bank from disk and returns the file,
+    its hash and the embedding's numbers; nothing here writes to MLflow or the ledger.
+    """
     start = time.perf_counter()
-    record = vendor.ledger.assign(customer_id, vendor.key.key_id)
-    bits = vendor.codebook.word(record.codeword_index)
-    generator = torch.Generator().manual_seed(derive_seed(vendor.secret, f"embed|{customer_id}"))
-    result = embed(base, bits, vendor.key_matrix, bank["features"], bank["labels"], vendor.embed, generator)
+    bank, test = _bank_and_test(str(paths.root))
+    result = embed(base, bits, key_matrix, bank["features"], bank["labels"], config, torch.Generator().manual_seed(seed))
     out = save_weights(result.model, delivery_path(paths, customer_id))
-    sha = sha256_file(out)
-    test_accuracy = accuracy(result.model, *test)
+    return {"customer_id": customer_id, "path": str(out), "weights_sha256": sha256_file(out), "test_accuracy": accuracy(result.model, *test),
+            "ber": result.ber, "min_margin": result.min_margin, "embed_steps": result.steps, "embed_seconds": result.seconds,
+            "worker": f"{socket.gethostname()}:{os.getpid()}", "task_seconds": time.perf_counter() - start}
+
+
+def register_copy(paths: Paths, vendor: Vendor, record, base_version: str, base_accuracy: float, embedded: dict) -> dict:
+    """Log the copy to MLflow (run, registry version, alias, code word) and close its ledger record."""
+    start = time.perf_counter()
+    customer_id, sha = record.customer_id, embedded["weights_sha256"]
     tags = {"customer_id": customer_id, "codeword_index": str(record.codeword_index), "key_id": vendor.key.key_id,
             "base_version": base_version, "weights_sha256": sha}
     version = _existing_version(customer_id, sha)
     with tracking.run(f"issue-{customer_id}", ISSUE_EXPERIMENT, paths, tags=tags):
         mlflow.log_params({"customer_id": customer_id, "codeword_index": record.codeword_index, "key_id": vendor.key.key_id,
                            "base_version": base_version, **{f"fingerprint.{k}": v for k, v in asdict(vendor.embed).items()}})
-        metrics = {"test_accuracy": test_accuracy, "accuracy_drop": (base_accuracy - test_accuracy) * 100, "ber": result.ber,
-                   "min_margin": result.min_margin, "embed_steps": result.steps, "embed_seconds": result.seconds}
+        metrics = {"test_accuracy": embedded["test_accuracy"], "accuracy_drop": (base_accuracy - embedded["test_accuracy"]) * 100,
+                   "ber": embedded["ber"], "min_margin": embedded["min_margin"], "embed_steps": embedded["embed_steps"],
+                   "embed_seconds": embedded["embed_seconds"]}
         mlflow.log_metrics(metrics)
         if version is None:
-            version = log_classifier(out, CUSTOMER_MODEL, tags=tags)
+            version = log_classifier(Path(embedded["path"]), CUSTOMER_MODEL, tags=tags)
     set_alias(CUSTOMER_MODEL, f"customer-{customer_id}", version.version)
     with tracking.run(f"codeword-{customer_id}", VENDOR_EXPERIMENT, paths, tags={"customer_id": customer_id}):
+        bits = vendor.codebook.word(record.codeword_index)
         mlflow.log_dict({"customer_id": customer_id, "codeword_index": record.codeword_index, "key_id": vendor.key.key_id,
                          "bits": "".join(map(str, bits.tolist()))}, f"codewords/{customer_id}.json")
     vendor.ledger.complete(customer_id, str(version.version), sha, reissue=True)
-    return {"customer_id": customer_id, "path": str(out), "model_version": str(version.version), **metrics,
-            "seconds": time.perf_counter() - start}
+    return {"customer_id": customer_id, "path": embedded["path"], "model_version": str(version.version), **metrics,
+            "worker": embedded["worker"], "seconds": embedded["task_seconds"] + time.perf_counter() - start}
 
 
 @flow(name="issue-fingerprinted-copies")
 def issue_flow(paths: Paths, params: dict, customers: list[str] | None = None, base_uri: str = f"models:/{BASE_MODEL}@latest") -> list[dict]:
-    """Issue fingerprinted copies to ``customers`` (default: the params' customer set)."""
+    """Issue fingerprinted copies to ``customers`` (default: the params' customer set).
+
+    Code words are assigned in order first (so who gets which word does not depend on
+    scheduling), then the embeddings fan out over the task runner, then each copy is
+    registered from this process.
+    """
     logger = get_run_logger()
     tracking.configure(paths)
     customers = customers or default_customers(params)
     base = load_weights(download_weights(base_uri))
     base_version = MlflowClient().get_model_version_by_alias(BASE_MODEL, "latest").version if base_uri.endswith("@latest") else base_uri
     vendor = Vendor.open(paths, params, layer_weight(base, section(params, "fingerprint")["layer"]).numel())
-    bank = load_file(str(bank_path(paths, "defended")))
-    test_part = read_partition(paths.partition("test"))
-    test = (test_part.as_float(), test_part.labels)
+    records = [vendor.ledger.assign(c, vendor.key.key_id) for c in customers]
+    _, test = _bank_and_test(str(paths.root))
     base_accuracy = accuracy(base, *test)
-    rows = [issue_copy(paths, vendor, base, str(base_version), base_accuracy, bank, test, c) for c in tqdm(customers, desc="issuing copies", unit="copy")]
+    futures = [embed_copy.submit(paths, base, vendor.codebook.word(r.codeword_index), vendor.key_matrix, vendor.embed,
+                                 derive_seed(vendor.secret, f"embed|{r.customer_id}"), r.customer_id) for r in records]
+    rows = []
+    for record, future in tqdm(list(zip(records, futures)), desc="issuing copies", unit="copy"):
+        rows.append(register_copy(paths, vendor, record, str(base_version), base_accuracy, future.result()))
     for row in rows:
-        logger.info("issued %s -> %s (BER %.3f, min margin %.3f, accuracy drop %.2f pt)", row["customer_id"], row["path"], row["ber"], row["min_margin"], row["accuracy_drop"])
+        logger.info("issued %s -> %s (BER %.3f, min margin %.3f, accuracy drop %.2f pt, on %s)", row["customer_id"], row["path"], row["ber"], row["min_margin"], row["accuracy_drop"], row["worker"])
+    artifacts.table(artifacts.ISSUED, [{k: row[k] for k in ("customer_id", "model_version", "ber", "min_margin", "accuracy_drop", "worker")} for row in rows],
+                    "Copies issued by this run: registry version, bit error rate after embedding, accuracy drop (points)")
     return rows
+
+
+def run_issue(paths: Paths, params: dict, customers: list[str] | None = None) -> list[dict]:
+    """``issue_flow`` on the task runner params/env ask for (thread pool or Dask)."""
+    return issue_flow.with_options(task_runner=task_runner(params))(paths, params, customers)
 
 
 def fingerprint_metrics(rows: list[dict], code_length: int) -> dict:
@@ -125,7 +166,7 @@ def fingerprint_metrics(rows: list[dict], code_length: int) -> dict:
 
 
 def _stage(paths: Paths, params: dict) -> None:
-    rows = issue_flow(paths, params)
+    rows = run_issue(paths, params)
     code_length = int(section(params, "fingerprint")["code"]["code_length"])
     tracking.write_json(fingerprint_metrics(rows, code_length), paths.metrics / "fingerprint.json")
 

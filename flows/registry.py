@@ -8,6 +8,7 @@ model through pyfunc: it downloads the artifacts and reads the weights file as t
 from __future__ import annotations
 
 import shutil
+from datetime import datetime, timezone
 import tempfile
 from pathlib import Path
 
@@ -60,3 +61,27 @@ def download_weights(model_uri: str, dst: Path | None = None) -> Path:
 def load_registered(model_uri: str):
     """Our own registered model, rebuilt from its weights file (tensors only)."""
     return load_weights(download_weights(model_uri))
+
+
+def customer_table(ledger_records: list, client: MlflowClient | None = None) -> list[dict]:
+    """Ledger records joined with the registry: one row per customer with the model
+    version its alias ``customer-<id>`` points to now (``None`` if it has none), the
+    key id, the issue time and whether the registry agrees with the ledger."""
+    client = client or MlflowClient()
+    rows = []
+    for record in ledger_records:
+        try:
+            version = client.get_model_version_by_alias(CUSTOMER_MODEL, f"customer-{record.customer_id}")
+        except mlflow.exceptions.MlflowException:
+            version = None
+        registry_version = None if version is None else str(version.version)
+        rows.append({
+            "customer_id": record.customer_id,
+            "status": record.status,
+            "model_version": registry_version,
+            "key_id": record.key_id,
+            "issued_at": record.issued_at,
+            "registered_at": None if version is None else datetime.fromtimestamp(version.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
+            "in_sync": registry_version == record.model_version and (version is None or version.tags.get("weights_sha256") == record.weights_sha256),
+        })
+    return rows

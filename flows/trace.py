@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from flows import tracking  # noqa: E402
+from flows import artifacts, tracking  # noqa: E402
 from flows.entry import stage_main  # noqa: E402
 from flows.project import Paths, section  # noqa: E402
 from flows.registry import download_weights  # noqa: E402
@@ -212,7 +212,7 @@ def ledger_indices(vendor: Vendor) -> np.ndarray:
     return np.arange(len(vendor.codebook), dtype=np.int64)
 
 
-@flow(name="trace-suspicious-model")
+@flow(name="trace-model")
 def trace_flow(paths: Paths, params: dict, model: str, epsilon: float | None = None, scorer: str | None = None) -> dict:
     """Trace one suspicious model; returns the report (raises InvalidModel on bad input)."""
     logger = get_run_logger()
@@ -236,8 +236,21 @@ def trace_flow(paths: Paths, params: dict, model: str, epsilon: float | None = N
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(score_plot(verdict, indices, Path(tmp) / "scores.png")))
         report["mlflow_run_id"] = run.info.run_id
+        report["mlflow_run_url"] = artifacts.mlflow_run_url(run.info.run_id, run.info.experiment_id)
+    publish(report)
     logger.info("accused: %s", [a["customer_id"] for a in report["accused"]] or "no one")
     return report
+
+
+def publish(report: dict) -> None:
+    """The verdict in the Prefect UI: markdown (verdict, scores, threshold, model hash),
+    a table of the accused and the highest other scores, and a link to the MLflow run."""
+    artifacts.markdown(artifacts.TRACE_VERDICT, markdown(report) + f"\n[MLflow run]({report['mlflow_run_url']})\n",
+                       f"Verdict of tracing {report['model'][:120]}")
+    rows = [{"role": "accused", **a} for a in report["accused"]] + [{"role": "not accused", **a} for a in report["top_innocent_scores"]]
+    artifacts.table(artifacts.TRACE_SCORES, [{**r, "threshold": report["threshold"]} for r in rows],
+                    "Accused customers and the highest scores below the threshold")
+    artifacts.link(artifacts.TRACE_RUN, report["mlflow_run_url"], f"MLflow run {report['mlflow_run_id']}", "The trace's MLflow run (reports, score plot)")
 
 
 # ----------------------------------------------------------------------------- stage

@@ -1,0 +1,59 @@
+"""Where the per-customer fan-out runs: Prefect's thread pool, or a Dask cluster.
+
+Issuing (one task per customer) and auditing (one task per attack family) submit their
+tasks to the flow's task runner. By default that is Prefect's ``ThreadPoolTaskRunner``
+with ``ops.max_workers`` threads. When ``SECUREMARK_DASK_ADDRESS`` (environment) or
+``ops.dask_address`` (params) names a Dask scheduler (``tcp://host:8786``), the same
+tasks run on that cluster through ``prefect-dask``. Dask workers must see the project
+directory at the same path (one machine, or a shared file system) and the same
+``PREFECT_API_URL``; tasks read their inputs from disk and return small results, and
+everything that writes to MLflow stays in the flow's process.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from securemark.errors import ConfigError, SecureMarkError
+
+DASK_ADDRESS_ENV = "SECUREMARK_DASK_ADDRESS"
+
+
+def dask_address(params: dict[str, Any]) -> str | None:
+    """The Dask scheduler to use, if any (the environment wins over params)."""
+    address = os.environ.get(DASK_ADDRESS_ENV) or (params.get("ops") or {}).get("dask_address")
+    return str(address) if address else None
+
+
+def task_runner(params: dict[str, Any]):
+    """A fresh task runner for one flow run (runners are not shared between runs)."""
+    address = dask_address(params)
+    if address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=address)
+    workers = (params.get("ops") or {}).get("max_workers", 2)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ConfigError("ops.max_workers", f"must be a positive integer, got {workers!r}")
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def describe(params: dict[str, Any]) -> str:
+    address = dask_address(params)
+    return f"Dask cluster at {address}" if address else f"thread pool ({(params.get('ops') or {}).get('max_workers', 2)} workers)"
+
+
+def retry_unless_invalid(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed task (a lost worker, a busy file)
+    unless it failed on invalid input or config (a SecureMarkError), which a retry
+    cannot fix."""
+    try:
+        state.result()
+    except SecureMarkError:
+        return False
+    except Exception:
+        return True
+    return True
