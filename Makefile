@@ -18,7 +18,7 @@ export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run test test-fast data dag mlflow-ui prefect-ui clean
+.PHONY: setup run test test-fast data dag serve mlflow-ui prefect-ui clean
 
 setup: $(STAMP) $(DATA_STAMP)
 
@@ -45,6 +45,12 @@ test-fast: setup
 
 dag: setup
 	$(BIN)/dvc dag
+
+# Serve the deployments (issue-fingerprint, trace-suspicious-model, robustness-audit,
+# retrain) against the Prefect server at PREFECT_API_URL, starting one on
+# 127.0.0.1:4200 when none answers. Ctrl-C stops both.
+serve: setup
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/python -m flows.serve --start-server
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

@@ -55,6 +55,7 @@ SMALL_PARAMS = {
     },
     "issue": {"customers": 2},
     "trace": {"epsilon": 1.0e-6, "scorer": "correlation", "null_independent": 1, "null_random_keys": 2},
+    "ops": {"audit_cron": "0 2 * * *", "max_workers": 2, "dask_address": None},
 }
 
 

@@ -1,0 +1,105 @@
+"""The operator's flows: what ``make serve`` deploys to the Prefect server.
+
+Each takes only simple parameters (what the Prefect UI's "Run" form can fill in) and
+finds the project from the environment (``SECUREMARK_ROOT``, else the working
+directory), then runs the same flows as ``dvc repro`` and the CLI:
+
+- ``issue-fingerprint(customers)``: fingerprinted copies (fan-out per customer);
+- ``trace-suspicious-model(model)``: a path or ``models:/NAME@ALIAS`` URI;
+- ``robustness-audit()``: the params' attack grid against the registry's current
+  customer copies, compared with the previous audit (scheduled by ``ops.audit_cron``);
+- ``retrain(variant)``: split training, which registers a new base model version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger
+
+from flows import artifacts, tracking
+from flows.attack import compare_audits, run_attacks
+from flows.issue import run_issue
+from flows.project import Paths, load_params
+from flows.trace import trace_flow
+from flows.train import train_flow
+
+AUDIT_EXPERIMENT = "securemark-audit"
+
+
+def project() -> tuple[Paths, dict[str, Any]]:
+    paths = Paths.from_env()
+    return paths, load_params(paths.params)
+
+
+@flow(name="issue-fingerprint")
+def issue_fingerprint(customers: list[str]) -> list[dict]:
+    """Issue (or re-issue, idempotently) fingerprinted copies to ``customers``."""
+    paths, params = project()
+    return run_issue(paths, params, customers)
+
+
+@flow(name="trace-suspicious-model")
+def trace_suspicious_model(model: str, epsilon: float | None = None) -> dict:
+    """Trace a model file or registry URI; the verdict is published as artifacts."""
+    paths, params = project()
+    return trace_flow(paths, params, model, epsilon=epsilon)
+
+
+def previous_audit(client: MlflowClient | None = None) -> dict | None:
+    """The summary of the latest finished audit, or None on the first audit."""
+    experiment = mlflow.get_experiment_by_name(AUDIT_EXPERIMENT)
+    if experiment is None:
+        return None
+    runs = (client or MlflowClient()).search_runs([experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                                  order_by=["attributes.start_time DESC"], max_results=1)
+    return mlflow.artifacts.load_dict(f"runs:/{runs[0].info.run_id}/audit.json") if runs else None
+
+
+def audit_markdown(summary: dict, comparison: list[dict], previous: dict | None) -> str:
+    regressed = [r for r in comparison if r["status"] == "regressed"]
+    lines = ["# Robustness audit", "",
+             f"- attacked models: {summary['attacked_models']}; innocents accused: {summary['innocents_accused_total']}",
+             f"- compared with: {'the audit of ' + previous['finished_at'] if previous else 'nothing (first audit)'}",
+             f"- regressions: {len(regressed)}", "",
+             "| attack | c | status | traced now | traced before | worst accuracy |", "|---|---|---|---|---|---|"]
+    for r in comparison:
+        def fmt(v):
+            return "-" if v is None else f"{v:.2f}"
+        lines.append(f"| {r['attack']} | {r['coalition_size']} | {r['status']} | {fmt(r['traced_now'])} | {fmt(r['traced_before'])} | {fmt(r['accuracy_min_now'])} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="robustness-audit")
+def robustness_audit() -> dict:
+    """Re-run the attack grid against the registry's customer copies and compare with
+    the last audit; logs the audit to MLflow (experiment ``securemark-audit``)."""
+    from datetime import datetime, timezone
+
+    logger = get_run_logger()
+    paths, params = project()
+    tracking.configure(paths)
+    previous = previous_audit()
+    result = run_attacks(paths, params, source="registry")
+    summary = {**result["summary"], "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    comparison = compare_audits(previous["tradeoff"] if previous else None, summary["tradeoff"])
+    with tracking.run("robustness-audit", AUDIT_EXPERIMENT, paths) as run:
+        mlflow.log_metrics({"attacked_models": summary["attacked_models"], "innocents_accused": summary["innocents_accused_total"],
+                            "regressions": sum(r["status"] == "regressed" for r in comparison)})
+        mlflow.log_dict(summary, "audit.json")
+        mlflow.log_dict({"comparison": comparison}, "comparison.json")
+        mlflow.log_table(result["rows"], "attack_rows.json")
+        url = artifacts.mlflow_run_url(run.info.run_id, run.info.experiment_id)
+    artifacts.markdown(artifacts.AUDIT, audit_markdown(summary, comparison, previous) + f"\n[MLflow run]({url})\n", "Robustness audit vs the previous one")
+    artifacts.table(artifacts.AUDIT_RESULTS, comparison, "Per attack family and coalition size: traced fraction now and at the previous audit")
+    logger.info("audit: %d attacked models, %d regressions", summary["attacked_models"], sum(r["status"] == "regressed" for r in comparison))
+    return {"summary": summary, "comparison": comparison}
+
+
+@flow(name="retrain")
+def retrain(variant: str = "defended") -> dict:
+    """Split training of the base model (``defended`` or ``undefended``); registers a new version."""
+    paths, params = project()
+    return train_flow(paths, params, variant)

@@ -1,0 +1,172 @@
+"""Operations end to end: Dask fan-out, a real Prefect server serving the deployments
+(a trace triggered through the API, its artifacts read back), a real MLflow server
+answering registry lookups over HTTP, and the audit comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flows.project import Paths
+from flows.servers import free_port, mlflow_server, prefect_server
+from tests.conftest import SMALL_PARAMS
+
+pytestmark = pytest.mark.integration
+
+CUSTOMERS = ["op-alice", "op-bob"]
+
+
+@pytest.fixture(scope="module")
+def ops_project(prepared_project, prefect_harness, tmp_path_factory):
+    """A project with a trained base model and two issued copies; MLflow on its own SQLite file."""
+    import prefect.settings
+
+    from flows.issue import run_issue
+    from flows.train import train_flow
+
+    root = tmp_path_factory.mktemp("ops") / "project"
+    shutil.copytree(prepared_project.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    paths = Paths(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR", "SECUREMARK_ROOT", "SECUREMARK_DASK_ADDRESS"):
+            mp.delenv(var, raising=False)
+        train_flow(paths, SMALL_PARAMS)
+        run_issue(paths, SMALL_PARAMS, CUSTOMERS)
+        mp.setenv("PREFECT_API_URL", str(prefect.settings.PREFECT_API_URL.value()))  # for child processes
+        yield paths
+
+
+def child_env(paths: Paths, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "SECUREMARK_ROOT": str(paths.root), "MLFLOW_TRACKING_URI": f"sqlite:///{paths.root / 'mlflow.db'}", **extra}
+    for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR", "SECUREMARK_DASK_ADDRESS"):
+        env.pop(var, None)
+    return env
+
+
+def test_issuing_fans_out_on_a_dask_cluster(ops_project, monkeypatch):
+    from distributed import Client, LocalCluster
+
+    from flows.issue import run_issue
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+        worker_pids = {str(pid) for pid in client.run(os.getpid).values()}
+        monkeypatch.setenv("SECUREMARK_DASK_ADDRESS", cluster.scheduler_address)
+        rows = run_issue(ops_project, SMALL_PARAMS, ["dask-1", "dask-2", "dask-3"])
+    assert [r["customer_id"] for r in rows] == ["dask-1", "dask-2", "dask-3"]
+    ran_on = {r["worker"].rsplit(":", 1)[1] for r in rows}
+    assert ran_on <= worker_pids and str(os.getpid()) not in ran_on
+    assert all(r["ber"] == 0.0 for r in rows)
+    for r in rows:
+        assert (ops_project.root / "data" / "customers" / r["customer_id"] / "model.safetensors").is_file()
+
+
+def _wait_for_deployment(client, name: str, timeout: float = 180.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.read_deployment_by_name(name)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def test_served_trace_deployment_publishes_its_verdict(ops_project, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    port = free_port()
+    with prefect_server(port, tmp_path / "prefect-home") as api:
+        log = open(tmp_path / "serve.log", "wb")
+        serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=ops_project.root, stdout=log, stderr=subprocess.STDOUT,
+                                 env=child_env(ops_project, PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "prefect-home")))
+        try:
+            with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+                for name in ("issue-fingerprint", "trace-suspicious-model", "robustness-audit", "retrain"):
+                    deployment = _wait_for_deployment(client, f"{name}/{name}")
+                assert deployment.name == "retrain"
+                audit = client.read_deployment_by_name("robustness-audit/robustness-audit")
+                assert audit.schedules  # the nightly cron (ops.audit_cron default) is registered
+
+                copy = ops_project.root / "data" / "customers" / "op-alice" / "model.safetensors"
+                run = run_deployment("trace-suspicious-model/trace-suspicious-model", parameters={"model": str(copy)},
+                                     timeout=300, poll_interval=2)
+                assert run.state is not None and run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
+
+                def artifact(key: str):
+                    found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+                    assert found, f"no artifact {key!r}"
+                    return found[-1]
+
+                verdict = artifact("trace-verdict")
+                assert "op-alice" in verdict.data and "threshold" in verdict.data and "sha256" in verdict.data
+                scores = artifact("trace-scores")
+                assert "op-alice" in str(scores.data)
+                assert "/#/experiments/" in str(artifact("trace-mlflow-run").data)
+        finally:
+            serve.terminate()
+            serve.wait(timeout=30)
+            log.close()
+
+
+def test_registry_lookups_over_an_mlflow_server(ops_project, tmp_path):
+    port = free_port()
+    root = ops_project.root
+    with mlflow_server(port, f"sqlite:///{root / 'mlflow.db'}", root / "mlruns", log=tmp_path / "mlflow.log") as url:
+        env = child_env(ops_project, MLFLOW_TRACKING_URI=url)
+        listed = subprocess.run([sys.executable, "-m", "flows.cli", "registry", "list", "--json"], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert listed.returncode == 0, listed.stderr[-3000:]
+        rows = {r["customer_id"]: r for r in json.loads(listed.stdout)}
+        assert set(CUSTOMERS) <= set(rows)
+        for customer in CUSTOMERS:
+            assert rows[customer]["model_version"] and rows[customer]["in_sync"] and rows[customer]["issued_at"]
+
+        traced = subprocess.run([sys.executable, "-m", "flows.cli", "trace", "--model", "models:/securemark-customer@customer-op-bob", "--json"],
+                                cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert traced.returncode == 10, traced.stderr[-3000:]
+        report = json.loads(traced.stdout[traced.stdout.index("{"):])
+        assert [a["customer_id"] for a in report["accused"]] == ["op-bob"]
+        assert report["mlflow_run_url"].startswith(url)
+
+
+def test_audit_comparison_flags_regressions():
+    from flows.attack import compare_audits
+
+    before = [{"attack": "prune", "coalition_size": 1, "traced_fraction_overall": 1.0, "accuracy_min": 0.5, "innocents_accused": 0},
+              {"attack": "noise", "coalition_size": 1, "traced_fraction_overall": 0.5, "accuracy_min": 0.7, "innocents_accused": 0},
+              {"attack": "quantize", "coalition_size": 1, "traced_fraction_overall": 1.0, "accuracy_min": 0.8, "innocents_accused": 0}]
+    now = [{"attack": "prune", "coalition_size": 1, "traced_fraction_overall": 0.5, "accuracy_min": 0.5, "innocents_accused": 0},
+           {"attack": "noise", "coalition_size": 1, "traced_fraction_overall": 1.0, "accuracy_min": 0.7, "innocents_accused": 0},
+           {"attack": "permute", "coalition_size": 1, "traced_fraction_overall": 1.0, "accuracy_min": 0.8, "innocents_accused": 0}]
+    status = {(r["attack"], r["coalition_size"]): r["status"] for r in compare_audits(before, now)}
+    assert status == {("prune", 1): "regressed", ("noise", 1): "improved", ("permute", 1): "new", ("quantize", 1): "gone"}
+    assert {r["status"] for r in compare_audits(None, now)} == {"new"}
+
+
+def test_robustness_audit_runs_against_the_registry_and_compares(ops_project, monkeypatch):
+    import yaml
+
+    from flows.ops import robustness_audit
+
+    params = {**SMALL_PARAMS, "attack": {"targets": 1, "trials": 1, "coalition_sizes": [2],
+                                         "grid": [{"attack": "quantize", "bits": 8}, {"attack": "permute"}]}}
+    (ops_project.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setenv("SECUREMARK_ROOT", str(ops_project.root))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ops_project.root / 'mlflow.db'}")
+
+    first = robustness_audit()
+    assert {r["status"] for r in first["comparison"]} == {"new"}
+    assert first["summary"]["innocents_accused_total"] == 0
+    assert all(t["traced_fraction_overall"] == 1.0 for t in first["summary"]["tradeoff"])
+    second = robustness_audit()
+    assert {r["status"] for r in second["comparison"]} == {"same"}
