@@ -170,3 +170,10 @@ def test_robustness_audit_runs_against_the_registry_and_compares(ops_project, mo
     assert all(t["traced_fraction_overall"] == 1.0 for t in first["summary"]["tradeoff"])
     second = robustness_audit()
     assert {r["status"] for r in second["comparison"]} == {"same"}
+
+
+def test_serve_without_a_server_says_how_to_start_one(tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api", "SECUREMARK_ROOT": str(tmp_path)}
+    (tmp_path / "params.yaml").write_text("ops: {audit_cron: '0 2 * * *'}\n")
+    done = subprocess.run([sys.executable, "-m", "flows.serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "no Prefect server answers" in done.stderr and "--start-server" in done.stderr
