@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -55,13 +56,21 @@ def main(argv: list[str] | None = None) -> None:
         serve(*deployments(params))
     elif args.start_server:
         # Prefect reads PREFECT_API_URL when it is imported: serve from a child process
-        # that starts with the new server's URL in its environment.
+        # that starts with the new server's URL in its environment. SIGTERM unwinds like
+        # Ctrl-C, so the child and the server are always stopped with this process.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        code = 0
         with prefect_server(args.port, paths.root / ".prefect") as url:
             print(f"Prefect server: http://{HOST}:{args.port} (UI), API {url}", flush=True)
+            child = subprocess.Popen([sys.executable, "-m", "flows.serve"], env={**os.environ, "PREFECT_API_URL": url})
             try:
-                code = subprocess.call([sys.executable, "-m", "flows.serve"], env={**os.environ, "PREFECT_API_URL": url})
+                code = child.wait()
             except KeyboardInterrupt:
-                code = 0
+                pass
+            finally:
+                if child.poll() is None:
+                    child.terminate()
+                    child.wait(timeout=30)
         sys.exit(code)
     else:
         sys.exit(f"securemark: no Prefect server answers at PREFECT_API_URL={api!r}; start one (`prefect server start`) or pass --start-server")
