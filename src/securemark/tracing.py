@@ -91,44 +91,54 @@ def decide_peeling(
     indices: np.ndarray,
     epsilon: float = 1e-6,
     scorer: str = "correlation",
-    max_accused: int = 32,
+    max_steps: int = 8,
+    first_share: float = 0.8,
     top: int = 5,
 ) -> Verdict:
     """Successive-cancellation ("peeling") decoder for large coalitions.
 
-    Accuse the strongest customer if it clears the threshold, remove its expected
-    contribution from ``y`` (least-squares fit of its centred code word), re-score, and
-    repeat while the next score clears the threshold. The first step spends
-    ``epsilon / 2`` (so it accuses nearly whenever the plain decoder would), each of the
-    at most ``max_accused - 1`` later steps ``epsilon / (2 (max_accused - 1))``. While
-    every accused customer is guilty, the residual depends only on ``y`` and colluders'
-    words, so innocents' words stay independent of it and each step's bound holds: by
-    the union bound the whole trace accuses an innocent with probability <= ``epsilon``.
+    Step 1 accuses every customer whose score clears the threshold for
+    ``first_share * epsilon`` (the plain decoder, at a slightly smaller epsilon). Then
+    ``y`` is projected off the span of all accused customers' centred code words (one
+    least-squares fit, so the colluders' shares of ``y`` are estimated jointly), the
+    others are re-scored, and everyone above the next threshold is accused; repeat while
+    someone new clears it, for at most ``max_steps`` steps. The later steps share the
+    rest of ``epsilon`` equally.
+
+    Why no innocent is accused with probability above ``epsilon``: consider the run that
+    only ever accuses colluders (same thresholds). Its residuals depend only on ``y`` and
+    colluders' words, so an innocent's word is independent of each of them, and each
+    step's bound holds for it. The actual run departs from that one only at the first
+    step where an innocent clears the threshold; summing the steps' budgets bounds that.
     """
     indices = np.asarray(indices, dtype=np.int64)
-    residual = np.asarray(y, dtype=np.float64).copy()
+    y = np.asarray(y, dtype=np.float64)
+    residual = y.copy()
     p = codebook.biases
-    if max_accused < 2:
-        raise ValueError("max_accused must be >= 2 for peeling; use decide() otherwise")
-    budgets = [epsilon / 2] + [epsilon / (2 * (max_accused - 1))] * (max_accused - 1)
+    if max_steps < 2:
+        raise ValueError("max_steps must be >= 2 for peeling; use decide() otherwise")
+    if not 0.0 < first_share < 1.0:
+        raise ValueError(f"first_share must be in (0, 1), got {first_share}")
+    budgets = [epsilon * first_share] + [epsilon * (1.0 - first_share) / (max_steps - 1)] * (max_steps - 1)
     accused: list[Candidate] = []
-    taken: set[int] = set()
+    taken: list[int] = []
     scores = thr = None
     for step_eps in budgets:
         w = create_scorer(scorer).weights(residual)
         scores = score_all(codebook, w)[indices]
         thr = threshold(w, p, step_eps, len(indices))
-        order = [j for j in np.argsort(-scores) if int(indices[j]) not in taken]
-        best = order[0]
-        if scores[best] < thr:
+        new = [j for j in np.argsort(-scores) if scores[j] >= thr and int(indices[j]) not in taken]
+        if not new:
             break
-        per, fam = p_values(scores[[best]], w, p, len(indices))
-        index = int(indices[best])
-        accused.append(Candidate(index, float(scores[best]), float(per[0]), float(min(1.0, fam[0] * epsilon / step_eps))))
-        taken.add(index)
-        u = (codebook.word(index).astype(np.float64) - p) / np.sqrt(p * (1 - p))
-        residual = residual - (residual @ u) / (u @ u) * u
-        if not np.any(residual):
+        per, fam = p_values(scores[new], w, p, len(indices))
+        for j, a, b in zip(new, per, fam):
+            accused.append(Candidate(int(indices[j]), float(scores[j]), float(a), float(min(1.0, b * epsilon / step_eps))))
+            taken.append(int(indices[j]))
+        words = codebook.words(np.asarray(taken)).astype(np.float64)
+        U = ((words - p) / np.sqrt(p * (1 - p))).T  # [m, accused], centred symbols
+        coef, *_ = np.linalg.lstsq(U, y, rcond=None)
+        residual = y - U @ coef
+        if not np.any(np.abs(residual) > 1e-12 * max(1.0, np.abs(y).max())):
             break
     order = [j for j in np.argsort(-scores) if int(indices[j]) not in taken][:top]
     per, fam = p_values(scores[order], create_scorer(scorer).weights(residual), p, len(indices))
