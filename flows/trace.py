@@ -16,6 +16,7 @@ anyone), and writes ``metrics/trace.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from flows.vendor import Vendor  # noqa: E402
 from securemark.alignment import align  # noqa: E402
 from securemark.errors import ConfigError, InvalidModel  # noqa: E402
 from securemark.fingerprint import extract  # noqa: E402
-from securemark.key import projection, random_secret  # noqa: E402
+from securemark.key import projection  # noqa: E402
 from securemark.model import ModelSpec, SplitNet, build_model  # noqa: E402
 from securemark.storage import read_partition  # noqa: E402
 from securemark.suspect import load_suspect  # noqa: E402
@@ -260,8 +261,9 @@ def null_model_scores(paths: Paths, params: dict, vendor: Vendor, spec: ModelSpe
 
     - the base model, and ``null_independent`` models trained from other initial
       weights for one epoch on the attacker partition;
-    - every issued copy examined under ``random_keys`` other, random keys (the copy's
-      fingerprint is invisible under a key it was not embedded with).
+    - every issued copy examined under ``random_keys`` other keys, derived from
+      ``base.seed`` so the stage is reproducible (the copy's fingerprint is invisible
+      under a key it was not embedded with).
     """
     cfg = params.get("trace", {})
     indices = ledger_indices(vendor)
@@ -277,7 +279,9 @@ def null_model_scores(paths: Paths, params: dict, vendor: Vendor, spec: ModelSpe
     for copy in copies:
         state = extractor.aligned(load_weights(copy))[0]
         for j in range(int(cfg.get("null_random_keys", 10))):
-            K = projection(random_secret(), layer, m, vendor.key.n_weights)
+            # other keys, reproducible from the params' seed (never the vendor's secret)
+            other = hashlib.sha256(f"null-key|{params['base']['seed']}|{copy.parent.name}|{j}".encode()).digest()
+            K = projection(other, layer, m, vendor.key.n_weights)
             nulls.append((f"{copy.parent.name}@random-key-{j}", state, K))
     rows = []
     for name, state, K in tqdm(nulls, desc="null models", unit="model"):
