@@ -13,6 +13,7 @@ directory), then runs the same flows as ``dvc repro`` and the CLI:
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import mlflow
@@ -76,8 +77,6 @@ def audit_markdown(summary: dict, comparison: list[dict], previous: dict | None)
 def robustness_audit() -> dict:
     """Re-run the attack grid against the registry's customer copies and compare with
     the last audit; logs the audit to MLflow (experiment ``securemark-audit``)."""
-    from datetime import datetime, timezone
-
     logger = get_run_logger()
     paths, params = project()
     tracking.configure(paths)
