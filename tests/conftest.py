@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,19 @@ def project_copy(prepared_project, tmp_path) -> Paths:
     root = tmp_path / "project"
     shutil.copytree(prepared_project.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
     return Paths(root)
+
+
+PROJECT_ENV_VARS = ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR", "SECUREMARK_ROOT", "SECUREMARK_DASK_ADDRESS")
+
+
+@contextmanager
+def isolated_copy(prepared: Paths, root: Path) -> Iterator[tuple[Paths, pytest.MonkeyPatch]]:
+    """Copy the prepared project to ``root`` (without its MLflow store) and, while the
+    block runs, point MLflow at the copy's own SQLite file and clear the SecureMark
+    variables that could point elsewhere. Yields the copy and the monkeypatch."""
+    shutil.copytree(prepared.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        for var in PROJECT_ENV_VARS:
+            mp.delenv(var, raising=False)
+        yield Paths(root), mp

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from flows.vendor import Vendor, secret_file
 from securemark.ledger import ISSUED
 from securemark.model import ModelSpec, SplitNet
 from securemark.weights import SPEC_KEY
-from tests.conftest import SMALL_PARAMS
+from tests.conftest import SMALL_PARAMS, isolated_copy
 
 pytestmark = pytest.mark.integration
 
@@ -61,14 +60,8 @@ def issued(prepared_project, prefect_harness, tmp_path_factory):
     from flows.issue import issue_flow
     from flows.train import train_flow
 
-    root = tmp_path_factory.mktemp("fingerprint") / "project"
-    shutil.copytree(prepared_project.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
-    paths = Paths(root)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR", "SECUREMARK_ROOT"):
-            mp.delenv(var, raising=False)
+    with isolated_copy(prepared_project, tmp_path_factory.mktemp("fingerprint") / "project") as (paths, _):
+        uri = f"sqlite:///{paths.root / 'mlflow.db'}"
         train_flow(paths, SMALL_PARAMS)
         rows = issue_flow(paths, SMALL_PARAMS, customers=list(CUSTOMERS))
         yield Issued(paths, uri, rows, str(prefect.settings.PREFECT_API_URL.value() or ""))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from flows.project import Paths
 from flows.servers import free_port, mlflow_server, prefect_server
-from tests.conftest import SMALL_PARAMS
+from tests.conftest import PROJECT_ENV_VARS, SMALL_PARAMS, isolated_copy
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +29,7 @@ def ops_project(prepared_project, prefect_harness, tmp_path_factory):
     from flows.issue import run_issue
     from flows.train import train_flow
 
-    root = tmp_path_factory.mktemp("ops") / "project"
-    shutil.copytree(prepared_project.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
-    paths = Paths(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR", "SECUREMARK_ROOT", "SECUREMARK_DASK_ADDRESS"):
-            mp.delenv(var, raising=False)
+    with isolated_copy(prepared_project, tmp_path_factory.mktemp("ops") / "project") as (paths, mp):
         train_flow(paths, SMALL_PARAMS)
         run_issue(paths, SMALL_PARAMS, CUSTOMERS)
         mp.setenv("PREFECT_API_URL", str(prefect.settings.PREFECT_API_URL.value()))  # for child processes
@@ -45,8 +38,9 @@ def ops_project(prepared_project, prefect_harness, tmp_path_factory):
 
 def child_env(paths: Paths, **extra: str) -> dict[str, str]:
     env = {**os.environ, "SECUREMARK_ROOT": str(paths.root), "MLFLOW_TRACKING_URI": f"sqlite:///{paths.root / 'mlflow.db'}", **extra}
-    for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR", "SECUREMARK_DASK_ADDRESS"):
-        env.pop(var, None)
+    for var in PROJECT_ENV_VARS:
+        if var != "SECUREMARK_ROOT":
+            env.pop(var, None)
     return env
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from flows.project import Paths
-from tests.conftest import SMALL_PARAMS
+from tests.conftest import SMALL_PARAMS, isolated_copy
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +35,7 @@ def staged(prepared_project, prefect_harness, tmp_path_factory):
     from flows.issue import _stage as issue_stage
     from flows.train import train_flow
 
-    root = tmp_path_factory.mktemp("stages") / "project"
-    shutil.copytree(prepared_project.root, root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
-    paths = Paths(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR", "SECUREMARK_ROOT"):
-            mp.delenv(var, raising=False)
+    with isolated_copy(prepared_project, tmp_path_factory.mktemp("stages") / "project") as (paths, _):
         for variant in ("defended", "undefended"):
             train_flow(paths, PARAMS, variant)
         issue_stage(paths, PARAMS)
