@@ -50,7 +50,7 @@ dag: setup
 # retrain) against the Prefect server at PREFECT_API_URL, starting one on
 # 127.0.0.1:4200 when none answers. Ctrl-C stops both.
 serve: setup
-	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/python -m flows.serve --start-server
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/python -m flows.entry.serve --start-server
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

@@ -28,8 +28,9 @@ import torch
 from scipy.stats import norm
 from tqdm.auto import tqdm
 
-from flows.project import Paths, load_params
-from flows.trace import make_extractor, open_vendor, settings
+from flows.adapters.paths import Paths
+from flows.adapters.settings import Settings
+from flows.adapters.vendor import Vendor, make_extractor
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.fingerprint import extract
 from securemark.key import projection, random_secret
@@ -50,11 +51,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     root = args.root.resolve()
-    paths, params = Paths(root), load_params(root / "params.yaml")
-    cfg = settings(params)
-    vendor, spec = open_vendor(paths, params)
-    extractor = make_extractor(paths, params, vendor, spec)
-    codebook = vendor.codebook  # every code word: the trace scores the whole codebook (ledger_indices)
+    paths = Paths(root)
+    settings = Settings.load(paths.params)
+    cfg, spec = settings.trace, settings.model
+    vendor = Vendor.open(paths, settings)
+    extractor = make_extractor(paths, settings, vendor)
+    codebook = vendor.codebook  # every code word: the trace scores the whole codebook (codebook_indices)
     n = len(codebook)
     scorer = create_scorer(cfg.scorer)
     attacker = read_partition(paths.partition("attacker"))

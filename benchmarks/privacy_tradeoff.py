@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from flows.train import OwnerPartitions
+from flows.adapters.jobs import OwnerPartitions
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.model import ModelSpec, accuracy
 from securemark.privacy import AuditConfig, reconstruction_scores, smash, train_decoder

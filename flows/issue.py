@@ -21,7 +21,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -29,30 +28,21 @@ from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from flows import artifacts, tracking
-from flows.entry import stage_main
-from flows.project import Paths, section
-from flows.registry import BASE_MODEL, CUSTOMER_MODEL, download_weights, log_classifier, set_alias
-from flows.scaleout import retry_unless_invalid, task_runner
-from flows.train import bank_path
-from flows.vendor import Vendor
-from securemark.fingerprint import EmbedConfig, embed, layer_weight
+from flows.adapters import artifacts, tracking
+from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, download_weights, log_classifier, set_alias
+from flows.adapters.paths import Paths
+from flows.adapters.scaleout import retry_unless_invalid, task_runner
+from flows.adapters.settings import Settings
+from flows.adapters.vendor import Vendor
+from flows.entry.stage import stage_main
+from securemark.fingerprint import embed
 from securemark.key import derive_seed
-from securemark.model import SplitNet, accuracy
+from securemark.model import accuracy
 from securemark.storage import read_partition
 from securemark.weights import load_weights, save_weights, sha256_file
 
 ISSUE_EXPERIMENT = "securemark-issue"
 VENDOR_EXPERIMENT = "securemark-vendor-codewords"  # vendor-only: holds code words
-
-
-def default_customers(params: dict) -> list[str]:
-    count = int(section(params, "issue")["customers"])
-    return [f"customer-{i:04d}" for i in range(1, count + 1)]
-
-
-def delivery_path(paths: Paths, customer_id: str) -> Path:
-    return paths.root / "data" / "customers" / customer_id / "model.safetensors"
 
 
 def _existing_version(customer_id: str, sha: str):
@@ -69,23 +59,28 @@ def _existing_version(customer_id: str, sha: str):
 def _bank_and_test(root: str) -> tuple[dict, tuple]:
     """The feature bank and the test set, read once per process (thread or Dask worker)."""
     paths = Paths(Path(root))
-    bank = load_file(str(bank_path(paths, "defended")))
+    bank = load_file(str(paths.bank("defended")))
     test_part = read_partition(paths.partition("test"))
     return bank, (test_part.as_float(), test_part.labels)
 
 
 @task(name="embed-fingerprint", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_invalid, task_run_name="embed-{customer_id}")
-def embed_copy(paths: Paths, base: SplitNet, bits: np.ndarray, key_matrix: torch.Tensor, config: EmbedConfig, seed: int, customer_id: str) -> dict:
+def embed_copy(paths: Paths, settings: Settings, base_file: Path, customer_id: str, codeword_index: int) -> dict:
     """Embed one customer's code word and write the deliverable (weights only).
 
     Runs wherever the flow's task runner puts it (a thread, or a Dask worker that sees
-    the project directory): it reads the feature bank from disk and returns the file,
-    its hash and the embedding's numbers; nothing here writes to MLflow or the ledger.
+    the project directory and the vendor's secret file): it opens the vendor's state
+    itself, so neither the secret, the key nor the code word travels as a task argument;
+    it reads the base model and the feature bank from disk and returns the file, its
+    hash and the embedding's numbers; nothing here writes to MLflow or the ledger.
     """
     start = time.perf_counter()
+    vendor = Vendor.open(paths, settings)
     bank, test = _bank_and_test(str(paths.root))
-    result = embed(base, bits, key_matrix, bank["features"], bank["labels"], config, torch.Generator().manual_seed(seed))
-    out = save_weights(result.model, delivery_path(paths, customer_id))
+    seed = derive_seed(vendor.secret, f"embed|{customer_id}")
+    result = embed(load_weights(base_file), vendor.codebook.word(codeword_index), vendor.key_matrix, bank["features"], bank["labels"],
+                   vendor.embed, torch.Generator().manual_seed(seed))
+    out = save_weights(result.model, paths.customer_copy(customer_id))
     return {"customer_id": customer_id, "path": str(out), "weights_sha256": sha256_file(out), "test_accuracy": accuracy(result.model, *test),
             "ber": result.ber, "min_margin": result.min_margin, "embed_steps": result.steps, "embed_seconds": result.seconds,
             "worker": f"{socket.gethostname()}:{os.getpid()}", "task_seconds": time.perf_counter() - start}
@@ -117,9 +112,9 @@ def register_copy(paths: Paths, vendor: Vendor, record, base_version: str, base_
             "worker": embedded["worker"], "seconds": embedded["task_seconds"] + time.perf_counter() - start}
 
 
-@flow(name="issue-fingerprinted-copies")
-def issue_flow(paths: Paths, params: dict, customers: list[str] | None = None, base_uri: str = f"models:/{BASE_MODEL}@latest") -> list[dict]:
-    """Issue fingerprinted copies to ``customers`` (default: the params' customer set).
+@flow(name="issue-fingerprinted-copies", validate_parameters=False)
+def issue_flow(paths: Paths, settings: Settings, customers: list[str] | None = None, base_uri: str = f"models:/{BASE_MODEL}@latest") -> list[dict]:
+    """Issue fingerprinted copies to ``customers`` (default: the settings' customer set).
 
     Code words are assigned in order first (so who gets which word does not depend on
     scheduling), then the embeddings fan out over the task runner, then each copy is
@@ -127,28 +122,28 @@ def issue_flow(paths: Paths, params: dict, customers: list[str] | None = None, b
     """
     logger = get_run_logger()
     tracking.configure(paths)
-    customers = customers or default_customers(params)
-    base = load_weights(download_weights(base_uri))
+    customers = customers or settings.issue.customer_ids()
+    base_file = download_weights(base_uri)
+    base = load_weights(base_file)
     base_version = MlflowClient().get_model_version_by_alias(BASE_MODEL, "latest").version if base_uri.endswith("@latest") else base_uri
-    vendor = Vendor.open(paths, params, layer_weight(base, section(params, "fingerprint")["layer"]).numel())
+    vendor = Vendor.open(paths, settings)
     records = [vendor.ledger.assign(c, vendor.key.key_id) for c in customers]
     _, test = _bank_and_test(str(paths.root))
     base_accuracy = accuracy(base, *test)
-    futures = [embed_copy.submit(paths, base, vendor.codebook.word(r.codeword_index), vendor.key_matrix, vendor.embed,
-                                 derive_seed(vendor.secret, f"embed|{r.customer_id}"), r.customer_id) for r in records]
+    futures = [embed_copy.submit(paths, settings, base_file, r.customer_id, r.codeword_index) for r in records]
     rows = []
     for record, future in tqdm(list(zip(records, futures)), desc="issuing copies", unit="copy"):
         rows.append(register_copy(paths, vendor, record, str(base_version), base_accuracy, future.result()))
     for row in rows:
         logger.info("issued %s -> %s (BER %.3f, min margin %.3f, accuracy drop %.2f pt, on %s)", row["customer_id"], row["path"], row["ber"], row["min_margin"], row["accuracy_drop"], row["worker"])
-    artifacts.table(artifacts.ISSUED, [{k: row[k] for k in ("customer_id", "model_version", "ber", "min_margin", "accuracy_drop", "worker")} for row in rows],
+    artifacts.publish_table(artifacts.ISSUED, [{k: row[k] for k in ("customer_id", "model_version", "ber", "min_margin", "accuracy_drop", "worker")} for row in rows],
                     "Copies issued by this run: registry version, bit error rate after embedding, accuracy drop (points)")
     return rows
 
 
-def run_issue(paths: Paths, params: dict, customers: list[str] | None = None) -> list[dict]:
-    """``issue_flow`` on the task runner params/env ask for (thread pool or Dask)."""
-    return issue_flow.with_options(task_runner=task_runner(params))(paths, params, customers)
+def run_issue(paths: Paths, settings: Settings, customers: list[str] | None = None) -> list[dict]:
+    """``issue_flow`` on the task runner the settings / environment ask for (thread pool or Dask)."""
+    return issue_flow.with_options(task_runner=task_runner(settings.ops))(paths, settings, customers)
 
 
 def fingerprint_metrics(rows: list[dict], code_length: int) -> dict:
@@ -165,10 +160,10 @@ def fingerprint_metrics(rows: list[dict], code_length: int) -> dict:
     }
 
 
-def _stage(paths: Paths, params: dict) -> None:
-    rows = run_issue(paths, params)
-    code_length = int(section(params, "fingerprint")["code"]["code_length"])
-    tracking.write_json(fingerprint_metrics(rows, code_length), paths.metrics / "fingerprint.json")
+def _stage(paths: Paths, settings: Settings) -> None:
+    rows = run_issue(paths, settings)
+    code_length = Vendor.open(paths, settings).codebook.length  # every family knows its length (bibd has no code_length param)
+    tracking.write_json(fingerprint_metrics(rows, code_length), paths.fingerprint_metrics)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,39 +14,42 @@ directory), then runs the same flows as ``dvc repro`` and the CLI:
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 
-from flows import artifacts, tracking
-from flows.attack import compare_audits, run_attacks
+from flows.adapters import artifacts, reports, tracking
+from flows.adapters.paths import Paths
+from flows.adapters.settings import Settings
+from flows.attack import run_attacks
 from flows.issue import run_issue
-from flows.project import Paths, load_params
 from flows.trace import trace_flow
 from flows.train import train_flow
+from securemark.attacks.grid import compare_audits
 
 AUDIT_EXPERIMENT = "securemark-audit"
 
 
-def project() -> tuple[Paths, dict[str, Any]]:
+def project() -> tuple[Paths, Settings]:
+    """The project these deployments serve (``SECUREMARK_ROOT`` or the working
+    directory) and its settings, built once per run."""
     paths = Paths.from_env()
-    return paths, load_params(paths.params)
+    return paths, Settings.load(paths.params)
 
 
 @flow(name="issue-fingerprint")
 def issue_fingerprint(customers: list[str]) -> list[dict]:
     """Issue (or re-issue, idempotently) fingerprinted copies to ``customers``."""
-    paths, params = project()
-    return run_issue(paths, params, customers)
+    paths, settings = project()
+    return run_issue(paths, settings, customers)
 
 
 @flow(name="trace-suspicious-model")
 def trace_suspicious_model(model: str, epsilon: float | None = None) -> dict:
     """Trace a model file or registry URI; the verdict is published as artifacts."""
-    paths, params = project()
-    return trace_flow(paths, params, model, epsilon=epsilon)
+    paths, settings = project()
+    return trace_flow(paths, settings, model, settings.trace.with_overrides(epsilon=epsilon))
 
 
 def previous_audit(client: MlflowClient | None = None) -> dict | None:
@@ -59,29 +62,15 @@ def previous_audit(client: MlflowClient | None = None) -> dict | None:
     return mlflow.artifacts.load_dict(f"runs:/{runs[0].info.run_id}/audit.json") if runs else None
 
 
-def audit_markdown(summary: dict, comparison: list[dict], previous: dict | None) -> str:
-    regressed = [r for r in comparison if r["status"] == "regressed"]
-    lines = ["# Robustness audit", "",
-             f"- attacked models: {summary['attacked_models']}; innocents accused: {summary['innocents_accused_total']}",
-             f"- compared with: {'the audit of ' + previous['finished_at'] if previous else 'nothing (first audit)'}",
-             f"- regressions: {len(regressed)}", "",
-             "| attack | c | status | traced now | traced before | worst accuracy |", "|---|---|---|---|---|---|"]
-    for r in comparison:
-        def fmt(v):
-            return "-" if v is None else f"{v:.2f}"
-        lines.append(f"| {r['attack']} | {r['coalition_size']} | {r['status']} | {fmt(r['traced_now'])} | {fmt(r['traced_before'])} | {fmt(r['accuracy_min_now'])} |")
-    return "\n".join(lines) + "\n"
-
-
 @flow(name="robustness-audit")
 def robustness_audit() -> dict:
     """Re-run the attack grid against the registry's customer copies and compare with
     the last audit; logs the audit to MLflow (experiment ``securemark-audit``)."""
     logger = get_run_logger()
-    paths, params = project()
+    paths, settings = project()
     tracking.configure(paths)
     previous = previous_audit()
-    result = run_attacks(paths, params, source="registry")
+    result = run_attacks(paths, settings, source="registry")
     summary = {**result["summary"], "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     comparison = compare_audits(previous["tradeoff"] if previous else None, summary["tradeoff"])
     with tracking.run("robustness-audit", AUDIT_EXPERIMENT, paths) as run:
@@ -91,8 +80,9 @@ def robustness_audit() -> dict:
         mlflow.log_dict({"comparison": comparison}, "comparison.json")
         mlflow.log_table(result["rows"], "attack_rows.json")
         url = artifacts.mlflow_run_url(run.info.run_id, run.info.experiment_id)
-    artifacts.markdown(artifacts.AUDIT, audit_markdown(summary, comparison, previous) + f"\n[MLflow run]({url})\n", "Robustness audit vs the previous one")
-    artifacts.table(artifacts.AUDIT_RESULTS, comparison, "Per attack family and coalition size: traced fraction now and at the previous audit")
+    artifacts.publish_markdown(artifacts.AUDIT, reports.audit_markdown(summary, comparison, previous) + f"\n[MLflow run]({url})\n",
+                               "Robustness audit vs the previous one")
+    artifacts.publish_table(artifacts.AUDIT_RESULTS, comparison, "Per attack family and coalition size: traced fraction now and at the previous audit")
     logger.info("audit: %d attacked models, %d regressions", summary["attacked_models"], sum(r["status"] == "regressed" for r in comparison))
     return {"summary": summary, "comparison": comparison}
 
@@ -100,5 +90,5 @@ def robustness_audit() -> dict:
 @flow(name="retrain")
 def retrain(variant: str = "defended") -> dict:
     """Split training of the base model (``defended`` or ``undefended``); registers a new version."""
-    paths, params = project()
-    return train_flow(paths, params, variant)
+    paths, settings = project()
+    return train_flow(paths, settings, variant)

@@ -15,9 +15,10 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import tracking
-from flows.entry import stage_main
-from flows.project import Paths, build, section
+from flows.adapters import tracking
+from flows.adapters.paths import Paths
+from flows.adapters.settings import Settings
+from flows.entry.stage import stage_main
 from securemark import data as fmnist
 from securemark.partition import PartitionSpec, manifest, split
 from securemark.storage import write_partition
@@ -46,30 +47,22 @@ def write_partitions(paths: Paths, spec: PartitionSpec, seed: int) -> dict[str, 
     return histograms
 
 
-@flow(name="prepare-partitions", log_prints=False)
-def prepare_flow(paths: Paths, params: dict) -> dict[str, dict[str, int]]:
+@flow(name="prepare-partitions", log_prints=False, validate_parameters=False)
+def prepare_flow(paths: Paths, settings: Settings) -> dict[str, dict[str, int]]:
     """Stage the dataset, split it, write partitions, log to MLflow."""
     logger = get_run_logger()
-    spec = build(PartitionSpec, params, "prepare")  # raises ConfigError before any work
-    base = section(params, "base")
-    data_params = params.get("data", {})
-    stage_dataset(paths, data_params.get("source_dir", str(fmnist.DEBIAN_DATASET_DIR)), bool(data_params.get("allow_download", False)))
+    stage_dataset(paths, settings.data.source_dir, settings.data.allow_download)
     with tracking.run("prepare", tracking.DATA_EXPERIMENT, paths, tags={"stage": "prepare"}):
-        mlflow.log_params({"seed": base["seed"], **{f"prepare.{k}": v for k, v in section(params, "prepare").items()}})
-        histograms = write_partitions(paths, spec, int(base["seed"]))
+        mlflow.log_params({"seed": settings.base.seed, **settings.flat("prepare")})
+        histograms = write_partitions(paths, settings.prepare, settings.base.seed)
         mlflow.log_metrics({f"size.{name}": sum(h.values()) for name, h in histograms.items()})
         mlflow.log_dict(histograms, "class_histograms.json")
     logger.info("wrote %d partitions under %s", len(histograms), paths.partitions)
     return histograms
 
 
-def _run(paths: Paths, params: dict) -> None:
-    build(PartitionSpec, params, "prepare")  # reject impossible params before Prefect starts
-    prepare_flow(paths, params)
-
-
 def main() -> None:
-    stage_main(_run)
+    stage_main(prepare_flow)
 
 
 if __name__ == "__main__":

@@ -18,24 +18,25 @@ import os
 
 from safetensors.torch import save_file
 
-from flows.entry import stage_main
-from flows.project import Paths
-from flows.train import VARIANTS, bank_path, make_job, model_path
+from flows.adapters.jobs import split_job
+from flows.adapters.paths import VARIANTS, Paths
+from flows.adapters.settings import Settings
+from flows.entry.stage import stage_main
 from securemark.model import accuracy
 from securemark.split.transport import GlooTransport
 from securemark.storage import read_partition
 from securemark.weights import save_weights
 
 
-def _run(paths: Paths, params: dict, variant: str) -> None:
+def _run(paths: Paths, settings: Settings, variant: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    job = make_job(paths, params, variant)
+    job = split_job(paths, settings, variant)
     result = GlooTransport().run_rank(job, rank, world, progress=rank == 0)
     if result is None:
         return
-    save_weights(result.model, model_path(paths, variant))
-    bank_path(paths, variant).parent.mkdir(parents=True, exist_ok=True)
-    save_file(result.bank, str(bank_path(paths, variant)))
+    save_weights(result.model, paths.model(variant))
+    paths.bank(variant).parent.mkdir(parents=True, exist_ok=True)
+    save_file(result.bank, str(paths.bank(variant)))
     test = read_partition(paths.partition("test"))
     print(f"{variant} model trained over gloo in {result.seconds:.1f} s: test accuracy {accuracy(result.model, test.as_float(), test.labels):.4f}")
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="one party of gloo split training (run under torchrun)")
     parser.add_argument("--variant", choices=VARIANTS, default="defended")
     args = parser.parse_args(argv)
-    stage_main(lambda paths, params: _run(paths, params, args.variant))
+    stage_main(lambda paths, settings: _run(paths, settings, args.variant))
 
 
 if __name__ == "__main__":

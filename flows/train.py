@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 import mlflow
 import torch
@@ -23,55 +22,17 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
-from flows import tracking
-from flows.entry import stage_main
-from flows.project import Paths, build, section
-from flows.registry import BASE_MODEL, log_classifier
-from securemark.model import ModelSpec, accuracy
-from securemark.partition import PartitionSpec
-from securemark.split.defence import DefenceConfig
-from securemark.split.protocol import SplitJob, TrainConfig
+from flows.adapters import tracking
+from flows.adapters.jobs import split_job
+from flows.adapters.model_registry import BASE_MODEL, log_classifier
+from flows.adapters.paths import VARIANTS, Paths
+from flows.adapters.settings import Settings
+from flows.entry.stage import stage_main
+from securemark.model import accuracy
+from securemark.split.protocol import SplitJob
 from securemark.split.transport import create_transport
 from securemark.storage import read_partition
 from securemark.weights import save_weights
-
-VARIANTS = ("defended", "undefended")
-
-
-@dataclass(frozen=True)
-class OwnerPartitions:
-    """Loads owner k's partition from disk; each owner process reads only its own."""
-
-    partitions: Path
-
-    def __call__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        part = read_partition(self.partitions / f"owner_{k}")
-        return part.as_float(), part.labels
-
-
-def model_path(paths: Paths, variant: str) -> Path:
-    return paths.models / f"{variant}.safetensors"
-
-
-def bank_path(paths: Paths, variant: str) -> Path:
-    return paths.features / f"{variant}_bank.safetensors"
-
-
-def metrics_path(paths: Paths, variant: str) -> Path:
-    return paths.metrics / ("train.json" if variant == "defended" else f"train_{variant}.json")
-
-
-def make_job(paths: Paths, params: dict, variant: str) -> SplitJob:
-    """The split-training job the params describe (shared with the gloo worker)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    seed = int(section(params, "base")["seed"])
-    spec = build(ModelSpec, params, "model")
-    cfg = build(TrainConfig, params, "train", exclude=("transport",), seed=seed)
-    defence = build(DefenceConfig, params, "defence") if variant == "defended" else DefenceConfig()
-    partitions = build(PartitionSpec, params, "prepare")
-    sizes = tuple(len(read_partition(paths.partition(n)).labels) for n in partitions.owner_names)
-    return SplitJob(spec, cfg, defence, sizes, OwnerPartitions(paths.partitions))
 
 
 @task(name="split-train", cache_policy=NO_CACHE)
@@ -90,12 +51,12 @@ def run_training(job: SplitJob, transport: str, test_images: torch.Tensor, test_
     return result
 
 
-@flow(name="split-training")
-def train_flow(paths: Paths, params: dict, variant: str = "defended") -> dict:
+@flow(name="split-training", validate_parameters=False)
+def train_flow(paths: Paths, settings: Settings, variant: str = "defended") -> dict:
     """Train the split model on the owners' partitions, evaluate, save, log, register."""
     logger = get_run_logger()
-    job = make_job(paths, params, variant)
-    transport = section(params, "train").get("transport", "inprocess")
+    job = split_job(paths, settings, variant)
+    transport = settings.train.transport
     test = read_partition(paths.partition("test"))
     test_x, test_y = test.as_float(), test.labels
     with tracking.run(f"train-{variant}", tracking.TRAIN_EXPERIMENT, paths, tags={"stage": "train", "variant": variant}) as run:
@@ -113,8 +74,8 @@ def train_flow(paths: Paths, params: dict, variant: str = "defended") -> dict:
         result = run_training(job, transport, test_x, test_y)
         seconds = time.perf_counter() - start
         test_accuracy = accuracy(result.model, test_x, test_y)
-        weights = save_weights(result.model, model_path(paths, variant))
-        bank_file = bank_path(paths, variant)
+        weights = save_weights(result.model, paths.model(variant))
+        bank_file = paths.bank(variant)
         bank_file.parent.mkdir(parents=True, exist_ok=True)
         save_file(result.bank, str(bank_file))
         metrics = {"test_accuracy": test_accuracy, "epochs": job.train.epochs, "seconds": round(seconds, 2), "owners": job.owners}
@@ -125,7 +86,7 @@ def train_flow(paths: Paths, params: dict, variant: str = "defended") -> dict:
             logger.info("registered %s version %s (models:/%s@latest)", BASE_MODEL, version.version, BASE_MODEL)
         else:
             log_classifier(weights)
-        tracking.write_json(metrics, metrics_path(paths, variant))
+        tracking.write_json(metrics, paths.train_metrics(variant))
     logger.info("%s model: test accuracy %.4f in %.1f s", variant, test_accuracy, seconds)
     return metrics
 
@@ -134,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS, default="defended")
     args = parser.parse_args(argv)
-    stage_main(lambda paths, params: train_flow(paths, params, args.variant))
+    stage_main(lambda paths, settings: train_flow(paths, settings, args.variant))
 
 
 if __name__ == "__main__":

@@ -11,24 +11,21 @@ import mlflow
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import tracking
-from flows.entry import stage_main
-from flows.project import Paths, build
+from flows.adapters import tracking
+from flows.adapters.paths import Paths
+from flows.adapters.settings import Settings
+from flows.entry.stage import stage_main
 from securemark.errors import ValidationFailed
-from securemark.partition import PartitionSpec
 from securemark.storage import read_manifest, read_tensors
 from securemark.validation import ValidationSpec, validate_partitions
 
-REPORT_FILE = "validation.json"
 
-
-def validation_spec(params: dict) -> ValidationSpec:
-    spec = build(PartitionSpec, params, "prepare")
-    tolerance = float(params.get("validate", {}).get("class_share_tolerance", 0.25))
+def validation_spec(settings: Settings) -> ValidationSpec:
+    spec = settings.prepare
     return ValidationSpec(
         expected_rows={name: spec.size_of(name) for name in spec.names},
         iid=spec.mode == "iid",
-        class_share_tolerance=tolerance,
+        class_share_tolerance=settings.validate.class_share_tolerance,
     )
 
 
@@ -43,14 +40,14 @@ def run_suites(paths: Paths, spec: ValidationSpec):
     return validate_partitions(manifests, tensors, spec)
 
 
-@flow(name="validate-partitions")
-def validate_flow(paths: Paths, params: dict) -> bool:
+@flow(name="validate-partitions", validate_parameters=False)
+def validate_flow(paths: Paths, settings: Settings) -> bool:
     logger = get_run_logger()
-    spec = validation_spec(params)
+    spec = validation_spec(settings)
     with tracking.run("validate", tracking.DATA_EXPERIMENT, paths, tags={"stage": "validate"}):
         report = run_suites(paths, spec)
         document = {"success": report.success, "failures": report.failures, "results": report.results}
-        out = paths.reports / REPORT_FILE
+        out = paths.validation_report
         tracking.write_json(document, out)
         mlflow.log_artifact(str(out))
         mlflow.log_metrics({"validation.success": float(report.success), "validation.failures": len(report.failures)})
@@ -62,7 +59,7 @@ def validate_flow(paths: Paths, params: dict) -> bool:
 
 
 def main() -> None:
-    stage_main(lambda paths, params: validate_flow(paths, params))
+    stage_main(validate_flow)
 
 
 if __name__ == "__main__":

@@ -12,4 +12,4 @@ if [ ! -f "$DIR/train-images-idx3-ubyte.gz" ] && command -v apt-get >/dev/null 2
     echo "apt-get could not install dataset-fashion-mnist; falling back to torchvision's download." >&2
   fi
 fi
-exec "$PY" -m flows.dataset
+exec "$PY" "$(dirname "$0")/stage_dataset.py"

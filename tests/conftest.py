@@ -8,6 +8,7 @@ Heavy things are built once per session and copied per test:
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from collections.abc import Iterator
@@ -18,47 +19,53 @@ import pytest
 import yaml
 
 import flows  # noqa: F401  (sets project-local Prefect/DVC/GX defaults)
-from flows.project import Paths
+from flows.adapters.paths import Paths
+from flows.adapters.settings import Settings, load_params
 from securemark import data as fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 
-SMALL_PARAMS = {
+# A tiny profile of every stage (seconds per stage on 2 cores): the committed
+# params.yaml with these keys overridden, so the tests follow the real schema.
+SMALL_OVERRIDES = {
     "base": {"seed": 7, "profile": "test"},
-    "data": {"source_dir": str(fmnist.DEBIAN_DATASET_DIR), "allow_download": False},
-    "prepare": {
-        "owners": 2,
-        "owner_size": 300,
-        "aux_size": 200,
-        "attacker_size": 200,
-        "test_size": 500,
-        "mode": "iid",
-        "dirichlet_alpha": 0.5,
-    },
-    "validate": {"class_share_tolerance": 0.25},
-    # A tiny profile of every later stage (seconds per stage on 2 cores).
+    "prepare": {"owners": 2, "owner_size": 300, "aux_size": 200, "attacker_size": 200, "test_size": 500},
     "model": {"widths": [8, 16, 32], "cut": 2},
     "train": {"epochs": 2, "batch_size": 64, "lr": 0.002, "local_steps": 3, "transport": "inprocess"},
     "defence": {"alpha": 0.5, "sigma": 0.1},
-    "privacy_audit": {"decoder_epochs": 2, "batch_size": 64, "lr": 0.001, "sample": 100},
+    "privacy_audit": {"decoder_epochs": 2, "batch_size": 64, "sample": 100},
     "vendor": {"secret_file": "secrets/vendor.key", "state_dir": "vendor", "create_secret": True},
     "fingerprint": {
         "code": {"family": "random", "capacity": 50, "code_length": 64},
-        "layer": "server.block3.conv.weight",
-        "lam": 1.0,
-        "margin": 0.2,
-        "slack": 0.2,
-        "lr": 0.002,
         "batch_size": 64,
         "max_steps": 3000,
-        "check_every": 25,
         "accuracy_tolerance": 0.05,
         "eval_rows": 500,
     },
     "issue": {"customers": 2},
-    "trace": {"epsilon": 1.0e-6, "scorer": "correlation", "null_independent": 1, "null_random_keys": 2},
-    "ops": {"audit_cron": "0 2 * * *", "max_workers": 2, "dask_address": None},
+    "trace": {"null_independent": 1, "null_random_keys": 2},
+    "attack": {"targets": 1, "trials": 1, "coalition_sizes": [2], "grid": [{"attack": "fine_tune", "epochs": 1}]},
 }
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` applied key by key (mappings merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("code",):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def small_params(**sections) -> dict:
+    """The committed params.yaml with the tiny profile, then ``sections`` on top (a fresh dict)."""
+    return merged(merged(load_params(REPO / "params.yaml"), SMALL_OVERRIDES), sections)
+
+
+SMALL_PARAMS = small_params()
+SMALL = Settings.from_params(SMALL_PARAMS)
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +114,7 @@ def prepared_project(tmp_path_factory, raw_dataset, prefect_harness) -> Paths:
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     try:
-        prepare_flow(paths, SMALL_PARAMS)
+        prepare_flow(paths, SMALL)
     finally:
         if old is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

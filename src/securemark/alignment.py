@@ -33,6 +33,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from securemark.errors import InvalidInput
 from securemark.model import SplitNet
 
 __all__ = ["BlockAlignment", "Alignment", "conv_blocks", "permute_channels", "scale_channels", "align"]
@@ -117,7 +118,7 @@ def scale_channels(model: SplitNet, index: int, scales: torch.Tensor | np.ndarra
     conv = conv_blocks(model)[index][1].conv
     s = torch.as_tensor(np.asarray(scales), dtype=conv.weight.dtype)
     if s.shape != (conv.weight.shape[0],) or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
-        raise ValueError(f"scales must be {conv.weight.shape[0]} finite positive numbers")
+        raise InvalidInput(f"scales must be {conv.weight.shape[0]} finite positive numbers")
     conv.weight.mul_(s.view(-1, 1, 1, 1))
     conv.bias.mul_(s)
     nxt = _next_layer(model, index)
@@ -188,7 +189,7 @@ def align(suspect: SplitNet, reference: SplitNet, probe: torch.Tensor) -> Alignm
             are plenty (the match uses every pixel position of every image).
     """
     if not isinstance(probe, torch.Tensor) or probe.dim() != 4 or probe.shape[0] == 0:
-        raise ValueError(f"probe must be a non-empty float tensor [N, 1, 28, 28], got {getattr(probe, 'shape', type(probe))}")
+        raise InvalidInput(f"probe must be a non-empty float tensor [N, 1, 28, 28], got {getattr(probe, 'shape', type(probe))}")
     model = copy.deepcopy(suspect).cpu().eval()
     reference = reference.cpu().eval()
     probe = probe.to(torch.float32)

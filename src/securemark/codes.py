@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from securemark import checks
+from securemark.errors import InvalidConfig, InvalidInput
 from securemark.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -93,16 +95,16 @@ class Codebook:
 
     def __post_init__(self) -> None:
         if not isinstance(self.length, (int, np.integer)) or self.length < 1:
-            raise ValueError(f"length: must be a positive integer, got {self.length!r}")
+            raise InvalidInput(f"length: must be a positive integer, got {self.length!r}")
         n_bytes = math.ceil(self.length / 8)
         if not isinstance(self.packed, np.ndarray) or self.packed.dtype != np.uint8 or self.packed.ndim != 2 or self.packed.shape[1] != n_bytes:
-            raise ValueError(
+            raise InvalidInput(
                 f"packed: need uint8 [n, {n_bytes}] for length {self.length}, "
                 f"got {self.packed.dtype} {self.packed.shape}"
             )
         biases = np.asarray(self.biases, dtype=np.float64)
         if biases.shape != (self.length,):
-            raise ValueError(f"biases: need shape ({self.length},), got {biases.shape}")
+            raise InvalidInput(f"biases: need shape ({self.length},), got {biases.shape}")
         self.packed.setflags(write=False)
         object.__setattr__(self, "biases", biases)
         biases.setflags(write=False)
@@ -148,7 +150,7 @@ class Codebook:
         with np.load(path, allow_pickle=False) as data:
             version = int(data["format_version"])
             if version != _FORMAT_VERSION:
-                raise ValueError(f"{path}: unsupported code book format version {version}")
+                raise InvalidInput(f"{path}: unsupported code book format version {version}")
             return cls(
                 family=str(data["family"]),
                 length=int(data["length"]),
@@ -179,23 +181,17 @@ def create_code(name: str, **cfg: Any) -> CodeFamily:
     """Build the code family registered as ``name`` with parameters ``cfg``.
 
     Raises:
-        ValueError: unknown family (the message lists the valid names), unknown
-            parameter, or an invalid parameter value (the message names it).
+        UnknownName: unknown family (the message lists the valid names).
+        InvalidConfig: unknown parameter, or an invalid parameter value (the message names it).
     """
-    cls = _CODES.get(name)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"code family {name!r}: unknown parameter(s) {unknown}; accepted: {sorted(known)}")
-    return cls(**cfg)
+    return _CODES.create(name, **cfg)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+    checks.integer("code", name, value, minimum)
 
 
 def _check_capacity_seed(capacity: int, seed: int) -> None:
@@ -273,10 +269,9 @@ class TardosCode:
     def __post_init__(self) -> None:
         _check_int("code_length", self.code_length, 1)
         _check_int("max_colluders", self.max_colluders, 1)
-        if not 0.0 < float(self.epsilon) < 1.0:
-            raise ValueError(f"epsilon: must be in (0, 1), got {self.epsilon!r}")
-        if self.cutoff is not None and not 0.0 < float(self.cutoff) < 0.5:
-            raise ValueError(f"cutoff: must be in (0, 0.5), got {self.cutoff!r}")
+        checks.number("code family 'tardos'", "epsilon", self.epsilon, 0.0, 1.0, low_open=True, high_open=True)
+        if self.cutoff is not None:
+            checks.number("code family 'tardos'", "cutoff", self.cutoff, 0.0, 0.5, low_open=True, high_open=True)
 
     @property
     def t(self) -> float:
@@ -349,7 +344,7 @@ class BibdCode:
     def __post_init__(self) -> None:
         _check_int("order", self.order, 2)
         if not _is_prime(int(self.order)):
-            raise ValueError(f"order: must be a prime (PG(2, q) for prime q), got {self.order!r}")
+            raise InvalidConfig(f"code family 'bibd': order must be a prime (PG(2, q) for prime q), got {self.order!r}")
 
     @property
     def code_length(self) -> int:
@@ -362,7 +357,7 @@ class BibdCode:
         _check_capacity_seed(capacity, seed)
         v = self.code_length
         if capacity > v:
-            raise ValueError(f"capacity: PG(2, {self.order}) serves at most v = {v} customers, got {capacity}")
+            raise InvalidConfig(f"code family 'bibd': capacity: PG(2, {self.order}) serves at most v = {v} customers, got {capacity}")
         incidence = projective_plane_incidence(int(self.order))  # [points, blocks]
         blocks = _bits_stream(int(seed), 0, 0).permutation(v)[:capacity]
         words = 1 - incidence[:, blocks].T  # [capacity, v]: complement of each block

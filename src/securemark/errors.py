@@ -5,7 +5,21 @@ class SecureMarkError(Exception):
     """Base class for every error SecureMark raises on purpose."""
 
 
-class ConfigError(SecureMarkError, ValueError):
+class InvalidConfig(SecureMarkError, ValueError):
+    """A configuration value that cannot work: a params entry, a plug-in's option, a
+    command-line flag. Entry points exit 2 with the message; task runners never retry it."""
+
+
+class UnknownName(InvalidConfig):
+    """A name that no registry knows (attack, scorer, decoder, code family, transport...);
+    the message lists the valid names."""
+
+
+class InvalidInput(SecureMarkError, ValueError):
+    """Data handed to the core that cannot be used as it is (wrong shape, NaN, empty)."""
+
+
+class ConfigError(InvalidConfig):
     """A params value that cannot work; the message names the offending key."""
 
     def __init__(self, key: str, message: str) -> None:

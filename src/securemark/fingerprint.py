@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from securemark.errors import ConfigError, SecureMarkError
+from securemark.errors import ConfigError, InvalidConfig, InvalidInput, SecureMarkError
 from securemark.model import SplitNet
 
 
@@ -74,7 +74,7 @@ class EmbedResult:
 def layer_weight(state_or_model, layer: str) -> torch.Tensor:
     state = state_or_model.state_dict() if hasattr(state_or_model, "state_dict") else state_or_model
     if layer not in state:
-        raise KeyError(f"layer {layer!r} not in model; layers: {sorted(state)}")
+        raise InvalidConfig(f"layer {layer!r} not in model; layers: {sorted(state)}")
     return state[layer]
 
 
@@ -82,7 +82,7 @@ def extract(state_or_model, layer: str, key_matrix: torch.Tensor) -> torch.Tenso
     """Soft values y = K w (float64 [code_length]) from a model or a state dict."""
     w = layer_weight(state_or_model, layer).detach().reshape(-1).to(torch.float64)
     if w.numel() != key_matrix.shape[1]:
-        raise ValueError(f"layer {layer!r} has {w.numel()} weights, key expects {key_matrix.shape[1]}")
+        raise InvalidInput(f"layer {layer!r} has {w.numel()} weights, key expects {key_matrix.shape[1]}")
     return key_matrix.to(torch.float64) @ w
 
 
@@ -124,7 +124,7 @@ def embed(
     K = key_matrix.to(torch.float32)
     s = signs(bits)
     if s.numel() != K.shape[0]:
-        raise ValueError(f"code word has {s.numel()} bits, key has {K.shape[0]} rows")
+        raise InvalidInput(f"code word has {s.numel()} bits, key has {K.shape[0]} rows")
     eval_idx = torch.randperm(len(labels), generator=generator)[: cfg.eval_rows]
     eval_x, eval_y = features[eval_idx].float(), labels[eval_idx]
     base_acc = bank_accuracy(model, eval_x, eval_y)

@@ -32,7 +32,9 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import expit
 
+from securemark import checks
 from securemark.codes import Codebook
+from securemark.errors import InvalidInput
 from securemark.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ available_scorers = _SCORERS.names  # names of the registered scorers, sorted
 
 
 def create_scorer(name: str) -> Scorer:
-    """The scorer registered as ``name``; ValueError listing the valid names otherwise."""
+    """The scorer registered as ``name``; UnknownName listing the valid names otherwise."""
     return _SCORERS.get(name)()
 
 
@@ -84,16 +86,16 @@ def _check_soft_values(y: np.ndarray) -> np.ndarray:
     """y as float64 [m]; untrusted input, so fail loudly on wrong shape or non-finite values."""
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 1 or y.size == 0:
-        raise ValueError(f"y: need a non-empty 1-D array of soft values, got shape {y.shape}")
+        raise InvalidInput(f"y: need a non-empty 1-D array of soft values, got shape {y.shape}")
     if not np.all(np.isfinite(y)):
-        raise ValueError("y: contains NaN or infinite values")
+        raise InvalidInput("y: contains NaN or infinite values")
     return y
 
 
 def _unit(v: np.ndarray, what: str) -> np.ndarray:
     norm = float(np.linalg.norm(v))
     if norm == 0.0:
-        raise ValueError(f"y: {what} is all zeros; there is no fingerprint to score")
+        raise InvalidInput(f"y: {what} is all zeros; there is no fingerprint to score")
     return v / norm
 
 
@@ -123,11 +125,11 @@ def _check_weights(w: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray
     w = np.asarray(w, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
     if w.ndim != 1 or w.shape != p.shape:
-        raise ValueError(f"w: need shape {p.shape} to match the biases, got {w.shape}")
+        raise InvalidInput(f"w: need shape {p.shape} to match the biases, got {w.shape}")
     if not np.all(np.isfinite(w)):
-        raise ValueError("w: contains NaN or infinite values")
+        raise InvalidInput("w: contains NaN or infinite values")
     if not np.all((p > 0.0) & (p < 1.0)):
-        raise ValueError("p: every bias must lie strictly between 0 and 1")
+        raise InvalidInput("p: every bias must lie strictly between 0 and 1")
     return w, p
 
 
@@ -259,10 +261,8 @@ def log_tail_bound(w: np.ndarray, p: np.ndarray, z: float) -> float:
 
 
 def _check_eps_n(epsilon: float, n_customers: int) -> None:
-    if not 0.0 < float(epsilon) < 1.0:
-        raise ValueError(f"epsilon: must be in (0, 1), got {epsilon!r}")
-    if isinstance(n_customers, bool) or not isinstance(n_customers, (int, np.integer)) or n_customers < 1:
-        raise ValueError(f"n_customers: must be a positive integer, got {n_customers!r}")
+    checks.number("trace", "epsilon", epsilon, 0.0, 1.0, low_open=True, high_open=True)
+    checks.integer("trace", "n_customers", n_customers, 1)
 
 
 def threshold(w: np.ndarray, p: np.ndarray, epsilon: float, n_customers: int) -> float:

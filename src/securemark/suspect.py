@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from securemark.errors import InvalidModel
+from securemark.model import ModelSpec, SplitNet
 
 MAX_BYTES = 512 * 1024 * 1024  # far above any SecureMark model; refuse to read more
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -75,6 +76,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix in SAFETENSORS_SUFFIXES or not (head.startswith(b"PK") or path.suffix in TORCH_SUFFIXES):
         return _read_safetensors(path)
     return _read_state_dict(path)
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, torch.Size]:
+    """Every tensor a model of architecture ``spec`` has, with its shape."""
+    return {k: v.shape for k, v in SplitNet(spec).state_dict().items()}
 
 
 def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from securemark import checks
+
 
 def train_epochs(
     model: nn.Module,
@@ -20,12 +22,11 @@ def train_epochs(
 ) -> nn.Module:
     """Train ``model`` in place with cross-entropy; images float [N, 1, 28, 28]."""
     params = list(parameters if parameters is not None else model.parameters())
+    checks.choice("training", "optimizer", optimizer, ("adam", "sgd"))
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(labels), generator=generator).split(batch_size):

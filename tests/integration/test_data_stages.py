@@ -15,7 +15,7 @@ from flows.prepare import prepare_flow
 from flows.validate import validate_flow
 from securemark.errors import ValidationFailed
 from securemark.storage import IMAGES_FILE, MANIFEST_FILE
-from tests.conftest import SMALL_PARAMS, make_project
+from tests.conftest import SMALL, SMALL_PARAMS, make_project
 
 pytestmark = pytest.mark.integration
 
@@ -38,14 +38,14 @@ def test_prepare_writes_partitions_and_logs_to_mlflow(prepared_project):
 
 def test_prepare_is_byte_identical_for_same_params(prepared_project, tmp_path, raw_dataset, mlflow_uri, prefect_harness):
     again = make_project(tmp_path / "again", raw_dataset, SMALL_PARAMS)
-    prepare_flow(again, SMALL_PARAMS)
+    prepare_flow(again, SMALL)
     for name in ("owner_1", "aux", "test"):
         for f in (IMAGES_FILE, MANIFEST_FILE):
             assert (again.partition(name) / f).read_bytes() == (prepared_project.partition(name) / f).read_bytes()
 
 
 def test_validate_passes_and_records_result(project_copy, mlflow_uri, prefect_harness):
-    assert validate_flow(project_copy, SMALL_PARAMS)
+    assert validate_flow(project_copy, SMALL)
     report = json.loads((project_copy.reports / "validation.json").read_text())
     assert report["success"] and not report["failures"]
     run = mlflow.search_runs(experiment_names=["securemark-data"], output_format="list")[0]
@@ -72,7 +72,7 @@ def _label_eleven(df, t):
 
 def _failures(paths):
     with pytest.raises(ValidationFailed) as err:
-        validate_flow(paths, SMALL_PARAMS)
+        validate_flow(paths, SMALL)
     report = json.loads((paths.reports / "validation.json").read_text())
     assert not report["success"]
     return err.value, {(f["partition"], f["expectation"], f["column"]) for f in err.value.failures}

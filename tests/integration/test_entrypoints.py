@@ -10,8 +10,7 @@ import sys
 import pytest
 import yaml
 
-from securemark import data as fmnist
-from tests.conftest import REPO, SMALL_PARAMS, make_project
+from tests.conftest import REPO, make_project, small_params
 
 pytestmark = pytest.mark.integration
 
@@ -26,19 +25,12 @@ def _stage(module: str, root, env_extra=None) -> subprocess.CompletedProcess:
     [({"owners": 0}, "prepare.owners"), ({"owner_size": 30000}, "prepare.owner_size"), ({"mode": "zipf"}, "prepare.mode")],
 )
 def test_impossible_params_rejected_before_any_work(tmp_path, raw_dataset, override, key):
-    params = yaml.safe_load(yaml.safe_dump(SMALL_PARAMS))
-    params["prepare"].update(override)
+    params = small_params(prepare=override)
     paths = make_project(tmp_path, raw_dataset, params)
     proc = _stage("flows.prepare", tmp_path)
     assert proc.returncode == 2
     assert key in proc.stderr and "Traceback" not in proc.stderr
     assert not paths.partitions.exists() and not (tmp_path / "mlflow.db").exists()
-
-
-def test_missing_dataset_says_how_to_get_it(tmp_path):
-    with pytest.raises(fmnist.DatasetMissingError) as err:
-        fmnist.ensure_staged(tmp_path / "raw", source_dir=tmp_path / "nowhere", allow_download=False)
-    assert "apt-get install -y dataset-fashion-mnist" in str(err.value)
 
 
 @pytest.mark.slow
@@ -51,8 +43,7 @@ def test_dvc_repro_runs_data_stages_in_a_copy_of_the_repo(tmp_path, raw_dataset)
         if (REPO / f).is_file():
             (root / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, root / f)
-    params = yaml.safe_load(yaml.safe_dump(SMALL_PARAMS))
-    params["prepare"]["owners"] = 3  # dvc.yaml lists owner_1..owner_3
+    params = small_params(prepare={"owners": 3})  # dvc.yaml lists owner_1..owner_3
     make_project(root, raw_dataset, params)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     venv_bin = os.path.dirname(sys.executable)  # stages call `python`, as under `make run`

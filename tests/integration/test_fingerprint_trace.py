@@ -19,14 +19,14 @@ from mlflow import MlflowClient
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from flows.project import Paths, build
-from flows.registry import CUSTOMER_MODEL, load_registered
-from flows.trace import TRACE_EXPERIMENT, open_vendor
-from flows.vendor import Vendor, secret_file
+from flows.adapters.model_registry import CUSTOMER_MODEL, load_registered
+from flows.adapters.paths import Paths
+from flows.adapters.vendor import Vendor
+from flows.trace import TRACE_EXPERIMENT
 from securemark.ledger import ISSUED
-from securemark.model import ModelSpec, SplitNet
+from securemark.model import SplitNet
 from securemark.weights import SPEC_KEY
-from tests.conftest import SMALL_PARAMS, isolated_copy
+from tests.conftest import SMALL, isolated_copy
 
 pytestmark = pytest.mark.integration
 
@@ -41,10 +41,10 @@ class Issued:
     prefect_api_url: str     # the harness server, for subprocesses
 
     def delivered(self, customer: str) -> Path:
-        return self.paths.root / "data" / "customers" / customer / "model.safetensors"
+        return self.paths.customer_copy(customer)
 
     def vendor(self) -> Vendor:
-        return open_vendor(self.paths, SMALL_PARAMS)[0]
+        return Vendor.open(self.paths, SMALL)
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri)
@@ -62,15 +62,15 @@ def issued(prepared_project, prefect_harness, tmp_path_factory):
 
     with isolated_copy(prepared_project, tmp_path_factory.mktemp("fingerprint") / "project") as (paths, _):
         uri = f"sqlite:///{paths.root / 'mlflow.db'}"
-        train_flow(paths, SMALL_PARAMS)
-        rows = issue_flow(paths, SMALL_PARAMS, customers=list(CUSTOMERS))
+        train_flow(paths, SMALL)
+        rows = issue_flow(paths, SMALL, customers=list(CUSTOMERS))
         yield Issued(paths, uri, rows, str(prefect.settings.PREFECT_API_URL.value() or ""))
 
 
 def _trace(issued: Issued, model: str) -> dict:
     from flows.trace import trace_flow
 
-    return trace_flow(issued.paths, SMALL_PARAMS, model)
+    return trace_flow(issued.paths, SMALL, model)
 
 
 def _accused(report: dict) -> list[str]:
@@ -84,7 +84,7 @@ def test_both_copies_carry_their_word_without_errors(issued):
     assert [r["customer_id"] for r in issued.rows] == CUSTOMERS
     for row in issued.rows:
         assert row["ber"] == 0.0
-        assert row["min_margin"] >= SMALL_PARAMS["fingerprint"]["margin"]
+        assert row["min_margin"] >= SMALL.fingerprint.embed.margin
         assert Path(row["path"]) == issued.delivered(row["customer_id"])
         assert Path(row["path"]).is_file()
 
@@ -124,10 +124,10 @@ def test_registered_copy_round_trips_and_is_tagged(issued):
 
 def test_delivered_file_holds_weights_only(issued):
     vendor = issued.vendor()
-    secret_path = secret_file(issued.paths, SMALL_PARAMS)
+    secret_path = issued.paths.secret_file(SMALL.vendor.secret_file)
     secret_hex = secret_path.read_text().strip()
     assert bytes.fromhex(secret_hex) == vendor.secret
-    spec = build(ModelSpec, SMALL_PARAMS, "model")
+    spec = SMALL.model
     for customer in CUSTOMERS:
         path = issued.delivered(customer)
         data = path.read_bytes()
@@ -151,7 +151,7 @@ def test_issuing_again_returns_the_same_word_and_registers_nothing_new(issued):
     query = f"name='{CUSTOMER_MODEL}' and tags.customer_id='alice'"
     before = client.search_model_versions(query)
     index = issued.vendor().ledger.get("alice").codeword_index
-    (row,) = issue_flow(issued.paths, SMALL_PARAMS, customers=["alice"])  # `issued` keeps the env set
+    (row,) = issue_flow(issued.paths, SMALL, customers=["alice"])  # `issued` keeps the env set
     after = client.search_model_versions(query)
     record = issued.vendor().ledger.get("alice")
     assert record.codeword_index == index and record.status == ISSUED
@@ -183,7 +183,7 @@ def traces(issued):
     return {
         "alice": _trace(issued, "models:/securemark-customer@customer-alice"),
         "bob": _trace(issued, str(issued.delivered("bob"))),
-        "base": _trace(issued, str(issued.paths.models / "defended.safetensors")),
+        "base": _trace(issued, str(issued.paths.base_model)),
     }
 
 
@@ -191,7 +191,7 @@ def test_trace_of_registered_copy_accuses_exactly_alice(issued, traces):
     report = traces["alice"]
     assert _accused(report) == ["alice"]
     assert report["accused"][0]["codeword_index"] == issued.vendor().ledger.get("alice").codeword_index
-    assert report["accused"][0]["family_p"] <= SMALL_PARAMS["trace"]["epsilon"]
+    assert report["accused"][0]["family_p"] <= SMALL.trace.epsilon
     assert report["key_id"] == issued.vendor().key.key_id
     _assert_trace_run(issued, report)
 
@@ -231,7 +231,7 @@ def _cli(issued: Issued, model: str) -> subprocess.CompletedProcess:
         env.pop(var, None)
     if issued.prefect_api_url:  # reuse the harness server instead of starting another
         env["PREFECT_API_URL"] = issued.prefect_api_url
-    return subprocess.run([sys.executable, "-m", "flows.cli", "trace", "--model", model, "--json"],
+    return subprocess.run([sys.executable, "-m", "flows.entry.cli", "trace", "--model", model, "--json"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -18,46 +17,58 @@ WORKERS = 4
 PER_WORKER = 50
 SHARED = [f"shared-{i}" for i in range(10)]
 
-# Each worker opens the (possibly not yet existing) ledger itself, waits for the start
-# signal so all writers overlap, then interleaves its own customers with the shared ones.
+# Each worker opens the (possibly not yet existing) ledger itself, then waits at a
+# barrier (a ready file per worker; go when all exist) so that all writers start
+# together, then interleaves its own customers with the shared ones. It reports its
+# answers and when its writes began and ended (CLOCK_MONOTONIC, shared by processes).
 WORKER = textwrap.dedent(
     """
-    import json, sys, time
+    import json, pathlib, sys, time
     from securemark.ledger import Ledger
 
-    path, worker, per_worker, shared, start_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), float(sys.argv[5])
+    path, worker, per_worker, shared, barrier, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), pathlib.Path(sys.argv[5]), int(sys.argv[6])
     ledger = Ledger(path, capacity=1000, codebook_id="cb-concurrency")
-    time.sleep(max(0.0, start_at - time.time()))
+    (barrier / f"ready-{worker}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(barrier.glob("ready-*"))) < workers:
+        if time.monotonic() > deadline:
+            sys.exit("barrier: not every worker became ready")
+        time.sleep(0.001)
     out = {}
     shared = shared[worker:] + shared[:worker]  # different order per worker
+    began = time.monotonic()
     for i in range(per_worker):
         cid = f"w{worker}-c{i}"
         out[cid] = ledger.assign(cid, "k").codeword_index
         if i % 5 == 0:
             s = shared[(i // 5) % len(shared)]
             out.setdefault(s, []).append(ledger.assign(s, "k").codeword_index)
-    print(json.dumps(out))
+    print(json.dumps({"answers": out, "began": began, "ended": time.monotonic()}))
     """
 )
 
 
 def test_concurrent_processes_never_share_a_code_word(tmp_path):
     path = tmp_path / "ledger.sqlite"
-    start_at = time.time() + 3.0
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(path), str(w), str(PER_WORKER), json.dumps(SHARED), str(start_at)],
+            [sys.executable, "-c", WORKER, str(path), str(w), str(PER_WORKER), json.dumps(SHARED), str(barrier), str(WORKERS)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for w in range(WORKERS)
     ]
-    results = []
+    reports = []
     for proc in procs:
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-        results.append(json.loads(out))
+        reports.append(json.loads(out))
+    results = [r["answers"] for r in reports]
+    # the writers really ran at the same time: every one began before any one ended
+    assert max(r["began"] for r in reports) < min(r["ended"] for r in reports)
 
     ledger = Ledger(path, capacity=1000, codebook_id="cb-concurrency")
     records = ledger.records()
@@ -74,3 +85,7 @@ def test_concurrent_processes_never_share_a_code_word(tmp_path):
                 assert index == by_customer[cid], (w, cid)
     shared_seen = {cid for result in results for cid in result if cid in SHARED}
     assert shared_seen == set(SHARED)
+    # and their writes interleaved in the ledger (code words are handed out in commit order)
+    writers = [r.customer_id.split("-")[0] for r in records if r.customer_id.startswith("w")]
+    switches = sum(a != b for a, b in zip(writers, writers[1:]))
+    assert switches >= WORKERS, f"writes did not interleave: {switches} switches between writers"

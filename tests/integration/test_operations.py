@@ -9,30 +9,42 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
+import yaml
 
-from flows.project import Paths
-from flows.servers import free_port, mlflow_server, prefect_server
-from tests.conftest import PROJECT_ENV_VARS, SMALL_PARAMS, isolated_copy
+from flows.adapters.paths import Paths
+from flows.adapters.servers import free_port, mlflow_server, prefect_server
+from flows.adapters.settings import Settings
+from tests.conftest import PROJECT_ENV_VARS, SMALL, isolated_copy, small_params
 
 pytestmark = pytest.mark.integration
 
 CUSTOMERS = ["op-alice", "op-bob"]
 
 
-@pytest.fixture(scope="module")
-def ops_project(prepared_project, prefect_harness, tmp_path_factory):
-    """A project with a trained base model and two issued copies; MLflow on its own SQLite file."""
+@contextmanager
+def operated_project(prepared, root, settings: Settings = SMALL, customers: list[str] = CUSTOMERS):
+    """A private copy of the prepared project with a trained base model and ``customers``
+    issued; MLflow on its own SQLite file while the block runs."""
     import prefect.settings
 
     from flows.issue import run_issue
     from flows.train import train_flow
 
-    with isolated_copy(prepared_project, tmp_path_factory.mktemp("ops") / "project") as (paths, mp):
-        train_flow(paths, SMALL_PARAMS)
-        run_issue(paths, SMALL_PARAMS, CUSTOMERS)
+    with isolated_copy(prepared, root) as (paths, mp):
+        train_flow(paths, settings)
+        if customers:
+            run_issue(paths, settings, customers)
         mp.setenv("PREFECT_API_URL", str(prefect.settings.PREFECT_API_URL.value()))  # for child processes
+        yield paths, mp
+
+
+@pytest.fixture(scope="module")
+def ops_project(prepared_project, prefect_harness, tmp_path_factory):
+    """Two issued copies, shared by the tests of this module that only read it."""
+    with operated_project(prepared_project, tmp_path_factory.mktemp("ops") / "project") as (paths, _):
         yield paths
 
 
@@ -44,21 +56,23 @@ def child_env(paths: Paths, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_issuing_fans_out_on_a_dask_cluster(ops_project, monkeypatch):
+def test_issuing_fans_out_on_a_dask_cluster(prepared_project, prefect_harness, tmp_path):
     from distributed import Client, LocalCluster
 
     from flows.issue import run_issue
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
+    with operated_project(prepared_project, tmp_path / "project", customers=[]) as (paths, mp), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, \
+            Client(cluster) as client:
         worker_pids = {str(pid) for pid in client.run(os.getpid).values()}
-        monkeypatch.setenv("SECUREMARK_DASK_ADDRESS", cluster.scheduler_address)
-        rows = run_issue(ops_project, SMALL_PARAMS, ["dask-1", "dask-2", "dask-3"])
+        mp.setenv("SECUREMARK_DASK_ADDRESS", cluster.scheduler_address)
+        rows = run_issue(paths, SMALL, ["dask-1", "dask-2", "dask-3"])
     assert [r["customer_id"] for r in rows] == ["dask-1", "dask-2", "dask-3"]
     ran_on = {r["worker"].rsplit(":", 1)[1] for r in rows}
     assert ran_on <= worker_pids and str(os.getpid()) not in ran_on
     assert all(r["ber"] == 0.0 for r in rows)
     for r in rows:
-        assert (ops_project.root / "data" / "customers" / r["customer_id"] / "model.safetensors").is_file()
+        assert paths.customer_copy(r["customer_id"]).is_file()
 
 
 def _wait_for_deployment(client, name: str, timeout: float = 180.0):
@@ -81,7 +95,7 @@ def test_served_trace_deployment_publishes_its_verdict(ops_project, tmp_path):
     port = free_port()
     with prefect_server(port, tmp_path / "prefect-home") as api:
         log = open(tmp_path / "serve.log", "wb")
-        serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=ops_project.root, stdout=log, stderr=subprocess.STDOUT,
+        serve = subprocess.Popen([sys.executable, "-m", "flows.entry.serve"], cwd=ops_project.root, stdout=log, stderr=subprocess.STDOUT,
                                  env=child_env(ops_project, PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "prefect-home")))
         try:
             with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
@@ -91,7 +105,7 @@ def test_served_trace_deployment_publishes_its_verdict(ops_project, tmp_path):
                 audit = client.read_deployment_by_name("robustness-audit/robustness-audit")
                 assert audit.schedules  # the nightly cron (ops.audit_cron default) is registered
 
-                copy = ops_project.root / "data" / "customers" / "op-alice" / "model.safetensors"
+                copy = ops_project.customer_copy("op-alice")
                 run = run_deployment("trace-suspicious-model/trace-suspicious-model", parameters={"model": str(copy)},
                                      timeout=300, poll_interval=2)
                 assert run.state is not None and run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
@@ -117,7 +131,7 @@ def test_registry_lookups_over_an_mlflow_server(ops_project, tmp_path):
     root = ops_project.root
     with mlflow_server(port, f"sqlite:///{root / 'mlflow.db'}", root / "mlruns", log=tmp_path / "mlflow.log") as url:
         env = child_env(ops_project, MLFLOW_TRACKING_URI=url)
-        listed = subprocess.run([sys.executable, "-m", "flows.cli", "registry", "list", "--json"], cwd=root, env=env,
+        listed = subprocess.run([sys.executable, "-m", "flows.entry.cli", "registry", "list", "--json"], cwd=root, env=env,
                                 capture_output=True, text=True, timeout=300)
         assert listed.returncode == 0, listed.stderr[-3000:]
         rows = {r["customer_id"]: r for r in json.loads(listed.stdout)}
@@ -125,7 +139,7 @@ def test_registry_lookups_over_an_mlflow_server(ops_project, tmp_path):
         for customer in CUSTOMERS:
             assert rows[customer]["model_version"] and rows[customer]["in_sync"] and rows[customer]["issued_at"]
 
-        traced = subprocess.run([sys.executable, "-m", "flows.cli", "trace", "--model", "models:/securemark-customer@customer-op-bob", "--json"],
+        traced = subprocess.run([sys.executable, "-m", "flows.entry.cli", "trace", "--model", "models:/securemark-customer@customer-op-bob", "--json"],
                                 cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert traced.returncode == 10, traced.stderr[-3000:]
         report = json.loads(traced.stdout[traced.stdout.index("{"):])
@@ -133,41 +147,24 @@ def test_registry_lookups_over_an_mlflow_server(ops_project, tmp_path):
         assert report["mlflow_run_url"].startswith(url)
 
 
-def test_audit_comparison_flags_regressions():
-    from flows.attack import compare_audits
-
-    before = [{"attack": "prune", "coalition_size": 1, "traced_fraction_overall": 1.0, "accuracy_min": 0.5, "innocents_accused": 0},
-              {"attack": "noise", "coalition_size": 1, "traced_fraction_overall": 0.5, "accuracy_min": 0.7, "innocents_accused": 0},
-              {"attack": "quantize", "coalition_size": 1, "traced_fraction_overall": 1.0, "accuracy_min": 0.8, "innocents_accused": 0}]
-    now = [{"attack": "prune", "coalition_size": 1, "traced_fraction_overall": 0.5, "accuracy_min": 0.5, "innocents_accused": 0},
-           {"attack": "noise", "coalition_size": 1, "traced_fraction_overall": 1.0, "accuracy_min": 0.7, "innocents_accused": 0},
-           {"attack": "permute", "coalition_size": 1, "traced_fraction_overall": 1.0, "accuracy_min": 0.8, "innocents_accused": 0}]
-    status = {(r["attack"], r["coalition_size"]): r["status"] for r in compare_audits(before, now)}
-    assert status == {("prune", 1): "regressed", ("noise", 1): "improved", ("permute", 1): "new", ("quantize", 1): "gone"}
-    assert {r["status"] for r in compare_audits(None, now)} == {"new"}
-
-
-def test_robustness_audit_runs_against_the_registry_and_compares(ops_project, monkeypatch):
-    import yaml
-
+def test_robustness_audit_runs_against_the_registry_and_compares(prepared_project, prefect_harness, tmp_path):
     from flows.ops import robustness_audit
 
-    params = {**SMALL_PARAMS, "attack": {"targets": 1, "trials": 1, "coalition_sizes": [2],
-                                         "grid": [{"attack": "quantize", "bits": 8}, {"attack": "permute"}]}}
-    (ops_project.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    monkeypatch.setenv("SECUREMARK_ROOT", str(ops_project.root))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ops_project.root / 'mlflow.db'}")
-
-    first = robustness_audit()
+    params = small_params(attack={"targets": 1, "trials": 1, "coalition_sizes": [2],
+                                  "grid": [{"attack": "quantize", "bits": 8}, {"attack": "permute"}]})
+    with operated_project(prepared_project, tmp_path / "project", Settings.from_params(params)) as (paths, mp):
+        (paths.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # this project's own params
+        mp.setenv("SECUREMARK_ROOT", str(paths.root))
+        first = robustness_audit()
+        second = robustness_audit()
     assert {r["status"] for r in first["comparison"]} == {"new"}
     assert first["summary"]["innocents_accused_total"] == 0
     assert all(t["traced_fraction_overall"] == 1.0 for t in first["summary"]["tradeoff"])
-    second = robustness_audit()
     assert {r["status"] for r in second["comparison"]} == {"same"}
 
 
 def test_serve_without_a_server_says_how_to_start_one(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api", "SECUREMARK_ROOT": str(tmp_path)}
-    (tmp_path / "params.yaml").write_text("ops: {audit_cron: '0 2 * * *'}\n")
-    done = subprocess.run([sys.executable, "-m", "flows.serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()))
+    done = subprocess.run([sys.executable, "-m", "flows.entry.serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "no Prefect server answers" in done.stderr and "--start-server" in done.stderr

@@ -3,19 +3,18 @@ privacy audit, issuing, the trace stage (copies and null models) and the attack 
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.conftest import SMALL_PARAMS, isolated_copy
+from flows.adapters.settings import Settings
+from tests.conftest import isolated_copy, small_params
 
 pytestmark = pytest.mark.integration
 
-PARAMS = copy.deepcopy(SMALL_PARAMS)
-PARAMS["attack"] = {
+PARAMS = small_params(attack={
     "targets": 1,
     "trials": 1,
     "coalition_sizes": [2],
@@ -26,7 +25,8 @@ PARAMS["attack"] = {
         {"attack": "compose", "steps": [{"attack": "average"}, {"attack": "prune", "rate": 0.5}]},
         {"attack": "compose", "steps": [{"attack": "permute"}, {"attack": "rescale", "spread": 10.0}]},
     ],
-}
+})
+SETTINGS = Settings.from_params(PARAMS)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def staged(prepared_project, prefect_harness, tmp_path_factory):
 
     with isolated_copy(prepared_project, tmp_path_factory.mktemp("stages") / "project") as (paths, _):
         for variant in ("defended", "undefended"):
-            train_flow(paths, PARAMS, variant)
-        issue_stage(paths, PARAMS)
+            train_flow(paths, SETTINGS, variant)
+        issue_stage(paths, SETTINGS)
         yield paths
 
 
@@ -53,7 +53,7 @@ def test_train_writes_metrics_and_feature_bank(staged):
 def test_privacy_audit_writes_metrics_and_grid(staged):
     from flows.privacy_audit import privacy_audit_flow
 
-    results = privacy_audit_flow(staged, PARAMS)
+    results = privacy_audit_flow(staged, SETTINGS)
     on_disk = json.loads((staged.metrics / "privacy.json").read_text())
     assert set(on_disk) == {"defended", "undefended"}
     for variant in on_disk.values():
@@ -67,23 +67,23 @@ def test_privacy_audit_writes_metrics_and_grid(staged):
 def test_issue_stage_metrics(staged):
     metrics = json.loads((staged.metrics / "fingerprint.json").read_text())
     assert metrics["copies"] == 2 and metrics["ber_max"] == 0.0
-    assert metrics["margin_min"] >= PARAMS["fingerprint"]["margin"]
-    assert metrics["code_length"] == PARAMS["fingerprint"]["code"]["code_length"]
+    assert metrics["margin_min"] >= SETTINGS.fingerprint.embed.margin
+    assert metrics["code_length"] == SETTINGS.fingerprint.code.options["code_length"]
 
 
 def test_trace_stage_accuses_each_copy_and_no_null_model(staged):
     from flows.trace import trace_stage_flow
 
-    metrics = trace_stage_flow(staged, PARAMS)
+    metrics = trace_stage_flow(staged, SETTINGS)
     assert metrics["copies_traced"] == metrics["copies_correct"] == 2
-    assert metrics["null_models"] == 1 + PARAMS["trace"]["null_independent"] + 2 * PARAMS["trace"]["null_random_keys"]
+    assert metrics["null_models"] == 1 + SETTINGS.trace.null_independent + 2 * SETTINGS.trace.null_random_keys
     assert metrics["null_accusations"] == 0 and metrics["max_null_score_ratio"] < 1.0
 
 
 def test_attack_stage_traces_attacked_copies(staged):
     from flows.attack import CSV_COLUMNS, _stage
 
-    _stage(staged, PARAMS)
+    _stage(staged, SETTINGS)
     rows = pd.read_csv(staged.metrics / "attacks.csv")
     assert list(rows.columns) == CSV_COLUMNS
     assert set(rows["attack"]) == {"fine_tune_adam", "prune", "average", "average>prune", "permute>rescale"}
@@ -96,3 +96,21 @@ def test_attack_stage_traces_attacked_copies(staged):
     assert (mild["caught"] == 1).all() and (mild["ber"] == 0).all()
     summary = json.loads((staged.metrics / "attacks.json").read_text())
     assert {t["attack"] for t in summary["tradeoff"]} == set(rows["attack"])
+
+
+@pytest.mark.parametrize("code", [{"family": "random", "capacity": 50, "code_length": 64},
+                                  {"family": "tardos", "capacity": 50, "code_length": 64, "max_colluders": 2},
+                                  {"family": "bibd", "capacity": 50, "order": 7}])
+def test_issue_stage_runs_with_every_code_family(code, prepared_project, prefect_harness, tmp_path):
+    """Each family's codebook has its own parameters (bibd has no code_length): the stage
+    reads the length from the codebook, never from params."""
+    from flows.issue import _stage as issue_stage
+    from flows.train import train_flow
+
+    settings = Settings.from_params(small_params(fingerprint={"code": code}, issue={"customers": 1}))
+    with isolated_copy(prepared_project, tmp_path / "project") as (paths, _):
+        train_flow(paths, settings)
+        issue_stage(paths, settings)
+        metrics = json.loads(paths.fingerprint_metrics.read_text())
+    assert metrics["copies"] == 1 and metrics["ber_max"] == 0.0
+    assert metrics["code_length"] == (57 if code["family"] == "bibd" else 64)  # PG(2, 7): 7^2 + 7 + 1

@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from securemark.errors import InsecureSecret, SecretError, SecretExists, SecretMissing
+from securemark.errors import InsecureSecret, SecretError, SecretExists, SecretMissing, SecureMarkError
 from securemark.key import FingerprintKey, create_secret, key_id, load_secret, projection, random_secret
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
@@ -110,7 +110,7 @@ def test_projection_scale():
 @pytest.mark.parametrize("bad", [dict(code_length=0), dict(n_weights=-1), dict(layer=""), dict(code_length=2.5)])
 def test_projection_rejects_bad_arguments(bad):
     args = dict(layer="l", code_length=4, n_weights=8) | bad
-    with pytest.raises(SecretError):
+    with pytest.raises(SecureMarkError):
         projection(random_secret(), **args)
 
 

@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from securemark.errors import InvalidConfig
 from securemark.model import SplitNet
 from securemark.registry import Registry
 from securemark.split.messages import GradientReply, MessageRejected, SmashedBatch
@@ -223,7 +224,7 @@ class GlooTransport:
 
         Expects MASTER_ADDR / MASTER_PORT in the environment (torchrun sets them)."""
         if world_size != job.owners + 1:
-            raise ValueError(f"world size {world_size} != owners + 1 = {job.owners + 1}")
+            raise InvalidConfig(f"world size {world_size} != owners + 1 = {job.owners + 1}")
         if self.threads:
             torch.set_num_threads(self.threads)
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=self.timeout_s))

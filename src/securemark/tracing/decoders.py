@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from securemark.codes import Codebook
+from securemark.errors import InvalidConfig, InvalidInput
 from securemark.registry import Registry
 from securemark.scoring import create_scorer, p_values, score_all, threshold
 
@@ -71,7 +72,7 @@ def decide(
     """
     indices = np.asarray(indices, dtype=np.int64)
     if indices.size == 0:
-        raise ValueError("the ledger holds no customers to trace against")
+        raise InvalidInput("the ledger holds no customers to trace against")
     w = create_scorer(scorer).weights(np.asarray(y, dtype=np.float64))
     all_scores = score_all(codebook, w)[indices]
     thr = threshold(w, codebook.biases, epsilon, len(indices))
@@ -116,9 +117,9 @@ def decide_peeling(
     residual = y.copy()
     p = codebook.biases
     if max_steps < 2:
-        raise ValueError("max_steps must be >= 2 for peeling; use decide() otherwise")
+        raise InvalidConfig(f"decoder 'peeling': max_steps must be >= 2 (use the plain decoder otherwise), got {max_steps}")
     if not 0.0 < first_share < 1.0:
-        raise ValueError(f"first_share must be in (0, 1), got {first_share}")
+        raise InvalidConfig(f"decoder 'peeling': first_share must be in (0, 1), got {first_share}")
     budgets = [epsilon * first_share] + [epsilon * (1.0 - first_share) / (max_steps - 1)] * (max_steps - 1)
     accused: list[Candidate] = []
     taken: list[int] = []

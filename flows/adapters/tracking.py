@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import mlflow
 
-from flows.project import Paths
+from flows.adapters.paths import Paths
 
 DATA_EXPERIMENT = "securemark-data"
 TRAIN_EXPERIMENT = "securemark-train"

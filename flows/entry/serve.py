@@ -1,6 +1,6 @@
 """``make serve``: serve SecureMark's deployments against a Prefect server.
 
-    python -m flows.serve [--start-server] [--port 4200]
+    python -m flows.entry.serve [--start-server] [--port 4200]
 
 Deployments (flow/deployment names as in the Prefect UI):
 
@@ -22,16 +22,18 @@ import signal
 import subprocess
 import sys
 
-from flows.project import Paths, load_params
-from flows.servers import HOST, healthy, prefect_server
+from flows.adapters.paths import Paths
+from flows.adapters.servers import HOST, healthy, prefect_server
+from flows.adapters.settings import Settings
+from securemark.errors import SecureMarkError
 
 DEPLOYMENTS = ("issue-fingerprint", "trace-suspicious-model", "robustness-audit", "retrain")
 
 
-def deployments(params: dict) -> list:
+def deployments(settings: Settings) -> list:
     from flows.ops import issue_fingerprint, retrain, robustness_audit, trace_suspicious_model
 
-    cron = (params.get("ops") or {}).get("audit_cron") or None
+    cron = settings.ops.audit_cron or None
     tags = ["securemark"]
     return [
         issue_fingerprint.to_deployment(name="issue-fingerprint", tags=tags, description="Issue fingerprinted copies to customers."),
@@ -48,12 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     paths = Paths.from_env()
     os.chdir(paths.root)
-    params = load_params(paths.params)
+    try:
+        settings = Settings.load(paths.params)
+    except SecureMarkError as exc:
+        sys.exit(f"securemark: {exc}")
     from prefect import serve
 
     api = os.environ.get("PREFECT_API_URL")
     if api and healthy(api.rstrip("/") + "/health"):
-        serve(*deployments(params))
+        serve(*deployments(settings))
     elif args.start_server:
         # Prefect reads PREFECT_API_URL when it is imported: serve from a child process
         # that starts with the new server's URL in its environment. SIGTERM unwinds like
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         code = 0
         with prefect_server(args.port, paths.root / ".prefect") as url:
             print(f"Prefect server: http://{HOST}:{args.port} (UI), API {url}", flush=True)
-            child = subprocess.Popen([sys.executable, "-m", "flows.serve"], env={**os.environ, "PREFECT_API_URL": url})
+            child = subprocess.Popen([sys.executable, "-m", "flows.entry.serve"], env={**os.environ, "PREFECT_API_URL": url})
             try:
                 code = child.wait()
             except KeyboardInterrupt:

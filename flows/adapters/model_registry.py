@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
+from securemark.errors import InvalidModel
 from securemark.weights import load_weights
 
 BASE_MODEL = "securemark-base"
@@ -56,6 +57,17 @@ def download_weights(model_uri: str, dst: Path | None = None) -> Path:
     if not found:
         raise FileNotFoundError(f"{model_uri} has no {WEIGHTS_ARTIFACT}")
     return found[0]
+
+
+def resolve_model(model: str, workdir: Path) -> Path:
+    """A local file for ``model``: a path as it is, or a ``models:/`` / ``runs:/`` URI
+    downloaded into ``workdir``."""
+    if model.startswith(("models:/", "runs:/")):
+        try:
+            return download_weights(model, workdir)
+        except Exception as exc:  # MLflow raises several types for unknown names/aliases
+            raise InvalidModel(f"cannot fetch {model} from the MLflow registry: {str(exc).splitlines()[0]}") from None
+    return Path(model)
 
 
 def load_registered(model_uri: str):

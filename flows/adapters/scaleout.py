@@ -13,37 +13,34 @@ everything that writes to MLflow stays in the flow's process.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from securemark.errors import ConfigError, SecureMarkError
+from flows.adapters.settings import OpsSettings
+from securemark.errors import SecureMarkError
 
 DASK_ADDRESS_ENV = "SECUREMARK_DASK_ADDRESS"
 
 
-def dask_address(params: dict[str, Any]) -> str | None:
+def dask_address(ops: OpsSettings) -> str | None:
     """The Dask scheduler to use, if any (the environment wins over params)."""
-    address = os.environ.get(DASK_ADDRESS_ENV) or (params.get("ops") or {}).get("dask_address")
+    address = os.environ.get(DASK_ADDRESS_ENV) or ops.dask_address
     return str(address) if address else None
 
 
-def task_runner(params: dict[str, Any]):
+def task_runner(ops: OpsSettings):
     """A fresh task runner for one flow run (runners are not shared between runs)."""
-    address = dask_address(params)
+    address = dask_address(ops)
     if address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=address)
-    workers = (params.get("ops") or {}).get("max_workers", 2)
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ConfigError("ops.max_workers", f"must be a positive integer, got {workers!r}")
-    return ThreadPoolTaskRunner(max_workers=workers)
+    return ThreadPoolTaskRunner(max_workers=ops.max_workers)
 
 
-def describe(params: dict[str, Any]) -> str:
-    address = dask_address(params)
-    return f"Dask cluster at {address}" if address else f"thread pool ({(params.get('ops') or {}).get('max_workers', 2)} workers)"
+def describe(ops: OpsSettings) -> str:
+    address = dask_address(ops)
+    return f"Dask cluster at {address}" if address else f"thread pool ({ops.max_workers} workers)"
 
 
 def retry_unless_invalid(task, task_run, state) -> bool:

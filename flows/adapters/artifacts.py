@@ -38,16 +38,16 @@ def mlflow_run_url(run_id: str, experiment_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def table(key: str, rows: list[dict], description: str) -> None:
+def publish_table(key: str, rows: list[dict], description: str) -> None:
     if _in_run():
         create_table_artifact(key=key, table=rows, description=description)
 
 
-def markdown(key: str, text: str, description: str) -> None:
+def publish_markdown(key: str, text: str, description: str) -> None:
     if _in_run():
         create_markdown_artifact(key=key, markdown=text, description=description)
 
 
-def link(key: str, url: str, text: str, description: str) -> None:
+def publish_link(key: str, url: str, text: str, description: str) -> None:
     if _in_run():
         create_link_artifact(key=key, link=url, link_text=text, description=description)

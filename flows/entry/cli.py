@@ -4,8 +4,9 @@
     securemark trace --model PATH|models:/NAME@ALIAS [--json] [--epsilon E] [--scorer S]
     securemark registry list [--json]
 
-Exit codes of ``trace``: 0 no one accused, 10 someone accused, 2 invalid input
-(unreadable, non-model or malformed file, unknown registry model, bad params).
+Exit codes: 0 success (``trace``: no one accused), 10 someone accused, 2 invalid input
+or configuration (unreadable, non-model or malformed file, unknown registry model, bad
+params or flags: one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -17,52 +18,53 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flows.entry import EXIT_INVALID
-from flows.project import Paths, load_params
+from flows.adapters.paths import Paths
+from flows.adapters.settings import Settings
+from flows.entry.stage import EXIT_INVALID
 from securemark.errors import SecureMarkError
 
 EXIT_NONE_ACCUSED = 0
 EXIT_ACCUSED = 10
 
 
-def _issue(args, paths: Paths, params: dict) -> int:
+def _issue(args, paths: Paths, settings: Settings) -> int:
     from flows.issue import run_issue
 
-    rows = run_issue(paths, params, customers=args.customer)
+    rows = run_issue(paths, settings, customers=args.customer)
     for row in rows:
         print(f"{row['customer_id']}: {row['path']}  (registry version {row['model_version']}, BER {row['ber']:.3f}, accuracy {row['test_accuracy']:.4f})")
     return 0
 
 
-def _prevalidate(model: str, params: dict, paths: Paths) -> None:
+def _prevalidate(model: str, paths: Paths, settings: Settings) -> None:
     """Reject bad input before any flow starts (clear message, no engine traceback)."""
-    from flows import tracking
-    from flows.project import build
-    from flows.trace import expected_shapes, resolve_model
-    from securemark.model import ModelSpec
-    from securemark.suspect import load_suspect
+    from flows.adapters import tracking
+    from flows.adapters.model_registry import resolve_model
+    from securemark.suspect import expected_shapes, load_suspect
 
     tracking.configure(paths)
     with tempfile.TemporaryDirectory() as tmp:
-        load_suspect(resolve_model(model, Path(tmp)), expected_shapes(build(ModelSpec, params, "model")))
+        load_suspect(resolve_model(model, Path(tmp)), expected_shapes(settings.model))
 
 
-def _trace(args, paths: Paths, params: dict) -> int:
-    from flows.trace import markdown, trace_flow
+def _trace(args, paths: Paths, settings: Settings) -> int:
+    from flows.adapters.reports import trace_markdown
+    from flows.trace import trace_flow
 
-    _prevalidate(args.model, params, paths)
-    report = trace_flow(paths, params, args.model, epsilon=args.epsilon, scorer=args.scorer)
-    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    trace = settings.trace.with_overrides(epsilon=args.epsilon, scorer=args.scorer)  # bad flags: exit 2 before any work
+    _prevalidate(args.model, paths, settings)
+    report = trace_flow(paths, settings, args.model, trace)
+    print(json.dumps(report, indent=2) if args.json else trace_markdown(report))
     return EXIT_ACCUSED if report["accused"] else EXIT_NONE_ACCUSED
 
 
-def _registry_list(args, paths: Paths, params: dict) -> int:
-    from flows import tracking
-    from flows.registry import customer_table
-    from flows.trace import open_vendor
+def _registry_list(args, paths: Paths, settings: Settings) -> int:
+    from flows.adapters import tracking
+    from flows.adapters.model_registry import customer_table
+    from flows.adapters.vendor import Vendor
 
     tracking.configure(paths)
-    vendor, _ = open_vendor(paths, params)
+    vendor = Vendor.open(paths, settings)
     rows = customer_table(vendor.ledger.records())
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     paths = Paths.from_env()
     try:
-        code = args.run(args, paths, load_params(paths.params))
+        code = args.run(args, paths, Settings.load(paths.params))
     except SecureMarkError as exc:
         sys.stderr.write(f"securemark: {exc}\n")
         code = EXIT_INVALID

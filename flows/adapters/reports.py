@@ -1,0 +1,102 @@
+"""What people read: trace reports (JSON and markdown), score plots, audit tables.
+
+Pure rendering: each function turns results into a dict, a markdown string or a PNG
+file; the flows decide where those go (MLflow, Prefect artifacts, the terminal).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from securemark.codes import Codebook  # noqa: E402
+from securemark.key import FingerprintKey  # noqa: E402
+from securemark.tracing import BOUND_DESCRIPTION, Verdict  # noqa: E402
+
+
+def verdict_report(verdict: Verdict, customers: dict[int, str], key: FingerprintKey, codebook: Codebook, model: str, sha: str,
+                   alignment: dict | None = None) -> dict:
+    """The JSON report of one trace. ``customers`` maps code-word indices to customer ids
+    (words not in it are not assigned to anyone yet)."""
+
+    def row(c):
+        return {"customer_id": customers.get(c.codeword_index), "codeword_index": c.codeword_index, "score": c.score,
+                "p_value": c.p_value, "family_p": c.family_p}
+
+    return {
+        "model": model,
+        "model_sha256": sha,
+        "key_id": key.key_id,
+        "layer": key.layer,
+        "code_family": codebook.family,
+        "code_length": codebook.length,
+        "scorer": verdict.scorer,
+        "epsilon": verdict.epsilon,
+        "threshold": verdict.threshold,
+        "customers_scored": verdict.n_customers,
+        "bound": BOUND_DESCRIPTION,
+        "accused": [row(c) for c in verdict.accused],
+        "top_innocent_scores": [row(c) for c in verdict.top_others],
+        "alignment": alignment or {},
+    }
+
+
+def trace_markdown(report: dict) -> str:
+    """The trace report for people: verdict, scores, threshold, bound, alignment."""
+    lines = [f"# Trace of `{report['model']}`", "",
+             f"- model sha256: `{report['model_sha256']}`",
+             f"- key id: `{report['key_id']}` (layer `{report['layer']}`, {report['code_family']} code, {report['code_length']} bits)",
+             f"- scorer: {report['scorer']}; customers scored: {report['customers_scored']}",
+             f"- epsilon (whole trace): {report['epsilon']:g}; threshold: {report['threshold']:.3f}",
+             f"- bound: {report['bound']}", ""]
+    if report["accused"]:
+        lines += ["## Accused", "", "| customer | code word | score | p-value bound | family-wise p |", "|---|---|---|---|---|"]
+        lines += [f"| {a['customer_id']} | {a['codeword_index']} | {a['score']:.3f} | {a['p_value']:.3g} | {a['family_p']:.3g} |" for a in report["accused"]]
+    else:
+        lines += ["## Verdict: no one accused"]
+    lines += ["", "## Highest scores below the threshold", "", "| customer | score |", "|---|---|"]
+    lines += [f"| {a['customer_id']} | {a['score']:.3f} |" for a in report["top_innocent_scores"]]
+    if report.get("alignment"):
+        lines += ["", "## Re-alignment to the base model", "", "| block | channels moved | scale range | weakest match |", "|---|---|---|---|"]
+        lines += [f"| {b} | {a['channels_moved']} | {a['scale_min']:.3g} to {a['scale_max']:.3g} | {a['min_similarity']:.3f} |"
+                  for b, a in report["alignment"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def score_plot(verdict: Verdict, indices: np.ndarray, path: Path) -> Path:
+    """Every code word's score against the threshold, accused ones in red (PNG at ``path``)."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    accused = {c.codeword_index for c in verdict.accused}
+    mask = np.isin(indices, list(accused))
+    ax.scatter(indices[~mask], verdict.scores[~mask], s=6, color="tab:gray", label="customers")
+    ax.scatter(indices[mask], verdict.scores[mask], s=30, color="tab:red", label="accused")
+    ax.axhline(verdict.threshold, color="tab:red", linestyle="--", label=f"threshold (epsilon={verdict.epsilon:g})")
+    ax.set_xlabel("code word index")
+    ax.set_ylabel(f"{verdict.scorer} score")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def audit_markdown(summary: dict, comparison: list[dict], previous: dict | None) -> str:
+    """The robustness audit against the previous one, per attack family and coalition size."""
+    regressed = [r for r in comparison if r["status"] == "regressed"]
+    lines = ["# Robustness audit", "",
+             f"- attacked models: {summary['attacked_models']}; innocents accused: {summary['innocents_accused_total']}",
+             f"- compared with: {'the audit of ' + previous['finished_at'] if previous else 'nothing (first audit)'}",
+             f"- regressions: {len(regressed)}", "",
+             "| attack | c | status | traced now | traced before | worst accuracy |", "|---|---|---|---|---|---|"]
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    for r in comparison:
+        lines.append(f"| {r['attack']} | {r['coalition_size']} | {r['status']} | {fmt(r['traced_now'])} | {fmt(r['traced_before'])} | {fmt(r['accuracy_min_now'])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,276 @@
+"""What the params say: one typed, validated settings object per ``params.yaml`` section.
+
+``Settings.load(path)`` (or ``Settings.from_params(dict)``) builds every section once, at
+the edge (a DVC stage, the CLI, a deployment), and the flows receive the result. Each
+section is a frozen dataclass whose defaults are the only defaults: the core's own
+configs where they exist (:class:`~securemark.model.ModelSpec`,
+:class:`~securemark.split.protocol.TrainConfig`, ...), small ones here otherwise. A
+missing or unknown key, a wrong value or an unknown plug-in name is a
+:class:`~securemark.errors.ConfigError` naming the key, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from securemark import checks
+from securemark.attacks import create_attack
+from securemark.attacks.grid import expand_grid
+from securemark.codes import create_code
+from securemark.data import DEBIAN_DATASET_DIR
+from securemark.errors import ConfigError, InvalidConfig
+from securemark.fingerprint import EmbedConfig
+from securemark.model import ModelSpec
+from securemark.partition import PartitionSpec
+from securemark.privacy import AuditConfig
+from securemark.scoring import available_scorers
+from securemark.split.defence import DefenceConfig
+from securemark.split.protocol import TrainConfig
+from securemark.split.transport import transport_names
+from securemark.tracing import available_decoders
+
+__all__ = ["Settings", "load_params", "build"]
+
+
+def load_params(path: Path) -> dict[str, Any]:
+    """Read params.yaml; a missing file or a non-mapping is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "file not found")
+    params = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(str(path), "top level must be a mapping of sections")
+    return params
+
+
+def _section(params: dict[str, Any], name: str) -> dict[str, Any]:
+    value = params.get(name)
+    if not isinstance(value, dict):
+        raise ConfigError(name, "section missing or not a mapping")
+    return value
+
+
+def build(cls, values: dict[str, Any], name: str, **extra):
+    """A frozen dataclass from one params mapping; unknown keys and bad values name the key.
+
+    ``extra``: values from elsewhere (e.g. the shared seed)."""
+    accepted = [f.name for f in fields(cls) if f.init]
+    unknown = sorted(set(values) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}", f"unknown key; valid keys: {sorted(set(accepted) - set(extra))}")
+    try:
+        return cls(**{**values, **extra})
+    except ConfigError:
+        raise
+    except (InvalidConfig, TypeError) as exc:
+        raise ConfigError(name, str(exc)) from None
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class BaseSettings:
+    seed: int = 0
+    profile: str = "default"
+
+    def __post_init__(self) -> None:
+        checks.integer("base", "seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    source_dir: str = str(DEBIAN_DATASET_DIR)  # Debian's dataset-fashion-mnist
+    allow_download: bool = False                # let torchvision download when source_dir is absent
+
+
+@dataclass(frozen=True)
+class ValidateSettings:
+    class_share_tolerance: float = 0.25  # IID: each class share within 10% +- 25% (relative)
+
+    def __post_init__(self) -> None:
+        checks.number("validate", "class_share_tolerance", self.class_share_tolerance, 0.0)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The split-training recipe (``config``) and how messages travel (``transport``)."""
+
+    config: TrainConfig
+    transport: str = "inprocess"
+
+    def __post_init__(self) -> None:
+        checks.choice("train", "transport", self.transport, transport_names())
+
+
+@dataclass(frozen=True)
+class VendorSettings:
+    secret_file: str = "~/.securemark/vendor.key"  # or SECUREMARK_SECRET_FILE; never in git
+    state_dir: str = "vendor"                      # ledger + codebook cache (git-ignored), or SECUREMARK_VENDOR_DIR
+    create_secret: bool = True                     # create the secret on first use
+
+
+@dataclass(frozen=True)
+class CodeSettings:
+    """The code family, how many customers the codebook holds, and the family's options."""
+
+    family: str = "random"
+    capacity: int = 1000
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks.integer("fingerprint.code", "capacity", self.capacity, 1)
+        create_code(self.family, **self.options)  # unknown family or option: fail now
+
+
+@dataclass(frozen=True)
+class FingerprintSettings:
+    code: CodeSettings
+    embed: EmbedConfig
+
+
+@dataclass(frozen=True)
+class IssueSettings:
+    customers: int = 20  # the pipeline issues customer-0001..customer-NNNN
+
+    def __post_init__(self) -> None:
+        checks.integer("issue", "customers", self.customers, 1)
+
+    def customer_ids(self) -> list[str]:
+        return [f"customer-{i:04d}" for i in range(1, self.customers + 1)]
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    epsilon: float = 1e-6          # whole-trace false-accusation probability (all customers)
+    scorer: str = "correlation"    # correlation (soft values) | tardos (hard signs)
+    decoder: str = "peeling"       # peeling (successive cancellation) | plain
+    null_independent: int = 3      # independently trained models in the stage's null set
+    null_random_keys: int = 10     # per issued copy: examined under this many other keys
+    align: bool = True             # re-align suspects to the base model before extracting
+    probe_size: int = 512          # aux images run through both models to match channels
+
+    def __post_init__(self) -> None:
+        checks.number("trace", "epsilon", self.epsilon, 0.0, 1.0, low_open=True, high_open=True)
+        checks.choice("trace", "scorer", self.scorer, available_scorers())
+        checks.choice("trace", "decoder", self.decoder, available_decoders())
+        checks.integer("trace", "null_independent", self.null_independent, 0)
+        checks.integer("trace", "null_random_keys", self.null_random_keys, 0)
+        checks.integer("trace", "probe_size", self.probe_size, 1)
+
+    def with_overrides(self, epsilon: float | None = None, scorer: str | None = None) -> "TraceSettings":
+        """These settings with a caller's epsilon / scorer (the CLI's flags), validated."""
+        values = asdict(self)
+        if epsilon is not None:
+            values["epsilon"] = epsilon
+        if scorer is not None:
+            values["scorer"] = scorer
+        return TraceSettings(**values)
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    targets: int = 2                          # copies attacked by each single-copy attack
+    trials: int = 3                           # random coalitions per size
+    coalition_sizes: tuple[int, ...] = (2, 4, 8)
+    grid: tuple[dict[str, Any], ...] = ()     # list values expand into one attack per value
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coalition_sizes", tuple(self.coalition_sizes))
+        object.__setattr__(self, "grid", tuple(dict(g) for g in self.grid))
+        checks.integer("attack", "targets", self.targets, 1)
+        checks.integer("attack", "trials", self.trials, 1)
+        for c in self.coalition_sizes:
+            checks.integer("attack", "coalition_sizes[]", c, 2)
+        for i, config in enumerate(self.configs()):  # every entry must build: fail before any work
+            if not isinstance(config, dict) or "attack" not in config:
+                raise ConfigError(f"attack.grid[{i}]", f"need a mapping with an 'attack' key, got {config!r}")
+            try:
+                create_attack(config["attack"], **{k: v for k, v in config.items() if k != "attack"})
+            except InvalidConfig as exc:
+                raise ConfigError(f"attack.grid ({config['attack']})", str(exc)) from None
+
+    def configs(self) -> list[dict[str, Any]]:
+        """The grid with list values expanded: one config per attacked model family."""
+        return expand_grid([dict(g) for g in self.grid])
+
+
+@dataclass(frozen=True)
+class OpsSettings:
+    audit_cron: str | None = "0 2 * * *"  # robustness-audit deployment: nightly at 02:00 UTC
+    max_workers: int = 2                  # threads for the per-customer / per-attack fan-out
+    dask_address: str | None = None       # run the fan-out on this Dask cluster (or SECUREMARK_DASK_ADDRESS)
+
+    def __post_init__(self) -> None:
+        checks.integer("ops", "max_workers", self.max_workers, 1)
+
+
+# ----------------------------------------------------------------------------- all of it
+@dataclass(frozen=True)
+class Settings:
+    """Every section of ``params.yaml``, typed and validated."""
+
+    base: BaseSettings
+    data: DataSettings
+    prepare: PartitionSpec
+    validate: ValidateSettings
+    model: ModelSpec
+    train: TrainSettings
+    defence: DefenceConfig
+    privacy_audit: AuditConfig
+    vendor: VendorSettings
+    fingerprint: FingerprintSettings
+    issue: IssueSettings
+    trace: TraceSettings
+    attack: AttackSettings
+    ops: OpsSettings
+
+    @classmethod
+    def load(cls, path: Path) -> "Settings":
+        return cls.from_params(load_params(path))
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "Settings":
+        unknown = sorted(set(params) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown section; valid sections: {[f.name for f in fields(cls)]}")
+        base = build(BaseSettings, _section(params, "base"), "base")
+        train = dict(_section(params, "train"))
+        transport = train.pop("transport", "inprocess")
+        fingerprint = dict(_section(params, "fingerprint"))
+        code = dict(fingerprint.pop("code", None) or {})
+        code_settings = build(CodeSettings, {"family": code.pop("family", "random"), "capacity": code.pop("capacity", 1000), "options": code},
+                              "fingerprint.code")
+        return cls(
+            base=base,
+            data=build(DataSettings, params.get("data") or {}, "data"),
+            prepare=build(PartitionSpec, _section(params, "prepare"), "prepare"),
+            validate=build(ValidateSettings, params.get("validate") or {}, "validate"),
+            model=build(ModelSpec, _section(params, "model"), "model"),
+            train=build(TrainSettings, {"config": build(TrainConfig, train, "train", seed=base.seed), "transport": transport}, "train"),
+            defence=build(DefenceConfig, _section(params, "defence"), "defence"),
+            privacy_audit=build(AuditConfig, _section(params, "privacy_audit"), "privacy_audit", seed=base.seed),
+            vendor=build(VendorSettings, params.get("vendor") or {}, "vendor"),
+            fingerprint=build(FingerprintSettings, {"code": code_settings, "embed": build(EmbedConfig, fingerprint, "fingerprint")}, "fingerprint"),
+            issue=build(IssueSettings, _section(params, "issue"), "issue"),
+            trace=build(TraceSettings, _section(params, "trace"), "trace"),
+            attack=build(AttackSettings, params.get("attack") or {}, "attack"),
+            ops=build(OpsSettings, params.get("ops") or {}, "ops"),
+        )
+
+    def flat(self, section: str) -> dict[str, Any]:
+        """One section as flat ``section.key: value`` pairs (for MLflow params)."""
+        return {f"{section}.{k}": v for k, v in _flatten(getattr(self, section)).items()}
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    values = asdict(obj) if is_dataclass(obj) else obj
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

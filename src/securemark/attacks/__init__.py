@@ -1,0 +1,41 @@
+"""Attacks: what a customer (or a coalition of customers) may do to a copy before leaking it.
+
+One registry (:mod:`securemark.attacks.base`), one module per family of attacks:
+
+- :mod:`~securemark.attacks.tuning`: ``fine_tune``, ``retrain``, ``overwrite``;
+- :mod:`~securemark.attacks.compression`: ``prune``, ``quantize``;
+- :mod:`~securemark.attacks.perturb`: ``noise``;
+- :mod:`~securemark.attacks.collusion`: ``average``;
+- :mod:`~securemark.attacks.reparam`: ``permute``, ``rescale``;
+- :mod:`~securemark.attacks.compose`: ``compose`` (a sequence of the others);
+
+and the grid that the ``attack`` stage runs (:mod:`~securemark.attacks.grid`).
+Importing this package registers every attack.
+"""
+
+from securemark.attacks.base import OPTIMIZERS, Attack, AttackData, available_attacks, create_attack, register_attack
+from securemark.attacks.collusion import Average
+from securemark.attacks.compose import Compose
+from securemark.attacks.compression import Prune, Quantize
+from securemark.attacks.perturb import Noise
+from securemark.attacks.reparam import Permute, Rescale
+from securemark.attacks.tuning import FineTune, Overwrite, Retrain
+
+__all__ = [
+    "OPTIMIZERS",
+    "AttackData",
+    "Attack",
+    "register_attack",
+    "create_attack",
+    "available_attacks",
+    "FineTune",
+    "Prune",
+    "Average",
+    "Quantize",
+    "Noise",
+    "Overwrite",
+    "Retrain",
+    "Permute",
+    "Rescale",
+    "Compose",
+]

@@ -1,0 +1,69 @@
+"""Reading soft values out of a suspicious model: re-align it to the base model, then
+project the fingerprinted layer with the key.
+
+The extractor depends only on the suspect, the vendor's base model, the probe images
+and the key matrix it is given -- never on a code word -- so an innocent customer's
+word stays independent of the extracted ``y`` and the distribution-free threshold of
+:mod:`securemark.scoring` holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from securemark.alignment import align
+from securemark.fingerprint import extract
+from securemark.model import ModelSpec, SplitNet
+
+__all__ = ["Extractor"]
+
+
+@dataclass(frozen=True, eq=False)
+class Extractor:
+    """Soft values ``y = K w`` of a suspect, read after aligning it to the base model.
+
+    Attributes:
+        spec: the architecture suspects are rebuilt with.
+        layer: the fingerprinted parameter, e.g. ``server.block3.conv.weight``.
+        key_matrix: the vendor's key ``K`` [code_length, n_weights].
+        reference: the vendor's base model (what suspects are aligned to).
+        probe: float [N, 1, 28, 28], a fixed batch of the vendor's ``aux`` images.
+        align: False projects the raw weights (no re-alignment).
+    """
+
+    spec: ModelSpec
+    layer: str
+    key_matrix: torch.Tensor
+    reference: SplitNet
+    probe: torch.Tensor
+    align: bool = True
+
+    def model(self, state_or_model) -> SplitNet:
+        if isinstance(state_or_model, SplitNet):
+            return state_or_model
+        model = SplitNet(self.spec)
+        model.load_state_dict(state_or_model)
+        return model
+
+    def aligned(self, state_or_model) -> tuple[SplitNet, dict]:
+        """The suspect aligned to the base model, and the alignment summary (empty when off)."""
+        if not self.align:
+            return self.model(state_or_model), {}
+        result = align(self.model(state_or_model), self.reference, self.probe)
+        return result.model, result.summary()
+
+    def __call__(self, state_or_model, key_matrix: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
+        """``(y, alignment summary)`` under the vendor's key (or ``key_matrix``)."""
+        model, summary = self.aligned(state_or_model)
+        return self.project(model, key_matrix), summary
+
+    def project(self, aligned_model, key_matrix: torch.Tensor | None = None) -> np.ndarray:
+        """``y`` of an already aligned model (or state dict) under the key (or ``key_matrix``)."""
+        return extract(aligned_model, self.layer, self.key_matrix if key_matrix is None else key_matrix).numpy()
+
+    def raw(self, state_or_model) -> np.ndarray:
+        """``y`` of the weights as they are (what an extractor without alignment reads)."""
+        return extract(state_or_model, self.layer, self.key_matrix).numpy()

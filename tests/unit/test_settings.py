@@ -1,0 +1,95 @@
+"""Settings: the committed params.yaml builds, every section is typed, and every bad
+value is refused before any work with an error that names its key."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import fields
+
+import pytest
+import yaml
+
+from flows.adapters.settings import Settings, load_params
+from securemark.errors import ConfigError, InvalidConfig
+from securemark.model import ModelSpec
+from securemark.split.protocol import TrainConfig
+from tests.conftest import REPO, SMALL_PARAMS
+
+
+def test_committed_params_build_every_section():
+    params = load_params(REPO / "params.yaml")
+    settings = Settings.from_params(params)
+    assert {f.name for f in fields(Settings)} == set(params)  # no section unused, none missing
+    assert isinstance(settings.model, ModelSpec) and isinstance(settings.train.config, TrainConfig)
+    assert settings.train.config.seed == settings.base.seed == params["base"]["seed"]
+    assert settings.privacy_audit.seed == params["base"]["seed"]
+    assert settings.fingerprint.embed.layer == params["fingerprint"]["layer"]
+    assert settings.fingerprint.code.family == params["fingerprint"]["code"]["family"]
+    assert len(settings.attack.configs()) >= len(params["attack"]["grid"])
+    assert settings.issue.customer_ids()[0] == "customer-0001"
+
+
+def test_the_test_profile_builds_from_the_same_schema():
+    settings = Settings.from_params(SMALL_PARAMS)
+    assert settings.prepare.owners == 2 and settings.base.profile == "test"
+
+
+def _with(section: str, key: str, value) -> dict:
+    params = copy.deepcopy(SMALL_PARAMS)
+    params[section][key] = value
+    return params
+
+
+@pytest.mark.parametrize(
+    "section, key, value, named",
+    [
+        ("trace", "scorer", "bogus", "scorer"),
+        ("trace", "decoder", "bogus", "decoder"),
+        ("trace", "epsilon", 2.0, "epsilon"),
+        ("train", "transport", "carrier-pigeon", "transport"),
+        ("train", "epochs", 0, "train.epochs"),
+        ("model", "cut", 9, "model.cut"),
+        ("prepare", "owners", 0, "prepare.owners"),
+        ("trace", "no_such_key", 1, "trace.no_such_key"),
+        ("ops", "max_workers", 0, "max_workers"),
+        ("fingerprint", "margin", -1.0, "margin"),
+    ],
+)
+def test_bad_values_name_their_key(section, key, value, named):
+    with pytest.raises(ConfigError) as err:
+        Settings.from_params(_with(section, key, value))
+    assert named in str(err.value)
+
+
+def test_bad_attack_grid_entries_are_refused_before_any_work():
+    for entry, named in [({"attack": "bogus"}, "bogus"), ({"attack": "prune", "rate": 3.0}, "rate"), ({"attack": "prune", "ratio": 0.5}, "ratio")]:
+        params = copy.deepcopy(SMALL_PARAMS)
+        params["attack"]["grid"] = [entry]
+        with pytest.raises(ConfigError) as err:
+            Settings.from_params(params)
+        assert named in str(err.value) and "attack.grid" in str(err.value)
+
+
+def test_bad_code_family_and_unknown_section_are_refused():
+    params = copy.deepcopy(SMALL_PARAMS)
+    params["fingerprint"]["code"] = {"family": "hamming", "capacity": 10}
+    with pytest.raises(ConfigError, match="hamming"):
+        Settings.from_params(params)
+    with pytest.raises(ConfigError, match="unknown section"):
+        Settings.from_params({**SMALL_PARAMS, "extras": {}})
+    missing = {k: v for k, v in SMALL_PARAMS.items() if k != "trace"}
+    with pytest.raises(ConfigError, match="trace"):
+        Settings.from_params(missing)
+
+
+def test_cli_overrides_are_validated():
+    settings = Settings.from_params(SMALL_PARAMS)
+    assert settings.trace.with_overrides(epsilon=1e-3).epsilon == 1e-3
+    with pytest.raises(InvalidConfig, match="scorer"):
+        settings.trace.with_overrides(scorer="bogus")
+
+
+def test_settings_round_trip_through_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(SMALL_PARAMS))
+    assert Settings.load(path) == Settings.from_params(SMALL_PARAMS)
