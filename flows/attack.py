@@ -13,6 +13,7 @@ MLflow run per attack family.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -28,19 +29,22 @@ from flows.adapters import artifacts, tracking
 from flows.adapters.model_registry import CUSTOMER_MODEL, load_registered
 from flows.adapters.paths import Paths
 from flows.adapters.scaleout import retry_unless_invalid, task_runner
-from flows.adapters.settings import Settings
+from flows.adapters.settings import Settings, attack_options
 from flows.adapters.vendor import Vendor, make_extractor
 from flows.entry.stage import stage_main
 from securemark.attacks import AttackData, create_attack
-from securemark.attacks.grid import draw_coalitions, evaluate, is_coalition, tradeoff
+from securemark.attacks.grid import draw_coalitions, evaluate, is_coalition, tracing_summary, tradeoff, worth_it
 from securemark.errors import InvalidConfig
 from securemark.model import SplitNet, accuracy
+from securemark.partition import stratified_subset
 from securemark.storage import read_partition
 from securemark.tracing import codebook_indices
 from securemark.weights import load_weights
 
 ATTACK_EXPERIMENT = "securemark-attacks"
-CSV_COLUMNS = ["attack", "strength", "coalition_size", "trial", "accuracy", "ber", "ber_unaligned", "colluders", "caught", "innocents_accused"]
+CSV_COLUMNS = ["attack", "strength", "coalition_size", "trial", "accuracy", "copy_accuracy", "attacker_alone_accuracy", "worth_it",
+               "ber", "ber_unaligned", "colluders", "caught", "innocents_accused"]
+WITHIN_POINTS = 2.0  # "within 2 pt of the copy": the attacks tracing must survive when they are worth it
 
 
 @task(name="attack-family", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_invalid, task_run_name="attack-{config[attack]}")
@@ -48,7 +52,7 @@ def run_family(paths: Paths, settings: Settings, config: dict, targets: list[lis
                test: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
     """One attack family against its targets (copies or coalitions), each attacked model
     evaluated and traced. Opens the vendor's state itself: no secret travels as an argument."""
-    attack = create_attack(config["attack"], **{k: v for k, v in config.items() if k != "attack"})
+    attack = create_attack(config["attack"], **attack_options(config))
     vendor = Vendor.open(paths, settings)
     extractor = make_extractor(paths, settings, vendor)
     indices, codewords, trace = codebook_indices(vendor.codebook), vendor.issued_codewords(), settings.trace
@@ -56,9 +60,42 @@ def run_family(paths: Paths, settings: Settings, config: dict, targets: list[lis
     for trial, coalition in enumerate(targets):
         generator = torch.Generator().manual_seed(settings.base.seed + trial)
         attacked = attack([copies[c] for c in coalition], data, generator)
+        copy_accuracy = float(np.mean([accuracy(copies[c], *test) for c in coalition]))
         rows.append({"attack": attack.name, "strength": float(attack.strength), "coalition_size": len(coalition), "trial": trial,
+                     "copy_accuracy": copy_accuracy,
                      **evaluate(attacked, coalition, vendor.codebook, codewords, extractor, indices, test, trace.epsilon, trace.scorer, trace.decoder)})
     return rows
+
+
+def attacker_alone_accuracy(paths: Paths, budget: int) -> float:
+    """The attacker-alone accuracy at ``budget`` images, from the attacker_baseline stage."""
+    try:
+        rows = json.loads(paths.attacker_baseline.read_text())
+    except FileNotFoundError:
+        raise InvalidConfig(f"{paths.attacker_baseline} is missing: run `dvc repro attacker_baseline` first (attacks are judged against it)") from None
+    found = [r["accuracy"] for r in rows if r["budget"] == budget]
+    if not found:
+        raise InvalidConfig(f"{paths.attacker_baseline} has no row for the attacker's budget {budget}: re-run `dvc repro attacker_baseline`")
+    return float(found[0])
+
+
+def attacker_data(paths: Paths, settings: Settings) -> AttackData:
+    """The attacker's own labelled images: ``attacker.budget`` of its partition, class-balanced."""
+    attacker = read_partition(paths.partition("attacker"))
+    index = torch.from_numpy(stratified_subset(attacker.labels.numpy(), settings.attacker.budget, settings.base.seed))
+    return AttackData(attacker.as_float()[index], attacker.labels[index])
+
+
+def summarise(df: pd.DataFrame) -> dict:
+    """Tracing over the attacks that were worth it and stayed within 2 points of the copy
+    (where tracing must hold), over the other worth-it ones, and over the rest."""
+    worth = df["worth_it"].astype(bool)
+    close = (df["copy_accuracy"] - df["accuracy"]) * 100 <= WITHIN_POINTS
+    return {
+        "worth_it_within_2pt": tracing_summary(df[worth & close]),
+        "worth_it_beyond_2pt": tracing_summary(df[worth & ~close]),
+        "not_worth_it": tracing_summary(df[~worth]),
+    }
 
 
 COPY_SOURCES = ("files", "registry")
@@ -86,8 +123,8 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
     indices = codebook_indices(vendor.codebook)
     copies = load_copies(paths, sorted(vendor.issued_codewords()), source)
     customers = sorted(copies)
-    attacker = read_partition(paths.partition("attacker"))
-    data = AttackData(attacker.as_float(), attacker.labels)
+    data = attacker_data(paths, settings)
+    alone = attacker_alone_accuracy(paths, settings.attacker.budget)
     test_part = read_partition(paths.partition("test"))
     test = (test_part.as_float(), test_part.labels)
     rng = np.random.default_rng(settings.base.seed)
@@ -99,7 +136,7 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
             targets = [coalition for c in cfg.coalition_sizes if c <= len(customers)
                        for coalition in draw_coalitions(rng, customers, c, cfg.trials)]
         else:
-            targets = [[c] for c in customers[: cfg.targets]]
+            targets = [[c] for c in customers[: config.get("targets", cfg.targets)]]
         involved = {c: copies[c] for t in targets for c in t}
         futures.append(run_family.submit(paths, settings, config, targets, involved, data, test))
     rows: list[dict] = []
@@ -114,11 +151,14 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
                                 "innocents_accused": int(frame["innocents_accused"].sum()), "ber_mean": frame["ber"].mean()})
             mlflow.log_table(frame, "attack_rows.json")
         logger.info("%s: %s", name, frame[["strength", "coalition_size", "accuracy", "ber", "caught", "innocents_accused"]].to_dict("records"))
-    df = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    df = worth_it(pd.DataFrame(rows), alone)[CSV_COLUMNS]
     summary = {
         "attacked_models": len(df),
         "innocents_accused_total": int(df["innocents_accused"].sum()),
         "copy_accuracy_mean": statistics.fmean(accuracy(m, *test) for m in list(copies.values())[: cfg.targets]),
+        "attacker_budget": settings.attacker.budget,
+        "attacker_alone_accuracy": alone,
+        "tracing": summarise(df),
         "tradeoff": tradeoff(df),
         "seconds": round(time.perf_counter() - start, 1),
         "customers_in_codebook": int(len(indices)),

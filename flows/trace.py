@@ -33,11 +33,9 @@ from flows.adapters.settings import Settings, TraceSettings
 from flows.adapters.vendor import Vendor, make_extractor
 from flows.entry.stage import stage_main
 from securemark.key import null_secret, projection
-from securemark.model import SplitNet, build_model
-from securemark.storage import read_partition
+from securemark.model import SplitNet
 from securemark.suspect import expected_shapes, load_suspect
 from securemark.tracing import codebook_indices, create_decoder
-from securemark.training import train_epochs
 from securemark.weights import load_weights, sha256_file
 
 TRACE_EXPERIMENT = "securemark-trace"
@@ -92,8 +90,8 @@ def publish(report: dict) -> None:
 def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> list[dict]:
     """Verdicts for models that carry none of the codebook's words.
 
-    - the base model, and ``trace.null_independent`` models trained from other initial
-      weights for one epoch on the attacker partition;
+    - the base model, and the models the attacker trained alone (``attacker_baseline``:
+      the vendor's architecture and recipe, other initial weights, other data);
     - every issued copy examined under ``trace.null_random_keys`` other keys, derived
       from ``base.seed`` so the stage is reproducible (the copy's fingerprint is
       invisible under a key it was not embedded with).
@@ -105,10 +103,9 @@ def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> l
     extractor = make_extractor(paths, settings, vendor)
     nulls: list[tuple[str, SplitNet, torch.Tensor]] = []  # (name, aligned model, key)
     nulls.append(("base", extractor.aligned(load_weights(paths.base_model))[0], vendor.key_matrix))
-    attacker = read_partition(paths.partition("attacker"))
-    for i in range(cfg.null_independent):  # trained on other data, never fingerprinted
-        model = train_epochs(build_model(settings.model, 10_000 + i), attacker.as_float(), attacker.labels, 1, torch.Generator().manual_seed(i))
-        nulls.append((f"independent-{i}", extractor.aligned(model)[0], vendor.key_matrix))
+    for budget in settings.attacker.budgets:  # trained independently, never fingerprinted
+        model = load_weights(paths.attacker_alone_model(budget))
+        nulls.append((f"attacker-alone-{budget}", extractor.aligned(model)[0], vendor.key_matrix))
     for copy in copies:
         aligned = extractor.aligned(load_weights(copy))[0]
         for j in range(cfg.null_random_keys):

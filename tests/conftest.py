@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_OVERRIDES = {
     "base": {"seed": 7, "profile": "test"},
     "prepare": {"owners": 2, "owner_size": 300, "aux_size": 200, "attacker_size": 200, "test_size": 500},
-    "model": {"widths": [8, 16, 32], "cut": 2},
-    "train": {"epochs": 2, "batch_size": 64, "lr": 0.002, "local_steps": 3, "transport": "inprocess"},
+    "model": {"widths": [8, 16], "hidden": [32], "cut": 1},
+    "train": {"epochs": 2, "batch_size": 64, "lr": 0.004, "local_steps": 3, "transport": "inprocess"},
     "defence": {"alpha": 0.5, "sigma": 0.1},
     "privacy_audit": {"decoder_epochs": 2, "batch_size": 64, "sample": 100},
     "vendor": {"secret_file": "secrets/vendor.key", "state_dir": "vendor", "create_secret": True},
@@ -43,7 +43,8 @@ SMALL_OVERRIDES = {
         "eval_rows": 500,
     },
     "issue": {"customers": 2},
-    "trace": {"null_independent": 1, "null_random_keys": 2},
+    "trace": {"null_random_keys": 2},
+    "attacker": {"budget": 100, "budgets": [100, 200], "min_steps": 10},
     "attack": {"targets": 1, "trials": 1, "coalition_sizes": [2], "grid": [{"attack": "fine_tune", "epochs": 1}]},
 }
 

@@ -55,6 +55,15 @@ class Paths:
         return self.model("defended")
 
     @property
+    def attacker_alone(self) -> Path:
+        """The attacker-alone models (one per budget): a DVC output folder."""
+        return self.models / "attacker_alone"
+
+    def attacker_alone_model(self, budget: int) -> Path:
+        """The model the attacker trains alone on ``budget`` of its images (the baseline)."""
+        return self.attacker_alone / f"{budget}.safetensors"
+
+    @property
     def features(self) -> Path:
         return self.root / "data" / "features"
 
@@ -81,6 +90,10 @@ class Paths:
 
     def train_metrics(self, variant: str = "defended") -> Path:
         return self.metrics / ("train.json" if variant == "defended" else f"train_{variant}.json")
+
+    @property
+    def attacker_baseline(self) -> Path:
+        return self.metrics / "attacker_baseline.json"
 
     @property
     def fingerprint_metrics(self) -> Path:

@@ -147,7 +147,6 @@ class TraceSettings:
     epsilon: float = 1e-6          # whole-trace false-accusation probability (all customers)
     scorer: str = "correlation"    # correlation (soft values) | tardos (hard signs)
     decoder: str = "peeling"       # peeling (successive cancellation) | plain
-    null_independent: int = 3      # independently trained models in the stage's null set
     null_random_keys: int = 10     # per issued copy: examined under this many other keys
     align: bool = True             # re-align suspects to the base model before extracting
     probe_size: int = 512          # aux images run through both models to match channels
@@ -156,7 +155,6 @@ class TraceSettings:
         checks.number("trace", "epsilon", self.epsilon, 0.0, 1.0, low_open=True, high_open=True)
         checks.choice("trace", "scorer", self.scorer, available_scorers())
         checks.choice("trace", "decoder", self.decoder, available_decoders())
-        checks.integer("trace", "null_independent", self.null_independent, 0)
         checks.integer("trace", "null_random_keys", self.null_random_keys, 0)
         checks.integer("trace", "probe_size", self.probe_size, 1)
 
@@ -168,6 +166,32 @@ class TraceSettings:
         if scorer is not None:
             values["scorer"] = scorer
         return TraceSettings(**values)
+
+
+GRID_KEYS = ("attack", "targets")  # keys of a grid entry that are not the attack's own options
+
+
+def attack_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The attack's own options in a grid entry (without ``attack`` and ``targets``)."""
+    return {k: v for k, v in config.items() if k not in GRID_KEYS}
+
+
+@dataclass(frozen=True)
+class AttackerSettings:
+    """What the attacker owns and builds alone."""
+
+    budget: int = 2500                                  # images of the attacker partition an attack uses (class-balanced subset)
+    budgets: tuple[int, ...] = (1000, 2500, 5000, 10000)  # the attacker-alone sweep (must include budget)
+    min_steps: int = 600                                # the vendor's recipe, trained for at least this many steps
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budgets", tuple(self.budgets))
+        checks.integer("attacker", "budget", self.budget, 1)
+        for b in self.budgets:
+            checks.integer("attacker", "budgets[]", b, 1)
+        checks.integer("attacker", "min_steps", self.min_steps, 1)
+        if self.budget not in self.budgets:
+            raise ConfigError("attacker.budgets", f"must include attacker.budget ({self.budget}), so that every attack has its baseline")
 
 
 @dataclass(frozen=True)
@@ -184,11 +208,19 @@ class AttackSettings:
         checks.integer("attack", "trials", self.trials, 1)
         for c in self.coalition_sizes:
             checks.integer("attack", "coalition_sizes[]", c, 2)
-        for i, config in enumerate(self.configs()):  # every entry must build: fail before any work
+        for i, entry in enumerate(self.grid):
+            if "attack" not in entry:
+                raise ConfigError(f"attack.grid[{i}]", f"need a mapping with an 'attack' key, got {entry!r}")
+        try:
+            configs = self.configs()
+        except InvalidConfig as exc:
+            raise ConfigError("attack.grid", str(exc)) from None
+        for i, config in enumerate(configs):  # every entry must build: fail before any work
             if not isinstance(config, dict) or "attack" not in config:
                 raise ConfigError(f"attack.grid[{i}]", f"need a mapping with an 'attack' key, got {config!r}")
             try:
-                create_attack(config["attack"], **{k: v for k, v in config.items() if k != "attack"})
+                create_attack(config["attack"], **attack_options(config))
+                checks.integer(f"attack {config['attack']!r}", "targets", config.get("targets", self.targets), 1)
             except InvalidConfig as exc:
                 raise ConfigError(f"attack.grid ({config['attack']})", str(exc)) from None
 
@@ -224,6 +256,7 @@ class Settings:
     fingerprint: FingerprintSettings
     issue: IssueSettings
     trace: TraceSettings
+    attacker: AttackerSettings
     attack: AttackSettings
     ops: OpsSettings
 
@@ -243,7 +276,7 @@ class Settings:
         code = dict(fingerprint.pop("code", None) or {})
         code_settings = build(CodeSettings, {"family": code.pop("family", "random"), "capacity": code.pop("capacity", 1000), "options": code},
                               "fingerprint.code")
-        return cls(
+        settings = cls(
             base=base,
             data=build(DataSettings, params.get("data") or {}, "data"),
             prepare=build(PartitionSpec, _section(params, "prepare"), "prepare"),
@@ -256,9 +289,14 @@ class Settings:
             fingerprint=build(FingerprintSettings, {"code": code_settings, "embed": build(EmbedConfig, fingerprint, "fingerprint")}, "fingerprint"),
             issue=build(IssueSettings, _section(params, "issue"), "issue"),
             trace=build(TraceSettings, _section(params, "trace"), "trace"),
+            attacker=build(AttackerSettings, params.get("attacker") or {}, "attacker"),
             attack=build(AttackSettings, params.get("attack") or {}, "attack"),
             ops=build(OpsSettings, params.get("ops") or {}, "ops"),
         )
+        largest = max(settings.attacker.budgets)
+        if largest > settings.prepare.attacker_size:
+            raise ConfigError("attacker.budgets", f"{largest} images exceed the attacker partition (prepare.attacker_size = {settings.prepare.attacker_size})")
+        return settings
 
     def flat(self, section: str) -> dict[str, Any]:
         """One section as flat ``section.key: value`` pairs (for MLflow params)."""

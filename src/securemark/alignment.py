@@ -1,22 +1,30 @@
 """Re-alignment of a suspicious model to the vendor's base model, before extraction.
 
-Two re-parametrisations change a SplitNet's weights without changing its function:
+Several re-parametrisations change a SplitNet's weights without changing its function:
 
-- **permutation**: reorder the output channels of a conv block (weights and bias) and
-  the next layer's input channels (the next conv's ``[:, c]`` slices, or the linear
-  head's columns, which the flatten groups by channel: ``c * H * W + h * W + w``);
-- **positive rescaling**: multiply channel c of a block by ``a > 0`` and divide the next
-  layer's input channel c by ``a`` (ReLU and max-pool commute with positive scaling).
+- **permutation**: reorder the output channels of a unit (a conv or dense block: the
+  layer's rows, its batch norm's entries) and the next layer's input channels (the
+  next conv's ``[:, c]`` slices; for a linear layer after a conv block, the columns
+  the flatten groups by channel, ``c * H * W + h * W + w``; after a dense block, column c);
+- **positive rescaling of a unit's output**: multiply channel c by ``a > 0`` (the batch
+  norm's weight and shift, or without a norm the layer's row and bias) and divide the
+  next layer's input channel c by ``a`` (ReLU and max-pool commute with positive scaling);
+- **rescaling before a batch norm**: multiply a layer's row by ``t > 0`` and the norm's
+  running mean by ``t`` and ``var + eps`` by ``t^2`` (the norm undoes it), or flip a
+  row's sign together with the norm's weight and mean.
 
-Either one scrambles ``w`` of the fingerprinted layer (a permuted client layer permutes
-its input channels, a permuted server layer its rows), so projecting the raw weights
-reads noise. :func:`align` undoes both, block by block in forward order: it runs a fixed
-probe batch through the base model and the suspect, matches every base channel to the
-suspect channel whose post-ReLU activations correlate best (Hungarian matching,
+Any of them scrambles the weights of the fingerprinted layer, so projecting raw weights
+reads noise. :func:`align` first folds every batch norm into the layer before it
+(:func:`securemark.model.fold_batchnorm`), which removes the third kind outright: the
+folded weights are the same whatever the split between layer and norm. It then undoes
+the first two unit by unit in forward order: it runs a fixed probe batch through the
+base model and the suspect, matches every base channel to the suspect channel whose
+post-ReLU activations correlate best (Hungarian matching,
 ``scipy.optimize.linear_sum_assignment``; correlation is blind to positive scale),
 helped by the cosine of the channels' weights, estimates the scale from weight norms
-(see :func:`align`), and writes the inverse into the suspect. A re-parametrised copy of a model thus aligns to the same
-weights as the model itself (up to float rounding).
+(see :func:`align`), and writes the inverse into the folded suspect. A re-parametrised
+copy of a model thus aligns to the same folded weights as the model itself (up to
+float rounding).
 
 Alignment depends only on the suspect, the base model and the probe images, never on a
 code word, so an innocent customer's code word stays independent of the extracted
@@ -25,7 +33,6 @@ code word, so an innocent customer's code word stays independent of the extracte
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,20 +41,19 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from securemark.errors import InvalidInput
-from securemark.model import SplitNet
+from securemark.model import ConvBlock, SplitNet, fold_batchnorm, units
 
-__all__ = ["BlockAlignment", "Alignment", "conv_blocks", "permute_channels", "scale_channels", "align"]
+__all__ = ["BlockAlignment", "Alignment", "units", "permute_channels", "scale_channels", "scale_before_norm", "align"]
 
 
 @dataclass(frozen=True)
 class BlockAlignment:
-    """How one conv block of the suspect maps onto the base model's.
+    """How one unit of the suspect maps onto the base model's.
 
     Attributes:
-        block: the block's module path, e.g. ``client.block1``.
+        block: the unit's module path, e.g. ``client.block1`` or ``server.dense1``.
         permutation: int [C]; base channel j is played by suspect channel ``permutation[j]``.
-        scales: float [C]; that suspect channel's activations are ``scales[j]`` times
-            the base channel's (RMS ratio over the probe batch).
+        scales: float [C]; that suspect channel's output is ``scales[j]`` times the base channel's.
         correlation: float [C]; mean similarity (activation correlation and weight
             cosines) of each matched pair: 1.0 for a pure re-parametrisation of the
             reference, lower after fine-tuning or the vendor's embedding.
@@ -65,13 +71,14 @@ class BlockAlignment:
 
 @dataclass(frozen=True)
 class Alignment:
-    """The aligned model (a new SplitNet; the suspect is unchanged) and what was undone."""
+    """The aligned model (a new, norm-free SplitNet: batch norms folded; the suspect is
+    unchanged) and what was undone."""
 
     model: SplitNet
     blocks: tuple[BlockAlignment, ...]
 
     def summary(self) -> dict:
-        """JSON-ready: per block, channels moved, scale range and the weakest match."""
+        """JSON-ready: per unit, channels moved, scale range and the weakest match."""
         return {
             b.block: {
                 "channels_moved": int((b.permutation != np.arange(len(b.permutation))).sum()),
@@ -83,74 +90,121 @@ class Alignment:
         }
 
 
-def conv_blocks(model: SplitNet) -> list[tuple[str, nn.Module]]:
-    """The conv blocks in forward order (client first), as ``(path, block)``."""
-    return [(f"{part}.{name}", block) for part in ("client", "server")
-            for name, block in getattr(model, part).named_children() if hasattr(block, "conv")]
-
-
 def _next_layer(model: SplitNet, index: int) -> nn.Module:
-    blocks = conv_blocks(model)
-    return blocks[index + 1][1].conv if index + 1 < len(blocks) else model.server.fc
+    blocks = units(model)
+    return blocks[index + 1][1].layer if index + 1 < len(blocks) else model.server.fc
+
+
+def _columns(model: SplitNet, index: int) -> tuple[nn.Module, int]:
+    """The layer fed by unit ``index`` and how many of its input columns each channel has
+    (H*W when a conv block feeds a linear layer through the flatten, else 1)."""
+    nxt, block = _next_layer(model, index), units(model)[index][1]
+    if isinstance(nxt, nn.Linear) and isinstance(block, ConvBlock):
+        return nxt, nxt.weight.shape[1] // block.layer.out_channels
+    return nxt, 1
+
+
+def _norm(model: SplitNet, index: int) -> nn.Module | None:
+    return getattr(units(model)[index][1], "bn", None)
 
 
 @torch.no_grad()
 def permute_channels(model: SplitNet, index: int, permutation: torch.Tensor | np.ndarray) -> None:
-    """In place: new channel j of conv block ``index`` is old channel ``permutation[j]``;
-    the next layer's inputs follow, so the function is unchanged."""
+    """In place: new channel j of unit ``index`` is old channel ``permutation[j]`` (layer
+    row, bias, batch-norm entries); the next layer's inputs follow, so the function is unchanged."""
     perm = torch.as_tensor(np.asarray(permutation), dtype=torch.long)
-    conv = conv_blocks(model)[index][1].conv
-    conv.weight.copy_(conv.weight[perm])
-    conv.bias.copy_(conv.bias[perm])
-    nxt = _next_layer(model, index)
+    layer = units(model)[index][1].layer
+    layer.weight.copy_(layer.weight[perm])
+    if layer.bias is not None:
+        layer.bias.copy_(layer.bias[perm])
+    bn = _norm(model, index)
+    if bn is not None:
+        for tensor in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            tensor.copy_(tensor[perm])
+    nxt, per_channel = _columns(model, index)
     if isinstance(nxt, nn.Conv2d):
         nxt.weight.copy_(nxt.weight[:, perm])
-    else:  # the linear head: columns grouped by channel (flatten of [C, H, W])
-        out_features, channels = nxt.weight.shape[0], conv.weight.shape[0]
-        grouped = nxt.weight.view(out_features, channels, -1)
+    else:
+        out_features = nxt.weight.shape[0]
+        grouped = nxt.weight.view(out_features, len(perm), per_channel)
         nxt.weight.copy_(grouped[:, perm].reshape(out_features, -1))
+
+
+def _positive(scales, count: int, dtype) -> torch.Tensor:
+    s = torch.as_tensor(np.asarray(scales), dtype=dtype)
+    if s.shape != (count,) or not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        raise InvalidInput(f"scales must be {count} finite positive numbers")
+    return s
 
 
 @torch.no_grad()
 def scale_channels(model: SplitNet, index: int, scales: torch.Tensor | np.ndarray) -> None:
-    """In place: multiply channel c of conv block ``index`` by ``scales[c] > 0`` and divide
-    the next layer's input channel c by it, so the function is unchanged."""
-    conv = conv_blocks(model)[index][1].conv
-    s = torch.as_tensor(np.asarray(scales), dtype=conv.weight.dtype)
-    if s.shape != (conv.weight.shape[0],) or not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
-        raise InvalidInput(f"scales must be {conv.weight.shape[0]} finite positive numbers")
-    conv.weight.mul_(s.view(-1, 1, 1, 1))
-    conv.bias.mul_(s)
-    nxt = _next_layer(model, index)
+    """In place: multiply the output of channel c of unit ``index`` by ``scales[c] > 0``
+    (the batch norm's weight and shift, or the layer's row and bias) and divide the next
+    layer's input channel c by it, so the function is unchanged."""
+    layer = units(model)[index][1].layer
+    s = _positive(scales, layer.weight.shape[0], layer.weight.dtype)
+    bn = _norm(model, index)
+    if bn is not None:
+        bn.weight.mul_(s)
+        bn.bias.mul_(s)
+    else:
+        layer.weight.mul_(s.view((-1,) + (1,) * (layer.weight.dim() - 1)))
+        if layer.bias is not None:
+            layer.bias.mul_(s)
+    nxt, per_channel = _columns(model, index)
     if isinstance(nxt, nn.Conv2d):
         nxt.weight.div_(s.view(1, -1, 1, 1))
     else:
         out_features = nxt.weight.shape[0]
-        nxt.weight.copy_((nxt.weight.view(out_features, len(s), -1) / s.view(1, -1, 1)).reshape(out_features, -1))
+        nxt.weight.copy_((nxt.weight.view(out_features, len(s), per_channel) / s.view(1, -1, 1)).reshape(out_features, -1))
+
+
+@torch.no_grad()
+def scale_before_norm(model: SplitNet, index: int, scales: torch.Tensor | np.ndarray) -> None:
+    """In place: multiply row c of unit ``index``'s layer by ``scales[c] > 0`` and let its
+    batch norm undo it (running mean times ``t``, ``var + eps`` times ``t^2``): the model
+    computes the same function in evaluation mode, every weight of the layer moves.
+    Only for units with a batch norm."""
+    layer = units(model)[index][1].layer
+    bn = _norm(model, index)
+    if bn is None:
+        raise InvalidInput(f"unit {units(model)[index][0]} has no batch norm to absorb a rescaling")
+    t = _positive(scales, layer.weight.shape[0], layer.weight.dtype)
+    layer.weight.mul_(t.view((-1,) + (1,) * (layer.weight.dim() - 1)))
+    if layer.bias is not None:
+        layer.bias.mul_(t)
+    bn.running_mean.mul_(t)
+    bn.running_var.copy_(t * t * (bn.running_var + bn.eps) - bn.eps)
 
 
 @torch.no_grad()
 def _activations(model: SplitNet, index: int, probe: torch.Tensor) -> torch.Tensor:
-    """Post-ReLU outputs of conv block ``index`` on the probe, as [C, N*H*W] float64."""
+    """Post-ReLU outputs of unit ``index`` on the probe, as [C, N * positions] float64."""
     x = probe
-    for i, (_, block) in enumerate(conv_blocks(model)):
-        a = block.relu(block.conv(x))
+    for i, (_, block) in enumerate(units(model)):
+        if not isinstance(block, ConvBlock) and x.dim() > 2:  # the first dense block reads the flattened conv output
+            x = x.flatten(1)
+        a = block.pre_pool(x)
         if i == index:
             return a.transpose(0, 1).reshape(a.shape[1], -1).to(torch.float64)
-        x = block.pool(a)
+        x = block.pool(a) if isinstance(block, ConvBlock) else a
     raise IndexError(index)
 
 
 def _rows_in(model: SplitNet, index: int) -> torch.Tensor:
-    """Incoming weights of each channel of block ``index`` (kernel and bias), [C, fan_in + 1]."""
-    conv = conv_blocks(model)[index][1].conv
-    return torch.cat([conv.weight.flatten(1), conv.bias[:, None]], 1).detach().to(torch.float64)
+    """Incoming weights of each channel of unit ``index`` (row and bias), [C, fan_in + 1]."""
+    layer = units(model)[index][1].layer
+    bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0])
+    return torch.cat([layer.weight.flatten(1), bias[:, None]], 1).detach().to(torch.float64)
 
 
 def _columns_out(model: SplitNet) -> torch.Tensor:
-    """The linear head's weights grouped by input channel of the last block, [C, classes * H * W]."""
-    fc, channels = model.server.fc, conv_blocks(model)[-1][1].conv.out_channels
-    return fc.weight.detach().view(fc.out_features, channels, -1).transpose(0, 1).reshape(channels, -1).to(torch.float64)
+    """The head's weights grouped by input channel of the last unit, [C, classes * positions]."""
+    index = len(units(model)) - 1
+    fc, per_channel = _columns(model, index)
+    channels = fc.weight.shape[1] // per_channel
+    return fc.weight.detach().view(fc.out_features, channels, per_channel).transpose(0, 1).reshape(channels, -1).to(torch.float64)
 
 
 def _similarity(a: torch.Tensor, b: torch.Tensor, centre: bool) -> np.ndarray:
@@ -164,23 +218,24 @@ def _similarity(a: torch.Tensor, b: torch.Tensor, centre: bool) -> np.ndarray:
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> np.ndarray:
     num, den = num.numpy(), den.numpy()
-    valid = (num > 0) & (den > 0)
+    valid = (num > 0) & (den > 0) & np.isfinite(num) & np.isfinite(den)
     return np.where(valid, num / np.where(valid, den, 1.0), 1.0)
 
 
 @torch.no_grad()
 def align(suspect: SplitNet, reference: SplitNet, probe: torch.Tensor) -> Alignment:
     """Undo channel permutations and positive rescalings of ``suspect`` relative to
-    ``reference`` (the base model), block by block; returns a new, aligned model.
+    ``reference`` (the base model), unit by unit; returns a new, aligned, norm-free model.
 
-    For each block (the earlier ones already aligned), channel j of the reference is
-    matched to suspect channel k by maximising, over permutations, the sum of
-    similarities: activation correlation on the probe, cosine of the incoming weights,
-    and for the last block the cosine of the linear head's columns (its outputs are
-    classes, never permuted). Dead channels (no activation) are matched on weights.
-    The scale is the ratio of incoming-weight norms; for the last block, the geometric
-    mean of that and the inverse ratio of head-column norms, which stays near 1 when the
-    vendor's embedding moved a channel's weights (it changes both sides alike).
+    Both models are first folded (:func:`~securemark.model.fold_batchnorm`). Then for each
+    unit (the earlier ones already aligned), channel j of the reference is matched to
+    suspect channel k by maximising, over permutations, the sum of similarities:
+    activation correlation on the probe, cosine of the incoming weights, and for the
+    last unit the cosine of the head's columns (its outputs are classes, never
+    permuted). Dead channels (no activation) are matched on weights. The scale is the
+    ratio of incoming-weight norms; for the last unit, the geometric mean of that and the
+    inverse ratio of head-column norms, which stays near 1 when the vendor's embedding
+    moved a channel's weights (it changes both sides alike).
 
     Args:
         suspect: the model to align (same architecture as ``reference``; not modified).
@@ -190,13 +245,13 @@ def align(suspect: SplitNet, reference: SplitNet, probe: torch.Tensor) -> Alignm
     """
     if not isinstance(probe, torch.Tensor) or probe.dim() != 4 or probe.shape[0] == 0:
         raise InvalidInput(f"probe must be a non-empty float tensor [N, 1, 28, 28], got {getattr(probe, 'shape', type(probe))}")
-    model = copy.deepcopy(suspect).cpu().eval()
-    reference = reference.cpu().eval()
+    model = fold_batchnorm(suspect.cpu())
+    reference = fold_batchnorm(reference.cpu())
     probe = probe.to(torch.float32)
     blocks = []
-    n_blocks = len(conv_blocks(model))
-    for index, (path, _) in enumerate(conv_blocks(model)):
-        last = index == n_blocks - 1
+    n_units = len(units(model))
+    for index, (path, _) in enumerate(units(model)):
+        last = index == n_units - 1
         ref_in, sus_in = _rows_in(reference, index), _rows_in(model, index)
         sim = _similarity(_activations(reference, index, probe), _activations(model, index, probe), centre=True)
         sim = sim + _similarity(ref_in, sus_in, centre=False)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from securemark.errors import ConfigError, InvalidConfig, InvalidInput, SecureMarkError
-from securemark.model import SplitNet
+from securemark.model import ConvBlock, SplitNet, norm_scale, units
 
 
 class EmbeddingFailed(SecureMarkError):
@@ -35,7 +36,7 @@ class EmbeddingFailed(SecureMarkError):
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    layer: str = "server.block3.conv.weight"  # parameter that carries the code word
+    layer: str = "server.block2.conv.weight"  # parameter that carries the code word
     lam: float = 1.0            # weight of the hinge term
     margin: float = 0.05        # required s_i * y_i for every bit (the stop criterion)
     slack: float = 0.2          # the hinge aims at margin * (1 + slack), so bits clear it
@@ -71,16 +72,36 @@ class EmbedResult:
     seconds: float
 
 
-def layer_weight(state_or_model, layer: str) -> torch.Tensor:
-    state = state_or_model.state_dict() if hasattr(state_or_model, "state_dict") else state_or_model
-    if layer not in state:
-        raise InvalidConfig(f"layer {layer!r} not in model; layers: {sorted(state)}")
-    return state[layer]
+def fingerprint_unit(model: SplitNet, layer: str) -> nn.Module:
+    """The block whose layer weight ``layer`` names (``server.block2.conv.weight`` ->
+    the block ``server.block2``); only the weight of a unit's layer can carry a code word."""
+    blocks = dict(units(model))
+    path, _, leaf = layer.rpartition(".")
+    block_path, _, layer_name = path.rpartition(".")
+    if leaf != "weight" or block_path not in blocks or layer_name not in ("conv", "linear"):
+        valid = [f"{p}.{'conv' if isinstance(b, ConvBlock) else 'linear'}.weight" for p, b in blocks.items()]
+        raise InvalidConfig(f"fingerprint layer {layer!r} is not the weight of a conv or dense block; choose one of {valid}")
+    return blocks[block_path]
 
 
-def extract(state_or_model, layer: str, key_matrix: torch.Tensor) -> torch.Tensor:
-    """Soft values y = K w (float64 [code_length]) from a model or a state dict."""
-    w = layer_weight(state_or_model, layer).detach().reshape(-1).to(torch.float64)
+def effective_weight(model: SplitNet, layer: str) -> torch.Tensor:
+    """The weight of ``layer`` as the model applies it in evaluation mode: with a batch
+    norm after it, each output channel times ``gamma / sqrt(running_var + eps)``
+    (the weight :func:`~securemark.model.fold_batchnorm` writes). Differentiable in the
+    layer's weight and the norm's gamma; the fingerprint lives in this weight, so
+    splitting a scale between layer and norm cannot hide it."""
+    block = fingerprint_unit(model, layer)
+    weight = block.layer.weight
+    scale = norm_scale(block)
+    if scale is None:
+        return weight
+    return weight * scale.view((-1,) + (1,) * (weight.dim() - 1))
+
+
+def extract(model: SplitNet, layer: str, key_matrix: torch.Tensor) -> torch.Tensor:
+    """Soft values y = K w (float64 [code_length]) of the effective weight of ``layer``."""
+    with torch.no_grad():
+        w = effective_weight(model, layer).detach().reshape(-1).to(torch.float64)
     if w.numel() != key_matrix.shape[1]:
         raise InvalidInput(f"layer {layer!r} has {w.numel()} weights, key expects {key_matrix.shape[1]}")
     return key_matrix.to(torch.float64) @ w
@@ -117,10 +138,10 @@ def embed(
     records); only server parameters are trained.
     """
     start = time.perf_counter()
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base).eval()  # evaluation mode throughout: batch-norm statistics stay the base's
     for p in model.client.parameters():
         p.requires_grad_(False)
-    weight = dict(model.named_parameters())[cfg.layer]
+    fingerprint_unit(model, cfg.layer)
     K = key_matrix.to(torch.float32)
     s = signs(bits)
     if s.numel() != K.shape[0]:
@@ -133,7 +154,7 @@ def embed(
     while True:
         if steps % cfg.check_every == 0 or steps >= cfg.max_steps:
             with torch.no_grad():
-                y = K @ weight.reshape(-1)
+                y = K @ effective_weight(model, cfg.layer).reshape(-1)
                 min_margin = float((s * y).min())
             if min_margin >= cfg.margin:
                 acc = bank_accuracy(model, eval_x, eval_y)
@@ -146,10 +167,9 @@ def embed(
                     model=model.eval(),
                     steps=steps,
                 )
-        model.server.train()
         idx = torch.randint(len(labels), (cfg.batch_size,), generator=generator)
         ce = F.cross_entropy(model.server(features[idx].float()), labels[idx])
-        hinge = F.relu(cfg.margin * (1 + cfg.slack) - s * (K @ weight.reshape(-1))).mean()
+        hinge = F.relu(cfg.margin * (1 + cfg.slack) - s * (K @ effective_weight(model, cfg.layer).reshape(-1))).mean()
         loss = ce + cfg.lam * hinge
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,5 +178,5 @@ def embed(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    y = K.double() @ weight.detach().reshape(-1).double()
+    y = extract(model, cfg.layer, K)
     return EmbedResult(model, steps, bit_error_rate(y, bits), float((s.double() * y).min()), acc, base_acc, time.perf_counter() - start)

@@ -1,17 +1,26 @@
 """The classifier, built in two parts: ``server(client(x))``.
 
 ``client`` is the privacy partition (the first conv blocks, run by each data owner);
-``server`` is the rest (run by the vendor). The cut point and the widths are params.
-Parameter names are stable and readable, e.g. ``client.block1.conv.weight``,
-``server.block3.conv.weight``, ``server.fc.weight``; the full model saves and loads as
-one state dict.
+``server`` is the rest (run by the vendor): the remaining conv blocks, then dense
+(fully connected) blocks, then the linear head. Parameter names are stable and
+readable, e.g. ``client.block1.conv.weight``, ``server.block2.bn.running_var``,
+``server.dense1.linear.weight``, ``server.fc.weight``; the full model saves and loads
+as one state dict.
+
+Every conv block is ``conv 3x3 -> [batch norm] -> ReLU -> max-pool 2x2`` and every dense
+block ``linear -> [batch norm] -> ReLU -> dropout``: one parameterised layer per block
+(a *unit* in :mod:`securemark.alignment`), so that re-alignment and the fingerprint
+read one layer at a time. With ``norm: batch`` the conv and linear layers of the blocks
+have no bias (the norm's shift replaces it); :func:`fold_batchnorm` turns such a model
+into the norm-free model that computes the same function in evaluation mode.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -20,26 +29,46 @@ from securemark.errors import ConfigError
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
+NORMS = ("batch", "none")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Architecture: one 3x3 conv + ReLU + 2x2 max-pool block per width; then a linear head.
+    """Architecture of the classifier.
 
-    ``cut`` blocks run at the data owners (the privacy partition), the rest at the vendor.
+    Attributes:
+        widths: channels of each conv block (each halves the image: at most 4 blocks).
+        hidden: units of each dense block between the conv blocks and the head.
+        cut: conv blocks in the client (the privacy partition, run by the data owners).
+        norm: ``batch`` (batch norm after every conv/linear layer of a block) or ``none``.
+        dropout: dropout probability after every dense block (training only).
     """
 
-    widths: tuple[int, ...] = (16, 32, 64)
-    cut: int = 2
+    widths: tuple[int, ...] = (32, 64)
+    hidden: tuple[int, ...] = (256,)
+    cut: int = 1
+    norm: str = "batch"
+    dropout: float = 0.4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         if not self.widths or any(w < 1 for w in self.widths):
             raise ConfigError("model.widths", f"need one or more positive widths, got {list(self.widths)}")
         if len(self.widths) > 4:
             raise ConfigError("model.widths", "at most 4 blocks fit a 28x28 image (each halves it)")
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError("model.hidden", f"dense block sizes must be positive, got {list(self.hidden)}")
         if not 1 <= self.cut <= len(self.widths):
             raise ConfigError("model.cut", f"must be between 1 and {len(self.widths)} (client needs a block), got {self.cut}")
+        if self.norm not in NORMS:
+            raise ConfigError("model.norm", f"must be one of {list(NORMS)}, got {self.norm!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}")
+
+    @property
+    def normed(self) -> bool:
+        return self.norm == "batch"
 
     def spatial(self, blocks: int) -> int:
         size = IMAGE_SIZE
@@ -53,26 +82,70 @@ class ModelSpec:
         s = self.spatial(self.cut)
         return (self.widths[self.cut - 1], s, s)
 
+    @property
+    def flat_features(self) -> int:
+        """Inputs of the first dense layer (or of the head): the last conv block, flattened."""
+        s = self.spatial(len(self.widths))
+        return self.widths[-1] * s * s
 
-def _block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(
-        OrderedDict(conv=nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), relu=nn.ReLU(), pool=nn.MaxPool2d(2))
-    )
+    def to_dict(self) -> dict:
+        return {"widths": list(self.widths), "hidden": list(self.hidden), "cut": self.cut, "norm": self.norm, "dropout": self.dropout}
+
+
+class ConvBlock(nn.Sequential):
+    """``conv 3x3 (pad 1) -> [BatchNorm2d] -> ReLU -> MaxPool 2x2``."""
+
+    def __init__(self, c_in: int, c_out: int, normed: bool) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict(conv=nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=not normed))
+        if normed:
+            layers["bn"] = nn.BatchNorm2d(c_out)
+        layers["relu"] = nn.ReLU()
+        layers["pool"] = nn.MaxPool2d(2)
+        super().__init__(layers)
+
+    @property
+    def layer(self) -> nn.Conv2d:
+        return self.conv
+
+    def pre_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's post-ReLU output before pooling (what alignment compares)."""
+        return self.relu(self.bn(self.conv(x)) if hasattr(self, "bn") else self.conv(x))
+
+
+class DenseBlock(nn.Sequential):
+    """``linear -> [BatchNorm1d] -> ReLU -> Dropout``."""
+
+    def __init__(self, n_in: int, n_out: int, normed: bool, dropout: float) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict(linear=nn.Linear(n_in, n_out, bias=not normed))
+        if normed:
+            layers["bn"] = nn.BatchNorm1d(n_out)
+        layers["relu"] = nn.ReLU()
+        layers["drop"] = nn.Dropout(dropout)
+        super().__init__(layers)
+
+    @property
+    def layer(self) -> nn.Linear:
+        return self.linear
+
+    def pre_pool(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.linear(x)) if hasattr(self, "bn") else self.linear(x))
 
 
 def build_client(spec: ModelSpec) -> nn.Sequential:
     channels = (1, *spec.widths)
-    return nn.Sequential(OrderedDict((f"block{i + 1}", _block(channels[i], channels[i + 1])) for i in range(spec.cut)))
+    return nn.Sequential(OrderedDict((f"block{i + 1}", ConvBlock(channels[i], channels[i + 1], spec.normed)) for i in range(spec.cut)))
 
 
 def build_server(spec: ModelSpec) -> nn.Sequential:
     channels = (1, *spec.widths)
     layers: OrderedDict[str, nn.Module] = OrderedDict(
-        (f"block{i + 1}", _block(channels[i], channels[i + 1])) for i in range(spec.cut, len(spec.widths))
+        (f"block{i + 1}", ConvBlock(channels[i], channels[i + 1], spec.normed)) for i in range(spec.cut, len(spec.widths))
     )
-    s = spec.spatial(len(spec.widths))
     layers["flatten"] = nn.Flatten()
-    layers["fc"] = nn.Linear(spec.widths[-1] * s * s, NUM_CLASSES)
+    sizes = (spec.flat_features, *spec.hidden)
+    for i in range(len(spec.hidden)):
+        layers[f"dense{i + 1}"] = DenseBlock(sizes[i], sizes[i + 1], spec.normed, spec.dropout)
+    layers["fc"] = nn.Linear(sizes[-1], NUM_CLASSES)
     return nn.Sequential(layers)
 
 
@@ -91,13 +164,17 @@ class SplitNet(nn.Module):
 
 def init_weights(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """PyTorch's default conv/linear initialisation, drawn from ``generator`` (not the
-    global RNG), so that initial weights are a function of the seed alone."""
+    global RNG), so that initial weights are a function of the seed alone. Batch norms
+    start as the identity (weight 1, bias 0, running mean 0, variance 1)."""
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
-            fan_in = module.weight[0].numel()
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            module.reset_parameters()
     return model
 
 
@@ -109,6 +186,44 @@ def build_model(spec: ModelSpec, seed: int) -> SplitNet:
     with torch.random.fork_rng(devices=[]):
         net = SplitNet(spec)
     return init_weights(net, torch.Generator().manual_seed(seed))
+
+
+def units(model: SplitNet) -> list[tuple[str, nn.Module]]:
+    """The blocks with one parameterised layer each (conv blocks, then dense blocks), in
+    forward order, as ``(path, block)``; the head ``server.fc`` follows the last one."""
+    return [(f"{part}.{name}", block) for part in ("client", "server")
+            for name, block in getattr(model, part).named_children() if isinstance(block, (ConvBlock, DenseBlock))]
+
+
+def norm_scale(block: nn.Module) -> torch.Tensor | None:
+    """``gamma / sqrt(running_var + eps)`` of the block's batch norm (None without one):
+    in evaluation mode the norm multiplies the layer's output channel c by this."""
+    bn = getattr(block, "bn", None)
+    if bn is None:
+        return None
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: SplitNet) -> SplitNet:
+    """The norm-free model (``norm: none``) that computes what ``model`` computes in
+    evaluation mode: each batch norm is folded into the layer before it,
+    ``w' = w * gamma / sqrt(var + eps)`` per output channel and
+    ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``. A model without norms is copied."""
+    if not model.spec.normed:
+        return copy.deepcopy(model).eval()
+    spec = replace(model.spec, norm="none")
+    out = SplitNet(spec)
+    source, target = dict(units(model)), dict(units(out))
+    for path, block in source.items():
+        layer, folded = block.layer, target[path].layer
+        scale = norm_scale(block)
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0])
+        folded.weight.copy_(layer.weight * scale.view(shape))
+        folded.bias.copy_((bias - block.bn.running_mean) * scale + block.bn.bias)
+    out.server.fc.load_state_dict(model.server.fc.state_dict())
+    return out.eval()
 
 
 @torch.no_grad()

@@ -147,3 +147,19 @@ def manifest(name: str, indices: np.ndarray, labels: np.ndarray) -> pd.DataFrame
         },
         columns=MANIFEST_COLUMNS,
     )
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted row indices of a class-balanced subset of ``size`` rows (as equal per class as
+    the rows allow), deterministic in ``seed``; nested: a smaller ``size`` with the same
+    seed picks a subset of a larger one's rows. Used for the attacker's data budget."""
+    labels = np.asarray(labels)
+    if not 1 <= size <= len(labels):
+        raise ConfigError("attacker.budget", f"must be between 1 and the {len(labels)} images of the attacker partition, got {size}")
+    rng = np.random.default_rng(seed)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(NUM_CLASSES)]
+    classes = rng.permutation(NUM_CLASSES)
+    order = []  # round robin over the classes: every prefix is as balanced as it can be
+    for rank in range(max(len(p) for p in pools)):
+        order.extend(int(pools[c][rank]) for c in classes if rank < len(pools[c]))
+    return np.sort(np.asarray(order[:size], dtype=np.int64))

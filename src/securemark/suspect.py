@@ -78,13 +78,16 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return _read_state_dict(path)
 
 
-def expected_shapes(spec: ModelSpec) -> dict[str, torch.Size]:
-    """Every tensor a model of architecture ``spec`` has, with its shape."""
-    return {k: v.shape for k, v in SplitNet(spec).state_dict().items()}
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Every tensor a model of architecture ``spec`` has, with its shape and dtype
+    (floating point, except the batch norms' integer counters)."""
+    return {k: (v.shape, v.dtype) for k, v in SplitNet(spec).state_dict().items()}
 
 
-def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Validate ``state`` against the expected layer shapes; returns float32 copies."""
+def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Validate ``state`` against the expected layers (shape, dtype); returns float32
+    copies of the floating tensors and int64 copies of the counters. A batch norm's
+    running variance must not be negative (it is a variance)."""
     missing = sorted(set(expected) - set(state))
     if missing:
         raise InvalidModel(f"missing layers: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
@@ -92,19 +95,26 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Size])
     if unknown:
         raise InvalidModel(f"unknown layers (not this architecture): {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
     out = {}
-    for name, shape in expected.items():
+    for name, (shape, dtype) in expected.items():
         t = state[name]
         if tuple(t.shape) != tuple(shape):
             raise InvalidModel(f"layer {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if not dtype.is_floating_point:  # a counter (batches a norm has seen): unused in evaluation
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise InvalidModel(f"layer {name} has dtype {t.dtype}, expected an integer tensor")
+            out[name] = t.detach().to(dtype).contiguous()
+            continue
         if not t.is_floating_point():
             raise InvalidModel(f"layer {name} has dtype {t.dtype}, expected a floating-point tensor")
         t = t.detach().to(torch.float32)
         if not torch.isfinite(t).all():
             raise InvalidModel(f"layer {name} contains NaN or Inf")
+        if name.endswith("running_var") and bool((t < 0).any()):
+            raise InvalidModel(f"layer {name} holds a negative variance")
         out[name] = t.contiguous()
     return out
 
 
-def load_suspect(path: Path, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Read and validate a suspicious model: float32 tensors keyed like ``expected``."""
+def load_suspect(path: Path, expected: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Read and validate a suspicious model: tensors keyed like ``expected`` (see :func:`check_state`)."""
     return check_state(read_tensors(path), expected)

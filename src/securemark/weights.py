@@ -28,7 +28,7 @@ def save_weights(model: SplitNet, path: Path) -> Path:
     """Write ``model`` as safetensors with its spec in the metadata. Atomic (temp + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {SPEC_KEY: json.dumps({"widths": list(model.spec.widths), "cut": model.spec.cut})}
+    meta = {SPEC_KEY: json.dumps(model.spec.to_dict())}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state_of(model), str(tmp), metadata=meta)
     tmp.replace(path)
@@ -39,7 +39,7 @@ def read_spec(path: Path) -> ModelSpec:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     raw = json.loads(meta[SPEC_KEY])
-    return ModelSpec(widths=tuple(raw["widths"]), cut=int(raw["cut"]))
+    return ModelSpec(**raw)
 
 
 def load_weights(path: Path) -> SplitNet:

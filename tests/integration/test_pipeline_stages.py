@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -24,6 +25,8 @@ PARAMS = small_params(attack={
         {"attack": "average"},
         {"attack": "compose", "steps": [{"attack": "average"}, {"attack": "prune", "rate": 0.5}]},
         {"attack": "compose", "steps": [{"attack": "permute"}, {"attack": "rescale", "spread": 10.0}]},
+        {"attack": "distill", "labels": ["soft", "hard"], "epochs": 2},
+        {"attack": "distill", "labels": "hard", "student": "other", "widths": [4, 8], "hidden": [16], "epochs": 2},
     ],
 })
 SETTINGS = Settings.from_params(PARAMS)
@@ -32,12 +35,14 @@ SETTINGS = Settings.from_params(PARAMS)
 @pytest.fixture(scope="module")
 def staged(prepared_project, prefect_harness, tmp_path_factory):
     """Run train (both variants) and issue once for the module."""
+    from flows.attacker_baseline import _stage as baseline_stage
     from flows.issue import _stage as issue_stage
     from flows.train import train_flow
 
     with isolated_copy(prepared_project, tmp_path_factory.mktemp("stages") / "project") as (paths, _):
         for variant in ("defended", "undefended"):
             train_flow(paths, SETTINGS, variant)
+        baseline_stage(paths, SETTINGS)
         issue_stage(paths, SETTINGS)
         yield paths
 
@@ -48,6 +53,15 @@ def test_train_writes_metrics_and_feature_bank(staged):
     assert 0.3 < metrics["test_accuracy"] <= 1.0  # two tiny epochs, well above chance (0.1)
     assert (staged.features / "defended_bank.safetensors").is_file()
     assert json.loads((staged.metrics / "train_undefended.json").read_text())["epochs"] == 2
+
+
+def test_attacker_baseline_trains_each_budget_with_the_vendors_recipe(staged):
+    rows = json.loads(staged.attacker_baseline.read_text())
+    assert [r["budget"] for r in rows] == list(SETTINGS.attacker.budgets)
+    for r in rows:
+        assert 0.1 < r["accuracy"] <= 1.0 and r["epochs"] >= SETTINGS.train.config.epochs
+        assert r["steps"] >= SETTINGS.attacker.min_steps
+        assert staged.attacker_alone_model(r["budget"]).is_file()
 
 
 def test_privacy_audit_writes_metrics_and_grid(staged):
@@ -76,7 +90,7 @@ def test_trace_stage_accuses_each_copy_and_no_null_model(staged):
 
     metrics = trace_stage_flow(staged, SETTINGS)
     assert metrics["copies_traced"] == metrics["copies_correct"] == 2
-    assert metrics["null_models"] == 1 + SETTINGS.trace.null_independent + 2 * SETTINGS.trace.null_random_keys
+    assert metrics["null_models"] == 1 + len(SETTINGS.attacker.budgets) + 2 * SETTINGS.trace.null_random_keys
     assert metrics["null_accusations"] == 0 and metrics["max_null_score_ratio"] < 1.0
 
 
@@ -86,9 +100,15 @@ def test_attack_stage_traces_attacked_copies(staged):
     _stage(staged, SETTINGS)
     rows = pd.read_csv(staged.metrics / "attacks.csv")
     assert list(rows.columns) == CSV_COLUMNS
-    assert set(rows["attack"]) == {"fine_tune_adam", "prune", "average", "average>prune", "permute>rescale"}
-    assert len(rows) == 1 + 2 + 1 + 1 + 1
+    assert set(rows["attack"]) == {"fine_tune_adam", "prune", "average", "average>prune", "permute>rescale",
+                                   "distill_soft", "distill_hard", "distill_hard_other"}
+    assert len(rows) == 1 + 2 + 1 + 1 + 1 + 3
     assert (rows["innocents_accused"] == 0).all()
+    baseline = {r["budget"]: r["accuracy"] for r in json.loads(staged.attacker_baseline.read_text())}
+    assert np.allclose(rows["attacker_alone_accuracy"], baseline[SETTINGS.attacker.budget], atol=1e-5)
+    assert (rows["worth_it"] == (rows["accuracy"] > rows["attacker_alone_accuracy"])).all()
+    other = rows[rows["attack"] == "distill_hard_other"].iloc[0]
+    assert other["caught"] == 0 and pd.isna(other["ber"])  # another architecture: no weights to read
     # Re-parametrisation scrambles the raw weights; re-alignment reads the mark again.
     reparam = rows[rows["attack"] == "permute>rescale"].iloc[0]
     assert reparam["ber_unaligned"] > 0.2 and reparam["ber"] == 0 and reparam["caught"] == 1
@@ -96,6 +116,9 @@ def test_attack_stage_traces_attacked_copies(staged):
     assert (mild["caught"] == 1).all() and (mild["ber"] == 0).all()
     summary = json.loads((staged.metrics / "attacks.json").read_text())
     assert {t["attack"] for t in summary["tradeoff"]} == set(rows["attack"])
+    parts = summary["tracing"]
+    assert sum(parts[k]["attacked_models"] for k in ("worth_it_within_2pt", "worth_it_beyond_2pt", "not_worth_it")) == len(rows)
+    assert summary["attacker_budget"] == SETTINGS.attacker.budget
 
 
 @pytest.mark.parametrize("code", [{"family": "random", "capacity": 50, "code_length": 64},

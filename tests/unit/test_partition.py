@@ -79,3 +79,17 @@ def test_manifest_rows():
     assert list(df.columns) == ["sample_id", "label", "source_index", "partition"]
     assert df["sample_id"].tolist() == ["train-00003", "train-00010"]
     assert manifest("test", idx, TEST)["sample_id"][0] == "test-00003"
+
+
+def test_budget_subsets_are_balanced_nested_and_reproducible():
+    from securemark.errors import ConfigError
+    from securemark.partition import stratified_subset
+
+    labels = np.random.default_rng(0).integers(0, 10, 5000)
+    small, large = stratified_subset(labels, 1000, 3), stratified_subset(labels, 2500, 3)
+    assert np.bincount(labels[small], minlength=10).tolist() == [100] * 10
+    assert set(small) <= set(large) and len(set(large)) == 2500
+    assert np.array_equal(small, stratified_subset(labels, 1000, 3))
+    assert not np.array_equal(small, stratified_subset(labels, 1000, 4))
+    with pytest.raises(ConfigError, match="attacker.budget"):
+        stratified_subset(labels, 6000, 3)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from securemark.errors import ConfigError
+from securemark.errors import ConfigError, UnknownName
 from securemark.model import ModelSpec, SplitNet, build_client, build_model, build_server
 from securemark.split.defence import DefenceConfig, distance_correlation
 from securemark.split.messages import MessageRejected, SmashedBatch
@@ -17,7 +17,7 @@ from securemark.split.parties import SplitServer
 from securemark.split.protocol import InMemoryOwners, SplitJob, TrainConfig, bank_positions
 from securemark.split.transport import create_transport, transport_names
 
-SMALL = ModelSpec(widths=(4, 8), cut=1)
+SMALL = ModelSpec(widths=(4, 8), hidden=(8,), cut=1)
 
 
 def numpy_dcor(x: np.ndarray, z: np.ndarray) -> float:
@@ -71,13 +71,19 @@ def test_dcor_is_differentiable():
     "widths, cut",
     [((16, 32, 64), 1), ((16, 32, 64), 2), ((16, 32, 64), 3), ((8,), 1), ((4, 8, 16, 32), 4), ((4, 8, 16, 32), 2)],
 )
-def test_client_output_has_the_cut_shape_and_the_net_gives_ten_logits(widths, cut):
-    spec = ModelSpec(widths, cut)
+@pytest.mark.parametrize("hidden", [(), (12,), (12, 6)])
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_client_output_has_the_cut_shape_and_the_net_gives_ten_logits(widths, cut, hidden, norm):
+    spec = ModelSpec(widths=widths, hidden=hidden, cut=cut, norm=norm)
     x = torch.rand(5, 1, 28, 28)
     assert tuple(build_client(spec)(x).shape[1:]) == spec.cut_shape
     assert spec.cut_shape[0] == widths[cut - 1]
     assert build_server(spec)(torch.rand(5, *spec.cut_shape)).shape == (5, 10)
     assert SplitNet(spec)(x).shape == (5, 10)
+    names = set(SplitNet(spec).state_dict())
+    assert ("client.block1.bn.running_var" in names) == (norm == "batch")
+    assert ("client.block1.conv.bias" in names) == (norm == "none")  # a norm's shift replaces the bias
+    assert {f"server.dense{i + 1}.linear.weight" for i in range(len(hidden))} <= names
 
 
 @pytest.mark.parametrize(
@@ -86,14 +92,18 @@ def test_client_output_has_the_cut_shape_and_the_net_gives_ten_logits(widths, cu
 )
 def test_model_spec_rejects_impossible_architectures(widths, cut, key):
     with pytest.raises(ConfigError) as info:
-        ModelSpec(widths, cut)
+        ModelSpec(widths=widths, cut=cut)
     assert info.value.key == key and key in str(info.value)
+    for bad, named in [(dict(norm="layer"), "model.norm"), (dict(dropout=1.0), "model.dropout"), (dict(hidden=(0,)), "model.hidden")]:
+        with pytest.raises(ConfigError) as info:
+            ModelSpec(**bad)
+        assert info.value.key == named
 
 
 # ----------------------------------------------------------------- the server's gate
 @pytest.fixture
 def server() -> SplitServer:
-    return SplitServer(build_model(SMALL, seed=0).server, SMALL.cut_shape, lr=1e-3)
+    return SplitServer(build_model(SMALL, seed=0).server, SMALL.cut_shape, TrainConfig(), total_steps=100)
 
 
 def good_batch(b: int = 6) -> SmashedBatch:
@@ -170,21 +180,37 @@ def test_schedule_sends_every_batch_once(sizes, batch, local_steps):
     assert all(any(c > 0 for c in r) for r in schedule)  # no empty rounds
 
 
-def test_bank_positions_replay_what_the_server_recorded():
-    job = synthetic_job((100, 100), batch=16, local_steps=2, epochs=2)
+def test_feature_bank_holds_every_owner_image_once_as_the_final_client_sees_it():
+    job = synthetic_job((100, 60), batch=16, local_steps=2, epochs=2)
     result = create_transport("inprocess").train(job, progress=False)
     owners, positions = bank_positions(job)
     assert torch.equal(result.bank["owners"], owners)
     labels = torch.stack([job.load_owner(int(k))[1][int(i)] for k, i in zip(owners, positions)])
     assert torch.equal(result.bank["labels"], labels)
-    for k in (1, 2):  # the final epoch saw each image exactly once
-        assert sorted(positions[owners == k].tolist()) == list(range(100))
-    assert result.bank["features"].shape == (200, *SMALL.cut_shape)
+    for k, n in ((1, 100), (2, 60)):  # every image exactly once
+        assert sorted(positions[owners == k].tolist()) == list(range(n))
+    assert result.bank["features"].shape == (160, *SMALL.cut_shape)
+    images = job.load_owner(1)[0][:5]
+    with torch.no_grad():  # no noise here (no defence): the final client, in evaluation mode
+        expected = result.model.eval().client(images)
+    torch.testing.assert_close(result.bank["features"][:5].float(), expected, rtol=1e-2, atol=1e-3)  # stored as float16
+
+
+def test_split_training_is_a_function_of_the_seed_dropout_included():
+    spec = ModelSpec(widths=(4, 8), hidden=(8,), cut=1, dropout=0.5)
+    job = synthetic_job((64, 64), batch=16, local_steps=2, epochs=1)
+    job = SplitJob(spec, job.train, job.defence, job.owner_sizes, job.load_owner)
+    state = torch.random.get_rng_state()
+    a = create_transport("inprocess").train(job, progress=False).model
+    torch.manual_seed(123)  # the global stream must not matter
+    b = create_transport("inprocess").train(job, progress=False).model
+    torch.random.set_rng_state(state)
+    assert states_equal(a, b)
 
 
 # ----------------------------------------------------------------- registry and init
 def test_unknown_transport_lists_valid_names():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UnknownName) as info:
         create_transport("nope")
     assert {"inprocess", "gloo"} <= set(transport_names())
     for name in transport_names():

@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 
 from securemark.errors import InvalidModel
 from securemark.model import ModelSpec, SplitNet, build_model
-from securemark.suspect import load_suspect
+from securemark.suspect import expected_shapes, load_suspect
 
-SPEC = ModelSpec(widths=(4, 8, 16), cut=2)
-EXPECTED = {k: v.shape for k, v in SplitNet(SPEC).state_dict().items()}
-LAYER = "server.block3.conv.weight"
+SPEC = ModelSpec(widths=(4, 8), hidden=(8,), cut=1)
+EXPECTED = expected_shapes(SPEC)
+LAYER = "server.block2.conv.weight"
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def _refused(path: Path, *fragments: str) -> str:
 def _assert_same(loaded: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
     assert loaded.keys() == state.keys()
     for name, tensor in state.items():
-        assert loaded[name].dtype == torch.float32
+        assert loaded[name].dtype == (torch.float32 if tensor.is_floating_point() else torch.int64)
         assert torch.equal(loaded[name], tensor), name
 
 
@@ -67,9 +67,9 @@ def test_checkpoint_with_nested_state_dict_loads(tmp_path, state):
 
 
 def test_half_precision_is_accepted_as_float32(tmp_path, state):
-    half = {k: v.half() for k, v in state.items()}
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     loaded = load_suspect(_safetensors(tmp_path / "half.safetensors", half), EXPECTED)
-    assert all(t.dtype == torch.float32 for t in loaded.values())
+    assert all(t.dtype == torch.float32 for k, t in loaded.items() if not k.endswith("num_batches_tracked"))
     assert torch.equal(loaded[LAYER], half[LAYER].float())
 
 
@@ -81,7 +81,7 @@ def test_wrong_shape_names_layer_and_shapes(tmp_path, state, fmt):
     state[LAYER] = torch.zeros(16, 8, 5, 5)
     path = tmp_path / f"m.{fmt}"
     _safetensors(path, state) if fmt == "safetensors" else torch.save(state, path)
-    _refused(path, LAYER, "(16, 8, 5, 5)", "(16, 8, 3, 3)")
+    _refused(path, LAYER, "(16, 8, 5, 5)", "(8, 4, 3, 3)")
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
@@ -110,6 +110,13 @@ def test_non_finite_values_are_refused(tmp_path, state, bad):
 def test_non_float_dtype_is_refused(tmp_path, state, dtype):
     state["server.fc.weight"] = torch.zeros(state["server.fc.weight"].shape, dtype=dtype)
     _refused(_safetensors(tmp_path / "m.safetensors", state), "server.fc.weight", "dtype", "floating-point")
+
+
+def test_a_float_counter_or_a_negative_variance_is_refused(tmp_path, state):
+    bad = dict(state, **{"client.block1.bn.num_batches_tracked": torch.tensor(3.5)})
+    _refused(_safetensors(tmp_path / "a.safetensors", bad), "num_batches_tracked", "integer")
+    bad = dict(state, **{"server.block2.bn.running_var": -torch.ones_like(state["server.block2.bn.running_var"])})
+    _refused(_safetensors(tmp_path / "b.safetensors", bad), "running_var", "negative")
 
 
 # --------------------------------------------------------------------------- not a model file

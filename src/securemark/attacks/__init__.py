@@ -7,6 +7,7 @@ One registry (:mod:`securemark.attacks.base`), one module per family of attacks:
 - :mod:`~securemark.attacks.perturb`: ``noise``;
 - :mod:`~securemark.attacks.collusion`: ``average``;
 - :mod:`~securemark.attacks.reparam`: ``permute``, ``rescale``;
+- :mod:`~securemark.attacks.distill`: ``distill`` (a fresh student imitating the copy);
 - :mod:`~securemark.attacks.compose`: ``compose`` (a sequence of the others);
 
 and the grid that the ``attack`` stage runs (:mod:`~securemark.attacks.grid`).
@@ -17,6 +18,7 @@ from securemark.attacks.base import OPTIMIZERS, Attack, AttackData, available_at
 from securemark.attacks.collusion import Average
 from securemark.attacks.compose import Compose
 from securemark.attacks.compression import Prune, Quantize
+from securemark.attacks.distill import Distill
 from securemark.attacks.perturb import Noise
 from securemark.attacks.reparam import Permute, Rescale
 from securemark.attacks.tuning import FineTune, Overwrite, Retrain
@@ -38,4 +40,5 @@ __all__ = [
     "Permute",
     "Rescale",
     "Compose",
+    "Distill",
 ]

@@ -30,7 +30,7 @@ from securemark.errors import InvalidInput
 from securemark.model import SplitNet
 from securemark.registry import Registry
 
-__all__ = ["AttackData", "Attack", "register_attack", "create_attack", "available_attacks", "OPTIMIZERS"]
+__all__ = ["AttackData", "Attack", "register_attack", "attack_class", "create_attack", "available_attacks", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -80,6 +80,7 @@ class Attack:
 
     kind: ClassVar[str] = ""  # the registry name, set by @register_attack
     min_models: ClassVar[int] = 1
+    list_options: ClassVar[tuple[str, ...]] = ()  # options whose value is a list (a params grid does not expand them)
 
     @property
     def owner(self) -> str:
@@ -120,6 +121,11 @@ class Attack:
 _ATTACKS: Registry[type[Attack]] = Registry("attack", tag="kind")
 register_attack = _ATTACKS.register  # class decorator: make an attack available as create_attack(name, ...)
 available_attacks = _ATTACKS.names  # names of the registered attacks, sorted
+
+
+def attack_class(name: str) -> type[Attack]:
+    """The class registered as ``name`` (:class:`UnknownName` listing the valid names otherwise)."""
+    return _ATTACKS.get(name)
 
 
 def create_attack(name: str, **cfg: Any) -> Attack:

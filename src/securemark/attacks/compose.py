@@ -18,6 +18,8 @@ class Compose(Attack):
     Strength: the strength of the LAST step (the one swept in a grid, by convention).
     """
 
+    list_options = ("steps",)
+
     def __init__(self, steps: list[dict] | tuple[dict, ...] = ({"attack": "average"}, {"attack": "fine_tune", "epochs": 1}, {"attack": "prune", "rate": 0.5})) -> None:
         if not isinstance(steps, (list, tuple)) or not steps:
             raise InvalidConfig(f"attack 'compose': steps must be a non-empty list of {{'attack': name, ...}} configs, got {steps!r}")

@@ -12,20 +12,23 @@ import numpy as np
 import pandas as pd
 import torch
 
+from securemark.attacks.base import attack_class
 from securemark.codes import Codebook
 from securemark.fingerprint import bit_error_rate
 from securemark.model import accuracy
 from securemark.tracing import Extractor, create_decoder
 
-__all__ = ["expand_grid", "is_coalition", "draw_coalitions", "evaluate", "tradeoff", "compare_audits"]
+__all__ = ["expand_grid", "is_coalition", "draw_coalitions", "evaluate", "worth_it", "tracing_summary", "tradeoff", "compare_audits"]
 
 
 def expand_grid(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One config per combination: list-valued keys (except compose's ``steps``) expand."""
+    """One config per combination: list-valued keys expand, except the options an attack
+    takes as a list (``Attack.list_options``, e.g. compose's ``steps``)."""
     configs = []
     for entry in grid:
         entry = dict(entry)
-        keys = [k for k, v in entry.items() if isinstance(v, list) and k != "steps"]
+        kept = attack_class(entry["attack"]).list_options if "attack" in entry else ()
+        keys = [k for k, v in entry.items() if isinstance(v, list) and k not in kept]
         for values in itertools.product(*(entry[k] for k in keys)):
             configs.append({**entry, **dict(zip(keys, values))})
     return configs
@@ -63,8 +66,13 @@ def evaluate(
     """Accuracy, mean BER over the colluders (after re-alignment, and of the raw weights)
     and the verdict of tracing the attacked model at ``epsilon``.
 
-    ``codewords`` maps customer ids to their code-word index in ``codebook``.
+    ``codewords`` maps customer ids to their code-word index in ``codebook``. A model of
+    another architecture (a distilled student) has no weights to read: BER is NaN and
+    no one is accused.
     """
+    if model.spec != extractor.spec:
+        return {"accuracy": accuracy(model, *test), "ber": float("nan"), "ber_unaligned": float("nan"),
+                "colluders": len(colluders), "caught": 0, "innocents_accused": 0}
     y, _ = extractor(model)
     raw = extractor.raw(model)
 
@@ -81,6 +89,29 @@ def evaluate(
         "colluders": len(colluders),
         "caught": len(accused & guilty),
         "innocents_accused": len(accused - guilty),
+    }
+
+
+def worth_it(rows: pd.DataFrame, attacker_alone_accuracy: float) -> pd.DataFrame:
+    """``rows`` with ``attacker_alone_accuracy`` (at the attacker's budget) and ``worth_it``:
+    the attacked model beats what the attacker builds alone, so leaking it paid."""
+    out = rows.copy()
+    out["attacker_alone_accuracy"] = attacker_alone_accuracy
+    out["worth_it"] = out["accuracy"] > attacker_alone_accuracy
+    return out
+
+
+def tracing_summary(rows: pd.DataFrame) -> dict[str, Any]:
+    """Tracing over a set of attacked models: how many, how many traced (at least one
+    colluder caught), colluders caught of those involved, innocents accused."""
+    return {
+        "attacked_models": int(len(rows)),
+        "traced": int((rows["caught"] > 0).sum()),
+        "traced_fraction": float((rows["caught"] > 0).mean()) if len(rows) else None,
+        "colluders_caught": int(rows["caught"].sum()),
+        "colluders": int(rows["colluders"].sum()),
+        "innocents_accused": int(rows["innocents_accused"].sum()),
+        "accuracy_min": float(rows["accuracy"].min()) if len(rows) else None,
     }
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 
 from securemark import checks
-from securemark.alignment import conv_blocks, permute_channels, scale_channels
+from securemark.alignment import permute_channels, scale_before_norm, scale_channels, units
 from securemark.attacks.base import Attack, register_attack, working_copy
 
 __all__ = ["Permute", "Rescale"]
@@ -16,12 +16,13 @@ __all__ = ["Permute", "Rescale"]
 
 @register_attack("permute")
 class Permute(Attack):
-    """Shuffle the channels of conv blocks of ``models[0]`` at random, the next layer's
-    inputs along (:func:`securemark.alignment.permute_channels`): predictions stay the
-    same, every weight moves. ``blocks``: how many blocks, from the first (client)
-    block on; 0 means all of them.
+    """Shuffle the channels of the units (conv and dense blocks) of ``models[0]`` at
+    random, batch-norm entries and the next layer's inputs along
+    (:func:`securemark.alignment.permute_channels`): predictions stay the same, every
+    weight moves. ``blocks``: how many units, from the first (client) block on; 0 means
+    all of them.
 
-    Strength: the number of blocks permuted.
+    Strength: the number of units permuted.
     """
 
     def __init__(self, blocks: int = 0) -> None:
@@ -34,17 +35,20 @@ class Permute(Attack):
 
     def apply(self, models, data, generator):
         out = working_copy(models[0])
-        blocks = conv_blocks(out)
+        blocks = units(out)
         for index, (_, block) in enumerate(blocks[: self.blocks or len(blocks)]):
-            permute_channels(out, index, torch.randperm(block.conv.out_channels, generator=generator))
+            permute_channels(out, index, torch.randperm(block.layer.weight.shape[0], generator=generator))
         return out
 
 
 @register_attack("rescale")
 class Rescale(Attack):
-    """Multiply every channel of every conv block of ``models[0]`` by a positive factor
-    drawn log-uniformly from ``[1/spread, spread]``, and divide the next layer's inputs
-    by it (:func:`securemark.alignment.scale_channels`): predictions stay the same up to
+    """Multiply the output of every channel of every unit of ``models[0]`` by a positive
+    factor drawn log-uniformly from ``[1/spread, spread]`` and divide the next layer's
+    inputs by it (:func:`securemark.alignment.scale_channels`); where a batch norm
+    follows the layer, also multiply the layer's rows by independent factors from the
+    same range and let the norm's statistics absorb them
+    (:func:`securemark.alignment.scale_before_norm`). Predictions stay the same up to
     float rounding, every weight's magnitude changes.
 
     Strength: ``spread``.
@@ -61,7 +65,11 @@ class Rescale(Attack):
     def apply(self, models, data, generator):
         out = working_copy(models[0])
         log_spread = math.log(self.spread)
-        for index, (_, block) in enumerate(conv_blocks(out)):
-            u = torch.rand(block.conv.out_channels, generator=generator, dtype=torch.float64)
+        for index, (_, block) in enumerate(units(out)):
+            channels = block.layer.weight.shape[0]
+            u = torch.rand(channels, generator=generator, dtype=torch.float64)
             scale_channels(out, index, torch.exp((2 * u - 1) * log_spread))
+            if hasattr(block, "bn"):
+                u = torch.rand(channels, generator=generator, dtype=torch.float64)
+                scale_before_norm(out, index, torch.exp((2 * u - 1) * log_spread))
         return out

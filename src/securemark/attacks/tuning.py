@@ -57,9 +57,10 @@ class FineTune(Attack):
 @register_attack("retrain")
 class Retrain(Attack):
     """Re-initialise the last ``layers`` parameterised (conv/linear) layers of ``models[0]``
-    -- or the whole server part with ``layers="server"`` -- with fresh weights from the
-    generator (:func:`securemark.model.init_weights`), then train only those layers (the
-    others frozen) on the attacker's data.
+    and the batch norms that follow them -- or the whole server part with
+    ``layers="server"`` -- with fresh weights from the generator
+    (:func:`securemark.model.init_weights`), then train only those (the others frozen,
+    their batch-norm statistics too) on the attacker's data.
 
     Strength: the number of re-initialised layers (for ``"server"``: known once called,
     NaN before).
@@ -81,7 +82,7 @@ class Retrain(Attack):
         return self._count
 
     def targets(self, model: SplitNet) -> list[tuple[str, nn.Module]]:
-        """The (name, module) pairs that are re-initialised, in forward order."""
+        """The (name, module) pairs of the re-initialised conv/linear layers, in forward order."""
         if self.layers == "server":
             return [(f"server.{n}", m) for n, m in weight_modules(model.server)]
         modules = weight_modules(model)
@@ -89,16 +90,25 @@ class Retrain(Attack):
             raise InvalidConfig(f"attack 'retrain': layers={self.layers} but the model has only {len(modules)} conv/linear layers")
         return modules[-self.layers :]
 
+    @staticmethod
+    def norms_after(model: SplitNet, names: set[str]) -> list[nn.Module]:
+        """The batch norms that follow the named layers in their block (``...conv`` -> ``...bn``)."""
+        modules = dict(model.named_modules())
+        return [modules[n.rsplit(".", 1)[0] + ".bn"] for n in names if n.rsplit(".", 1)[0] + ".bn" in modules]
+
     def apply(self, models, data, generator):
         model = working_copy(models[0])
         targets = self.targets(model)
-        trained = {id(p) for _, m in targets for p in m.parameters()}
-        for _, module in targets:
+        modules = [m for _, m in targets] + self.norms_after(model, {n for n, _ in targets})
+        trained = {id(p) for m in modules for p in m.parameters()}
+        for module in modules:
             init_weights(module, generator)
         for p in model.parameters():
             p.requires_grad_(id(p) in trained)  # frozen layers need no gradients
         params = [p for p in model.parameters() if id(p) in trained]
-        train_epochs(model, data.images, data.labels, self.epochs, generator, self.optimizer, self.lr, self.batch_size, parameters=params)
+        frozen_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and all(m is not t for t in modules)]
+        train_epochs(model, data.images, data.labels, self.epochs, generator, self.optimizer, self.lr, self.batch_size, parameters=params,
+                     keep_eval=frozen_norms)
         for p in model.parameters():
             p.requires_grad_(True)
         self._count = float(len(targets))
@@ -127,7 +137,7 @@ class Overwrite(Attack):
         margin: float = 0.2,
         lam: float = 1.0,
         max_steps: int = 2000,
-        layer: str = "server.block3.conv.weight",
+        layer: str = "server.block2.conv.weight",
         lr: float = 1e-3,
         accuracy_tolerance: float = 0.02,
     ) -> None:
@@ -136,7 +146,7 @@ class Overwrite(Attack):
         self.lam = checks.number(self.owner, "lam", lam, 0.0, low_open=True)
         self.max_steps = checks.integer(self.owner, "max_steps", max_steps, 1)
         if not isinstance(layer, str) or not layer.startswith("server."):
-            raise InvalidConfig(f"attack 'overwrite': layer must name a server parameter such as 'server.block3.conv.weight', got {layer!r}")
+            raise InvalidConfig(f"attack 'overwrite': layer must name a server parameter such as 'server.block2.conv.weight', got {layer!r}")
         self.layer = layer
         self.lr = checks.number(self.owner, "lr", lr, 0.0, low_open=True)
         self.accuracy_tolerance = checks.number(self.owner, "accuracy_tolerance", accuracy_tolerance, 0.0, 1.0)

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from securemark.split.defence import DefenceConfig, add_noise, distance_correlation
 from securemark.split.messages import GradientReply, SmashedBatch, check_smashed
+from securemark.training import Recipe, augment, scoped_rng
 
 
 def order_generator(seed: int, owner: int) -> torch.Generator:
@@ -34,17 +34,20 @@ class DataOwner:
         client: nn.Module,
         images: torch.Tensor,
         labels: torch.Tensor,
-        lr: float,
+        recipe: Recipe,
+        total_steps: int,
         defence: DefenceConfig,
         seed: int,
     ) -> None:
         self.index = index
         self.client = client
         self.images, self.labels = images, labels
+        self.recipe = recipe
         self.defence = defence
-        self.optimizer = torch.optim.Adam(client.parameters(), lr=lr)
+        self.optimizer, self.schedule = recipe.optimizer(client.parameters(), total_steps)
         self._order = order_generator(seed, index)
         self._noise = torch.Generator().manual_seed(seed * 2027 + index)
+        self._augment = torch.Generator().manual_seed(seed * 4099 + index)
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.dcor_sum, self.steps = 0.0, 0
 
@@ -57,7 +60,9 @@ class DataOwner:
         """Compute defended features for one batch and keep the graph for :meth:`backward`."""
         self.client.train()
         x = self.images[batch]
-        z = self.client(x)
+        if self.recipe.augment:  # the owner's own choice of view; only z crosses
+            x = augment(x, self._augment)
+        z = self.client(x.contiguous(memory_format=torch.channels_last))
         penalty = distance_correlation(x, z) if self.defence.alpha > 0 else None
         sent = add_noise(z, self.defence.sigma, self._noise)
         self._pending = (sent, penalty)
@@ -74,7 +79,18 @@ class DataOwner:
         else:
             sent.backward(reply.grad)
         self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
         self.steps += 1
+
+    @torch.no_grad()
+    def bank_features(self, batch: torch.Tensor) -> SmashedBatch:
+        """Defended features of a batch of this owner's images as the final client
+        computes them (evaluation mode, no augmentation), for the vendor's feature bank."""
+        self.client.eval()
+        x = self.images[batch]
+        sent = add_noise(self.client(x), self.defence.sigma, self._noise)
+        return SmashedBatch(self.index, sent.contiguous(), self.labels[batch].contiguous())
 
 
 @dataclass
@@ -97,12 +113,15 @@ class FeatureBank:
 class SplitServer:
     """The vendor's half: computes the loss on received features, steps, returns dL/dz."""
 
-    def __init__(self, server: nn.Module, cut_shape: tuple[int, int, int], lr: float, num_classes: int = 10) -> None:
+    def __init__(self, server: nn.Module, cut_shape: tuple[int, int, int], recipe: Recipe, total_steps: int, num_classes: int = 10,
+                 dropout_seed: int = 0) -> None:
         self.server = server
         self.cut_shape = tuple(cut_shape)
         self.num_classes = num_classes
-        self.optimizer = torch.optim.Adam(server.parameters(), lr=lr)
+        self.recipe = recipe
+        self.optimizer, self.schedule = recipe.optimizer(server.parameters(), total_steps)
         self.bank: FeatureBank | None = None
+        self._dropout = torch.Generator().manual_seed(dropout_seed)  # the server's dropout masks, whatever the process
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -115,16 +134,24 @@ class SplitServer:
     def handle(self, msg: SmashedBatch) -> GradientReply:
         check_smashed(msg, self.cut_shape, self.num_classes)  # raw images never get past here
         self.server.train()
-        z = msg.features.detach().requires_grad_(True)
-        logits = self.server(z)
-        loss = F.cross_entropy(logits, msg.labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        z = msg.features.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        with scoped_rng(self._dropout):
+            logits = self.server(z)
+            loss = self.recipe.loss(logits, msg.labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         self.optimizer.step()
+        if self.schedule is not None:
+            self.schedule.step()
         n = len(msg.labels)
         self.loss_sum += float(loss.detach()) * n
         self.correct += int((logits.argmax(1) == msg.labels).sum())
         self.seen += n
-        if self.bank is not None:
-            self.bank.add(msg)
-        return GradientReply(z.grad.detach(), float(loss.detach()))
+        return GradientReply(z.grad.detach().contiguous(), float(loss.detach()))
+
+    def record(self, msg: SmashedBatch) -> None:
+        """Keep a batch of the owners' final features in the feature bank (no step)."""
+        check_smashed(msg, self.cut_shape, self.num_classes)
+        if self.bank is None:
+            self.bank = FeatureBank()
+        self.bank.add(msg)

@@ -23,23 +23,22 @@ from securemark.errors import ConfigError
 from securemark.model import ModelSpec, SplitNet, build_model
 from securemark.split.defence import DefenceConfig
 from securemark.split.messages import GradientReply, SmashedBatch
-from securemark.split.parties import DataOwner, FeatureBank, SplitServer, order_generator
+from securemark.split.parties import DataOwner, SplitServer
+from securemark.training import Recipe
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 1e-3
+class TrainConfig(Recipe):
+    """The vendor's recipe (every party follows it), plus how often the owners average
+    their client parts and the seed every party's randomness derives from."""
+
     local_steps: int = 25  # batches per owner per round, between two client averages
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "local_steps"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        if not self.lr > 0:
-            raise ConfigError("train.lr", f"must be > 0, got {self.lr}")
+        super().__post_init__()
+        if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or self.local_steps < 1:
+            raise ConfigError("train.local_steps", f"must be an integer >= 1, got {self.local_steps!r}")
 
 
 OwnerLoader = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -76,9 +75,13 @@ class SplitJob:
         """Every party starts from the same initial weights (a function of the seed)."""
         return build_model(self.spec, self.train.seed)
 
+    def batches_per_epoch(self) -> list[int]:
+        """Batches each owner sends per epoch."""
+        return [math.ceil(n / self.train.batch_size) for n in self.owner_sizes]
+
     def schedule(self) -> list[list[int]]:
         """``schedule()[r][k]``: batches owner k+1 sends in round r of an epoch."""
-        per_owner = [math.ceil(n / self.train.batch_size) for n in self.owner_sizes]
+        per_owner = self.batches_per_epoch()
         rounds = math.ceil(max(per_owner) / self.train.local_steps)
         steps = self.train.local_steps
         return [[max(0, min(steps, b - r * steps)) for b in per_owner] for r in range(rounds)]
@@ -96,17 +99,25 @@ class Channel(Protocol):
     def exchange(self, msg: SmashedBatch) -> GradientReply: ...
 
 
+class BankChannel(Protocol):
+    def send(self, msg: SmashedBatch) -> None: ...
+
+
 class ClientAverager(Protocol):
     def __call__(self, owners: list[DataOwner]) -> None: ...
 
 
 def make_owner(job: SplitJob, k: int) -> DataOwner:
     images, labels = job.load_owner(k)
-    return DataOwner(k, job.initial_model().client, images, labels, job.train.lr, job.defence, job.train.seed)
+    steps = job.batches_per_epoch()[k - 1] * job.train.epochs
+    client = job.initial_model().client.to(memory_format=torch.channels_last)  # faster convolutions on CPUs
+    return DataOwner(k, client, images, labels, job.train, steps, job.defence, job.train.seed)
 
 
 def make_server(job: SplitJob) -> SplitServer:
-    return SplitServer(job.initial_model().server, job.spec.cut_shape, job.train.lr)
+    server = job.initial_model().server.to(memory_format=torch.channels_last)
+    return SplitServer(server, job.spec.cut_shape, job.train, sum(job.batches_per_epoch()) * job.train.epochs,
+                       dropout_seed=job.train.seed * 7877 + 13)
 
 
 def owner_round(owner: DataOwner, channel: Channel, batches: list[torch.Tensor]) -> None:
@@ -127,8 +138,10 @@ def round_batches(owner: DataOwner, job: SplitJob) -> list[list[torch.Tensor]]:
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Element-wise mean of the owners' client state dicts (in owner order)."""
-    return {key: torch.stack([s[key] for s in states]).mean(0) for key in states[0]}
+    """Element-wise mean of the owners' client state dicts (in owner order): weights and
+    batch-norm statistics; integer counters (batches seen) are taken from owner 1."""
+    return {key: torch.stack([s[key] for s in states]).mean(0) if states[0][key].is_floating_point() else states[0][key].clone()
+            for key in states[0]}
 
 
 def load_average(owners: list[DataOwner], states: list[dict[str, torch.Tensor]]) -> None:
@@ -140,18 +153,30 @@ def load_average(owners: list[DataOwner], states: list[dict[str, torch.Tensor]])
 
 
 def run_owner(owner: DataOwner, channel: Channel, average: ClientAverager, job: SplitJob) -> None:
-    """An owner's whole training, as run in its own process."""
+    """An owner's whole training, as run in its own process, then its part of the
+    feature bank (when the job records one)."""
     for _ in range(job.train.epochs):
         for batches in round_batches(owner, job):
             owner_round(owner, channel, batches)
             average([owner])
+    if job.record_bank:
+        send_bank(owner, channel, job)
+
+
+def bank_batches(job: SplitJob, k: int) -> list[torch.Tensor]:
+    """The batches (row indices, in order) owner k sends for the feature bank."""
+    return list(torch.arange(job.owner_sizes[k - 1]).split(job.train.batch_size))
+
+
+def send_bank(owner: DataOwner, channel: BankChannel, job: SplitJob) -> None:
+    """After training: the owner's final, defended features of every image it holds, in order."""
+    for batch in bank_batches(job, owner.index):
+        channel.send(owner.bank_features(batch))
 
 
 def begin_epoch(server: SplitServer, epoch: int, job: SplitJob) -> None:
-    """Reset per-epoch statistics; record the feature bank during the final epoch."""
+    """Reset per-epoch statistics."""
     server.reset_stats()
-    if job.record_bank and epoch == job.train.epochs - 1:
-        server.bank = FeatureBank()
 
 
 def end_training(server: SplitServer) -> dict[str, torch.Tensor] | None:
@@ -161,21 +186,9 @@ def end_training(server: SplitServer) -> dict[str, torch.Tensor] | None:
 
 
 def bank_positions(job: SplitJob) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replay the final epoch's order: for each feature-bank row, the sending owner and
-    the row of that owner's partition it came from. Lets an audit compare reconstructions
-    with the original images; it is derived from public schedule facts and the seed."""
-    orders = []
-    for k, n in enumerate(job.owner_sizes, start=1):
-        g = order_generator(job.train.seed, k)
-        for _ in range(job.train.epochs):
-            perm = torch.randperm(n, generator=g)
-        orders.append(list(perm.split(job.train.batch_size)))
-    owners, positions = [], []
-    cursor = [0] * job.owners
-    for counts in job.schedule():
-        for k, count in enumerate(counts):
-            for batch in orders[k][cursor[k] : cursor[k] + count]:
-                owners.append(torch.full_like(batch, k + 1))
-                positions.append(batch)
-            cursor[k] += count
-    return torch.cat(owners), torch.cat(positions)
+    """For each feature-bank row, the sending owner and the row of that owner's partition
+    it came from (owners send their images in order, owner 1 first). Lets an audit
+    compare reconstructions with the original images."""
+    owners = torch.cat([torch.full((n,), k, dtype=torch.int64) for k, n in enumerate(job.owner_sizes, start=1)])
+    positions = torch.cat([torch.arange(n) for n in job.owner_sizes])
+    return owners, positions

@@ -37,6 +37,7 @@ from securemark.split.parties import DataOwner, SplitServer
 from securemark.split.protocol import (
     SplitJob,
     TrainResult,
+    bank_batches,
     begin_epoch,
     end_training,
     load_average,
@@ -45,6 +46,7 @@ from securemark.split.protocol import (
     owner_round,
     round_batches,
     run_owner,
+    send_bank,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ class _DirectChannel:
 
     def exchange(self, msg: SmashedBatch) -> GradientReply:
         return self.server.handle(msg)
+
+    def send(self, msg: SmashedBatch) -> None:
+        self.server.record(msg)
 
 
 def _average_in_process(owners: list[DataOwner]) -> None:
@@ -91,6 +96,9 @@ class InProcessTransport:
             history.append(stats)
             if on_epoch is not None:
                 on_epoch(epoch + 1, SplitNet(job.spec, owners[0].client, server.server), stats)
+        if job.record_bank:
+            for owner in owners:
+                send_bank(owner, channel, job)
         model = SplitNet(job.spec, owners[0].client, server.server)
         return TrainResult(model, history, end_training(server), time.perf_counter() - start)
 
@@ -114,7 +122,8 @@ class GlooOwnerChannel:
     def __init__(self, server_rank: int = 0) -> None:
         self.server_rank = server_rank
 
-    def exchange(self, msg: SmashedBatch) -> GradientReply:
+    def _deliver(self, msg: SmashedBatch) -> None:
+        """Header, status, features, labels, status: the batch is with the server."""
         f = msg.features
         header = torch.zeros(_HEADER, dtype=torch.int64)
         header[0] = FLOAT32 if f.dtype == torch.float32 else -1
@@ -130,6 +139,14 @@ class GlooOwnerChannel:
         dist.recv(status, self.server_rank)
         if status.item() != 0:
             raise MessageRejected(f"server rejected owner {msg.owner}'s batch")
+
+    def send(self, msg: SmashedBatch) -> None:
+        """A feature-bank batch: delivered, no gradient comes back."""
+        self._deliver(msg)
+
+    def exchange(self, msg: SmashedBatch) -> GradientReply:
+        f = msg.features
+        self._deliver(msg)
         grad = torch.empty_like(f)
         loss = torch.zeros(1, dtype=torch.float64)
         dist.recv(grad, self.server_rank)
@@ -144,7 +161,7 @@ class GlooServerInbox:
     def __init__(self, server: SplitServer) -> None:
         self.server = server
 
-    def serve_one(self, rank: int) -> None:
+    def _receive(self, rank: int) -> SmashedBatch:
         header = torch.zeros(_HEADER, dtype=torch.int64)
         dist.recv(header, rank)
         ndim = int(header[1])
@@ -157,8 +174,13 @@ class GlooServerInbox:
         labels = torch.empty(shape[0], dtype=torch.int64)
         dist.recv(features, rank)
         dist.recv(labels, rank)
+        return SmashedBatch(rank, features, labels)
+
+    def serve_one(self, rank: int) -> None:
+        """One training step for owner ``rank``: its batch in, dL/dz and the loss back."""
+        msg = self._receive(rank)
         try:
-            reply = self.server.handle(SmashedBatch(rank, features, labels))
+            reply = self.server.handle(msg)
         except MessageRejected:
             dist.send(torch.tensor([1], dtype=torch.int64), rank)
             raise
@@ -166,15 +188,27 @@ class GlooServerInbox:
         dist.send(reply.grad.contiguous(), rank)
         dist.send(torch.tensor([reply.loss], dtype=torch.float64), rank)
 
+    def record_one(self, rank: int) -> None:
+        """One feature-bank batch from owner ``rank``."""
+        msg = self._receive(rank)
+        try:
+            self.server.record(msg)
+        except MessageRejected:
+            dist.send(torch.tensor([1], dtype=torch.int64), rank)
+            raise
+        dist.send(torch.tensor([0], dtype=torch.int64), rank)
+
 
 def _flatten(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in state.values()])
+    """Every tensor of a state dict in one float32 vector (batch-norm counters included:
+    they stay exact far beyond any run's length)."""
+    return torch.cat([t.reshape(-1).to(torch.float32) for t in state.values()])
 
 
 def _unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out, start = {}, 0
     for key, t in like.items():
-        out[key] = flat[start : start + t.numel()].view_as(t)
+        out[key] = flat[start : start + t.numel()].view_as(t).to(t.dtype)
         start += t.numel()
     return out
 
@@ -253,6 +287,10 @@ class GlooTransport:
                     for _ in range(n):
                         inbox.serve_one(rank)
             history.append({"epoch": epoch + 1, **server.stats()})
+        if job.record_bank:
+            for rank in range(1, job.owners + 1):
+                for _ in bank_batches(job, rank):
+                    inbox.record_one(rank)
         model = job.initial_model()
         client_state = model.client.state_dict()
         flat = torch.empty_like(_flatten(client_state))

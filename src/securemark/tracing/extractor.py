@@ -16,7 +16,7 @@ import torch
 
 from securemark.alignment import align
 from securemark.fingerprint import extract
-from securemark.model import ModelSpec, SplitNet
+from securemark.model import ModelSpec, SplitNet, fold_batchnorm
 
 __all__ = ["Extractor"]
 
@@ -27,11 +27,11 @@ class Extractor:
 
     Attributes:
         spec: the architecture suspects are rebuilt with.
-        layer: the fingerprinted parameter, e.g. ``server.block3.conv.weight``.
+        layer: the fingerprinted parameter, e.g. ``server.block2.conv.weight``.
         key_matrix: the vendor's key ``K`` [code_length, n_weights].
         reference: the vendor's base model (what suspects are aligned to).
         probe: float [N, 1, 28, 28], a fixed batch of the vendor's ``aux`` images.
-        align: False projects the raw weights (no re-alignment).
+        align: False projects the weights as they are (batch norms folded, no re-alignment).
     """
 
     spec: ModelSpec
@@ -49,9 +49,10 @@ class Extractor:
         return model
 
     def aligned(self, state_or_model) -> tuple[SplitNet, dict]:
-        """The suspect aligned to the base model, and the alignment summary (empty when off)."""
+        """The suspect aligned to the base model (batch norms folded), and the alignment
+        summary (empty when alignment is off)."""
         if not self.align:
-            return self.model(state_or_model), {}
+            return fold_batchnorm(self.model(state_or_model)), {}
         result = align(self.model(state_or_model), self.reference, self.probe)
         return result.model, result.summary()
 
@@ -65,5 +66,6 @@ class Extractor:
         return extract(aligned_model, self.layer, self.key_matrix if key_matrix is None else key_matrix).numpy()
 
     def raw(self, state_or_model) -> np.ndarray:
-        """``y`` of the weights as they are (what an extractor without alignment reads)."""
-        return extract(state_or_model, self.layer, self.key_matrix).numpy()
+        """``y`` of the weights as they are, not re-aligned (what an extractor without
+        alignment reads)."""
+        return extract(self.model(state_or_model), self.layer, self.key_matrix).numpy()
