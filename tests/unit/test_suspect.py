@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from securemark.errors import InvalidModel
-from securemark.model import ModelSpec, SplitNet, build_model
+from securemark.model import ModelSpec, build_model
 from securemark.suspect import expected_shapes, load_suspect
 
 SPEC = ModelSpec(widths=(4, 8), hidden=(8,), cut=1)
