@@ -33,9 +33,9 @@ data: $(DATA_STAMP)
 $(DATA_STAMP): | $(STAMP)
 	bash scripts/ensure_dataset.sh $(BIN)/python
 
+# One Prefect server for the whole run (flows/entry/pipeline.py), then dvc repro.
 run: setup
-	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	$(BIN)/python -m flows.entry.pipeline
 
 test: setup
 	$(BIN)/python -m pytest tests

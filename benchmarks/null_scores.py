@@ -32,7 +32,6 @@ from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
 from flows.adapters.vendor import Vendor, make_extractor
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
-from securemark.fingerprint import extract
 from securemark.key import projection, random_secret
 from securemark.model import build_model
 from securemark.scoring import create_scorer, score_all, threshold
@@ -68,7 +67,7 @@ def main() -> None:
         model = train_epochs(build_model(spec, 50_000 + i), attacker.as_float(), attacker.labels, args.epochs, torch.Generator().manual_seed(50_000 + i))
         aligned, _ = extractor.aligned(model)
         for K in keys:
-            w = scorer.weights(extract(aligned, vendor.key.layer, K).numpy())
+            w = scorer.weights(extractor.project(aligned, K))
             scores.append(score_all(codebook, w))
             thresholds.append(threshold(w, codebook.biases, cfg.epsilon, n))
     all_scores = np.concatenate(scores)

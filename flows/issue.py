@@ -33,9 +33,9 @@ from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, download_w
 from flows.adapters.paths import Paths
 from flows.adapters.scaleout import retry_unless_invalid, task_runner
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import Vendor
+from flows.adapters.vendor import Vendor, make_readout
 from flows.entry.stage import stage_main
-from securemark.fingerprint import embed
+from securemark.fingerprint import carrier_inputs, embed
 from securemark.key import derive_seed
 from securemark.model import accuracy
 from securemark.storage import read_partition
@@ -64,6 +64,14 @@ def _bank_and_test(root: str) -> tuple[dict, tuple]:
     return bank, (test_part.as_float(), test_part.labels)
 
 
+@lru_cache(maxsize=2)
+def _carrier(root: str, base_file: str, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the carrying block reads for the feature bank, and the labels: computed once
+    per process from the base model, shared by every copy issued from it."""
+    bank, _ = _bank_and_test(root)
+    return carrier_inputs(load_weights(Path(base_file)), layer, bank["features"]), bank["labels"]
+
+
 @task(name="embed-fingerprint", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_invalid, task_run_name="embed-{customer_id}")
 def embed_copy(paths: Paths, settings: Settings, base_file: Path, customer_id: str, codeword_index: int) -> dict:
     """Embed one customer's code word and write the deliverable (weights only).
@@ -76,10 +84,12 @@ def embed_copy(paths: Paths, settings: Settings, base_file: Path, customer_id: s
     """
     start = time.perf_counter()
     vendor = Vendor.open(paths, settings)
-    bank, test = _bank_and_test(str(paths.root))
+    _, test = _bank_and_test(str(paths.root))
+    inputs, labels = _carrier(str(paths.root), str(base_file), vendor.embed.layer)
     seed = derive_seed(vendor.secret, f"embed|{customer_id}")
-    result = embed(load_weights(base_file), vendor.codebook.word(codeword_index), vendor.key_matrix, bank["features"], bank["labels"],
-                   vendor.embed, torch.Generator().manual_seed(seed))
+    base = load_weights(base_file)
+    result = embed(base, vendor.codebook.word(codeword_index), vendor.key_matrix, make_readout(base, paths, settings),
+                   inputs, labels, vendor.embed, torch.Generator().manual_seed(seed))
     out = save_weights(result.model, paths.customer_copy(customer_id))
     return {"customer_id": customer_id, "path": str(out), "weights_sha256": sha256_file(out), "test_accuracy": accuracy(result.model, *test),
             "ber": result.ber, "min_margin": result.min_margin, "embed_steps": result.steps, "embed_seconds": result.seconds,

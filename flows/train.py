@@ -1,7 +1,9 @@
 """``train`` stage: private split training of the base model.
 
 ``python -m flows.train`` trains the defended model (the ``defence`` params) that is
-registered as ``securemark-base``; ``python -m flows.train --variant undefended`` trains
+registered as ``securemark-base``; after split training the vendor recomputes the
+server's batch-norm statistics from clean features of its own ``aux`` images (the
+owners' features carried the defence's noise; a delivered model never sees it); ``python -m flows.train --variant undefended`` trains
 the same profile with alpha = sigma = 0, the reference the privacy audit compares with.
 
 Outputs per variant: ``data/models/<variant>.safetensors`` (weights),
@@ -31,6 +33,7 @@ from flows.entry.stage import stage_main
 from securemark.model import accuracy
 from securemark.split.protocol import SplitJob
 from securemark.split.transport import create_transport
+from securemark.training import recalibrate_norms
 from securemark.storage import read_partition
 from securemark.weights import save_weights
 
@@ -77,6 +80,8 @@ def train_flow(paths: Paths, settings: Settings, variant: str = "defended") -> d
         )
         start = time.perf_counter()
         result = run_training(job, transport, test_x, test_y)
+        # the vendor's own last step: server batch-norm statistics from clean features of its aux images
+        recalibrate_norms(result.model, result.model.server, read_partition(paths.partition("aux")).as_float())
         seconds = time.perf_counter() - start
         test_accuracy = accuracy(result.model, test_x, test_y)
         weights = save_weights(result.model, paths.model(variant))

@@ -21,7 +21,7 @@ import torch
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
 from securemark.codes import Codebook, create_code
-from securemark.fingerprint import EmbedConfig
+from securemark.fingerprint import EmbedConfig, Readout, readout_size
 from securemark.key import FingerprintKey, create_secret, derive_seed, key_id, load_secret
 from securemark.ledger import Ledger
 from securemark.model import SplitNet
@@ -79,13 +79,25 @@ class Vendor:
             cache.chmod(0o600)
         ledger = Ledger(directory / "ledger.sqlite", capacity=len(codebook), codebook_id=codebook_id)
         embed = settings.fingerprint.embed
-        n_weights = SplitNet(settings.model).state_dict()[embed.layer].numel()
+        n_weights = readout_size(settings.model, embed.layer, embed.readout, embed.rank)
         key = FingerprintKey.for_secret(secret, embed.layer, codebook.length, n_weights)
         return cls(secret, codebook, ledger, key, embed)
 
 
+def probe_images(paths: Paths, settings: Settings):
+    """The vendor's probe: the first ``trace.probe_size`` images of its ``aux`` partition."""
+    return read_partition(paths.partition("aux")).as_float()[: settings.trace.probe_size]
+
+
+def make_readout(base: SplitNet, paths: Paths, settings: Settings) -> Readout:
+    """What the key projects, for ``base`` (the same at issue and at trace time)."""
+    embed = settings.fingerprint.embed
+    return Readout.build(embed.readout, base, embed.layer, probe_images(paths, settings), embed.rank)
+
+
 def make_extractor(paths: Paths, settings: Settings, vendor: Vendor) -> Extractor:
-    """The vendor's extractor: its key, its base model, and the first ``trace.probe_size``
-    images of its ``aux`` partition as the alignment probe."""
-    probe = read_partition(paths.partition("aux")).as_float()[: settings.trace.probe_size]
-    return Extractor(settings.model, vendor.key.layer, vendor.key_matrix, load_weights(paths.base_model), probe, settings.trace.align)
+    """The vendor's extractor: its key, its base model, and its probe images (alignment
+    and the response readout)."""
+    base = load_weights(paths.base_model)
+    return Extractor(settings.model, make_readout(base, paths, settings), vendor.key_matrix, base,
+                     probe_images(paths, settings), settings.trace.align)

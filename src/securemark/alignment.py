@@ -41,9 +41,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from securemark.errors import InvalidInput
-from securemark.model import ConvBlock, SplitNet, fold_batchnorm, units
+from securemark.model import ConvBlock, SplitNet, fold_batchnorm, input_covariance, matrix_sqrt, units
 
-__all__ = ["BlockAlignment", "Alignment", "units", "permute_channels", "scale_channels", "scale_before_norm", "align"]
+__all__ = ["BlockAlignment", "Alignment", "Aligner", "units", "permute_channels", "scale_channels", "scale_before_norm", "align"]
 
 
 @dataclass(frozen=True)
@@ -192,13 +192,6 @@ def _activations(model: SplitNet, index: int, probe: torch.Tensor) -> torch.Tens
     raise IndexError(index)
 
 
-def _rows_in(model: SplitNet, index: int) -> torch.Tensor:
-    """Incoming weights of each channel of unit ``index`` (row and bias), [C, fan_in + 1]."""
-    layer = units(model)[index][1].layer
-    bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0])
-    return torch.cat([layer.weight.flatten(1), bias[:, None]], 1).detach().to(torch.float64)
-
-
 def _columns_out(model: SplitNet) -> torch.Tensor:
     """The head's weights grouped by input channel of the last unit, [C, classes * positions]."""
     index = len(units(model)) - 1
@@ -222,48 +215,69 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> np.ndarray:
     return np.where(valid, num / np.where(valid, den, 1.0), 1.0)
 
 
-@torch.no_grad()
-def align(suspect: SplitNet, reference: SplitNet, probe: torch.Tensor) -> Alignment:
-    """Undo channel permutations and positive rescalings of ``suspect`` relative to
-    ``reference`` (the base model), unit by unit; returns a new, aligned, norm-free model.
+class Aligner:
+    """Re-aligns suspects to one reference model (the vendor's base) on one probe batch.
 
-    Both models are first folded (:func:`~securemark.model.fold_batchnorm`). Then for each
-    unit (the earlier ones already aligned), channel j of the reference is matched to
-    suspect channel k by maximising, over permutations, the sum of similarities:
-    activation correlation on the probe, cosine of the incoming weights, and for the
-    last unit the cosine of the head's columns (its outputs are classes, never
-    permuted). Dead channels (no activation) are matched on weights. The scale is the
-    ratio of incoming-weight norms; for the last unit, the geometric mean of that and the
-    inverse ratio of head-column norms, which stays near 1 when the vendor's embedding
-    moved a channel's weights (it changes both sides alike).
-
-    Args:
-        suspect: the model to align (same architecture as ``reference``; not modified).
-        reference: the vendor's base model.
-        probe: float [N, 1, 28, 28], a fixed batch of the vendor's images; a few hundred
-            are plenty (the match uses every pixel position of every image).
+    Everything that depends only on the reference is computed once, here: its folded
+    weights, its units' activations on the probe and the *response metric* of every
+    unit's layer, ``S = Sigma^(1/2)`` for the centred covariance ``Sigma`` of what the
+    layer reads on the probe. Weight rows are compared through it (``W S``: the rows'
+    responses on the data), so that weight noise in directions the data does not excite
+    -- which changes nothing the model computes -- cannot mislead the matching or the
+    scales.
     """
-    if not isinstance(probe, torch.Tensor) or probe.dim() != 4 or probe.shape[0] == 0:
-        raise InvalidInput(f"probe must be a non-empty float tensor [N, 1, 28, 28], got {getattr(probe, 'shape', type(probe))}")
-    model = fold_batchnorm(suspect.cpu())
-    reference = fold_batchnorm(reference.cpu())
-    probe = probe.to(torch.float32)
-    blocks = []
-    n_units = len(units(model))
-    for index, (path, _) in enumerate(units(model)):
-        last = index == n_units - 1
-        ref_in, sus_in = _rows_in(reference, index), _rows_in(model, index)
-        sim = _similarity(_activations(reference, index, probe), _activations(model, index, probe), centre=True)
-        sim = sim + _similarity(ref_in, sus_in, centre=False)
-        if last:
-            ref_out, sus_out = _columns_out(reference), _columns_out(model)
-            sim = sim + _similarity(ref_out, sus_out, centre=False)
-        rows, cols = linear_sum_assignment(sim, maximize=True)
-        perm = cols[np.argsort(rows)]
-        scales = _ratio(sus_in[perm].norm(dim=1), ref_in.norm(dim=1))
-        if last:
-            scales = np.sqrt(scales / _ratio(sus_out[perm].norm(dim=1), ref_out.norm(dim=1)))
-        permute_channels(model, index, perm)
-        scale_channels(model, index, 1.0 / scales)
-        blocks.append(BlockAlignment(path, perm, scales, sim[np.arange(len(perm)), perm] / (3.0 if last else 2.0)))
-    return Alignment(model, tuple(blocks))
+
+    def __init__(self, reference: SplitNet, probe: torch.Tensor) -> None:
+        if not isinstance(probe, torch.Tensor) or probe.dim() != 4 or probe.shape[0] == 0:
+            raise InvalidInput(f"probe must be a non-empty float tensor [N, 1, 28, 28], got {getattr(probe, 'shape', type(probe))}")
+        self.reference = fold_batchnorm(reference.cpu())
+        self.probe = probe.to(torch.float32)
+        n_units = len(units(self.reference))
+        self._metrics = [matrix_sqrt(input_covariance(self.reference, i, self.probe)) for i in range(n_units)]
+        self._activations = [_activations(self.reference, i, self.probe) for i in range(n_units)]
+        self._rows = [_responses(self.reference, i, self._metrics[i]) for i in range(n_units)]
+        self._head = _columns_out(self.reference)
+
+    @torch.no_grad()
+    def align(self, suspect: SplitNet) -> "Alignment":
+        """Undo channel permutations and positive rescalings of ``suspect`` (same
+        architecture as the reference; not modified); returns a new, aligned, norm-free model.
+
+        The suspect is first folded (:func:`~securemark.model.fold_batchnorm`). Then for
+        each unit (the earlier ones already aligned), channel j of the reference is
+        matched to suspect channel k by maximising, over permutations, the sum of
+        similarities: activation correlation on the probe, cosine of the incoming rows'
+        responses (``W S``), and for the last unit the cosine of the head's columns (its
+        outputs are classes, never permuted). The scale is the ratio of the rows'
+        response norms ``||W S||``: exact for a re-parametrisation, and blind to weight
+        changes the data does not see.
+        """
+        model = fold_batchnorm(suspect.cpu())
+        blocks = []
+        n_units = len(units(model))
+        for index, (path, _) in enumerate(units(model)):
+            last = index == n_units - 1
+            ref_rows, sus_rows = self._rows[index], _responses(model, index, self._metrics[index])
+            sim = _similarity(self._activations[index], _activations(model, index, self.probe), centre=True)
+            sim = sim + _similarity(ref_rows, sus_rows, centre=False)
+            if last:
+                sim = sim + _similarity(self._head, _columns_out(model), centre=False)
+            rows, cols = linear_sum_assignment(sim, maximize=True)
+            perm = cols[np.argsort(rows)]
+            scales = _ratio(sus_rows[perm].norm(dim=1), ref_rows.norm(dim=1))
+            permute_channels(model, index, perm)
+            scale_channels(model, index, 1.0 / scales)
+            blocks.append(BlockAlignment(path, perm, scales, sim[np.arange(len(perm)), perm] / (3.0 if last else 2.0)))
+        return Alignment(model, tuple(blocks))
+
+
+def _responses(model: SplitNet, index: int, metric: torch.Tensor) -> torch.Tensor:
+    """The rows of unit ``index``'s layer through the response metric: ``W S``, [C, fan_in]."""
+    layer = units(model)[index][1].layer
+    return layer.weight.detach().flatten(1).to(torch.float64) @ metric
+
+
+def align(suspect: SplitNet, reference: SplitNet, probe: torch.Tensor) -> Alignment:
+    """Re-align ``suspect`` to ``reference`` on ``probe`` (see :class:`Aligner`; build one
+    Aligner to align many suspects to the same reference)."""
+    return Aligner(reference, probe).align(suspect)

@@ -1,11 +1,22 @@
 """Embedding a customer's code word into the server part of the model, and reading it back.
 
-The key ``K`` (code_length x n, from :mod:`securemark.key`) projects the full flattened
-weight of one server layer to soft values ``y = K w``. Bit ``b_i`` is carried by the
-sign of ``y_i``: ``s_i = 2 b_i - 1``. Embedding fine-tunes only server layers on the
-vendor's feature bank (smashed features it already holds, so no raw image is needed)
-with ``CE + lambda * mean(hinge(margin - s_i * y_i))``, until every bit sits on its side
-with the margin and bank accuracy is within tolerance of the base model's.
+What carries the code word is a :class:`Readout` of one server layer: its effective
+weight ``W`` (batch norm folded in, ``[C_out, fan_in]``) seen through what the layer
+reads on the vendor's data, ``phi = vec(W S)`` with ``S = Sigma^(1/2)`` the square root
+of the centred covariance of the layer's inputs on the vendor's probe images (through
+the base model). ``phi`` measures the layer's *responses*: a change of ``W`` in a
+direction the data barely excites barely changes ``phi``, so noise hidden there (where
+it costs the attacker no accuracy) cannot hide the mark either. ``S`` depends only on
+the base model and vendor data, never on a code word. (``readout: weights`` uses
+``S = I``, the raw weights, as before.)
+
+The key ``K`` (code_length x n, from :mod:`securemark.key`) projects ``phi`` to soft
+values ``y = K phi``. Bit ``b_i`` is carried by the sign of ``y_i``: ``s_i = 2 b_i - 1``.
+Embedding fine-tunes only server layers on the vendor's feature bank (smashed features
+it already holds, so no raw image is needed) with
+``CE + lambda * mean(hinge(margin - s_i * y_i))``, until every bit sits on its side with
+the margin and bank accuracy is within tolerance of the base model's. The margin is in
+units of the base model's RMS of ``y``, so it means the same for any layer or readout.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from securemark.errors import ConfigError, InvalidConfig, InvalidInput, SecureMarkError
-from securemark.model import ConvBlock, SplitNet, norm_scale, units
+from securemark.model import ConvBlock, ModelSpec, SplitNet, fold_batchnorm, forward_from, input_covariance, norm_scale, server_inputs_of, unit_index, units
 
 
 class EmbeddingFailed(SecureMarkError):
@@ -34,11 +45,16 @@ class EmbeddingFailed(SecureMarkError):
         self.steps = steps
 
 
+READOUTS = ("response", "weights")
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
-    layer: str = "server.block2.conv.weight"  # parameter that carries the code word
+    layer: str = "server.dense1.linear.weight"  # weight whose readout carries the code word
+    readout: str = "response"   # response: vec(W U_r Lambda_r^(1/2)) on the vendor's data | weights: vec(W)
+    rank: int = 128             # response readout: the most excited input directions kept
     lam: float = 1.0            # weight of the hinge term
-    margin: float = 0.05        # required s_i * y_i for every bit (the stop criterion)
+    margin: float = 1.0         # required s_i * y_i for every bit, in units of the base model's RMS of y
     slack: float = 0.2          # the hinge aims at margin * (1 + slack), so bits clear it
     lr: float = 1e-3
     batch_size: int = 256
@@ -46,17 +62,20 @@ class EmbedConfig:
     check_every: int = 25
     accuracy_tolerance: float = 0.003  # allowed drop of bank accuracy (fraction)
     eval_rows: int = 5000       # bank rows used to check accuracy
+    train_rows: int = 10000     # bank rows the embedding trains on
 
     def __post_init__(self) -> None:
         for key in ("lam", "margin", "lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"fingerprint.{key}", f"must be > 0, got {getattr(self, key)}")
-        for key in ("max_steps", "check_every", "batch_size", "eval_rows"):
+        for key in ("max_steps", "check_every", "batch_size", "eval_rows", "train_rows", "rank"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"fingerprint.{key}", f"must be a positive integer, got {getattr(self, key)}")
         for key in ("accuracy_tolerance", "slack"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"fingerprint.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.readout not in READOUTS:
+            raise ConfigError("fingerprint.readout", f"must be one of {list(READOUTS)}, got {self.readout!r}")
         if not self.layer.startswith("server."):
             raise ConfigError("fingerprint.layer", f"must be a server parameter (the vendor's half), got {self.layer!r}")
 
@@ -98,13 +117,71 @@ def effective_weight(model: SplitNet, layer: str) -> torch.Tensor:
     return weight * scale.view((-1,) + (1,) * (weight.dim() - 1))
 
 
-def extract(model: SplitNet, layer: str, key_matrix: torch.Tensor) -> torch.Tensor:
-    """Soft values y = K w (float64 [code_length]) of the effective weight of ``layer``."""
+@dataclass(frozen=True, eq=False)
+class Readout:
+    """What the key projects: ``phi(model) = vec(W M)`` for the effective weight ``W`` of
+    ``layer`` (rows flattened to ``[C_out, fan_in]``) and a fixed ``[fan_in, r]`` matrix
+    ``M`` (None: the raw weights, ``M = I``).
+
+    The response readout takes ``M = U_r Lambda_r^(1/2)``: the ``r`` most excited
+    directions of the layer's centred inputs on the vendor's probe images (through the
+    base model), each scaled by its standard deviation. ``W M`` is then what the layer
+    computes on that data, in its ``r`` strongest directions: weights the data does not
+    excite are not read at all. Each row is then brought to the base model's row norm
+    (``norms``): a unit's output scale is a re-parametrisation (the next layer can undo
+    it), so the readout reads each unit's response *direction* and is blind to it."""
+
+    layer: str
+    metric: torch.Tensor | None = None
+    norms: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, kind: str, base: SplitNet, layer: str, probe: torch.Tensor | None, rank: int = 128) -> "Readout":
+        """The ``kind`` readout (``response`` or ``weights``) of ``layer`` for the vendor's
+        base model; ``response`` needs the probe images (float [N, 1, 28, 28])."""
+        if kind == "weights":
+            return cls(layer)
+        if kind != "response":
+            raise InvalidConfig(f"fingerprint.readout must be one of {list(READOUTS)}, got {kind!r}")
+        if probe is None or len(probe) == 0:
+            raise InvalidInput("a response readout needs probe images of the vendor")
+        block = fingerprint_unit(base, layer)
+        index = unit_index(base, layer.rsplit(".", 2)[0])
+        fan_in = block.layer.weight[0].numel()
+        if rank > fan_in:
+            raise InvalidConfig(f"fingerprint.rank {rank} exceeds the {fan_in} inputs of {layer}")
+        eigenvalues, vectors = torch.linalg.eigh(input_covariance(fold_batchnorm(base), index, probe))
+        strongest = torch.argsort(eigenvalues, descending=True)[:rank]
+        metric = (vectors[:, strongest] * eigenvalues[strongest].clamp_min(0).sqrt()).to(torch.float32)
+        with torch.no_grad():
+            norms = (effective_weight(base, layer).flatten(1) @ metric).norm(dim=1)
+        return cls(layer, metric, norms)
+
+    def features(self, model: SplitNet) -> torch.Tensor:
+        """``phi(model)`` as a flat tensor, differentiable in the model's parameters."""
+        weight = effective_weight(model, self.layer)
+        rows = weight.reshape(weight.shape[0], -1)
+        if self.metric is not None:
+            if self.metric.shape[0] != rows.shape[1]:
+                raise InvalidInput(f"readout of {self.layer!r} expects {self.metric.shape[0]} inputs per row, the model has {rows.shape[1]}")
+            rows = rows @ self.metric
+            rows = rows * (self.norms / rows.norm(dim=1).clamp_min(1e-12))[:, None]
+        return rows.reshape(-1)
+
+
+def readout_size(spec: ModelSpec, layer: str, kind: str, rank: int) -> int:
+    """Length of ``phi`` (the key's number of columns), from the architecture alone."""
+    weight = effective_weight(SplitNet(spec), layer)
+    return int(weight.shape[0] * rank) if kind == "response" else int(weight.numel())
+
+
+def extract(model: SplitNet, readout: Readout, key_matrix: torch.Tensor) -> torch.Tensor:
+    """Soft values ``y = K phi(model)`` (float64 [code_length])."""
     with torch.no_grad():
-        w = effective_weight(model, layer).detach().reshape(-1).to(torch.float64)
-    if w.numel() != key_matrix.shape[1]:
-        raise InvalidInput(f"layer {layer!r} has {w.numel()} weights, key expects {key_matrix.shape[1]}")
-    return key_matrix.to(torch.float64) @ w
+        phi = readout.features(model).detach().to(torch.float64)
+    if phi.numel() != key_matrix.shape[1]:
+        raise InvalidInput(f"layer {readout.layer!r} gives {phi.numel()} values, key expects {key_matrix.shape[1]}")
+    return key_matrix.to(torch.float64) @ phi
 
 
 def signs(bits: np.ndarray) -> torch.Tensor:
@@ -116,10 +193,26 @@ def bit_error_rate(y: torch.Tensor, bits: np.ndarray) -> float:
     return float(((y > 0).numpy().astype(np.uint8) != np.asarray(bits, dtype=np.uint8)).mean())
 
 
+def margin_scale(base: SplitNet, readout: Readout, key_matrix: torch.Tensor) -> float:
+    """The base model's RMS of ``y``: the unit of :attr:`EmbedConfig.margin`."""
+    y = extract(base, readout, key_matrix)
+    return float(y.pow(2).mean().sqrt())
+
+
+def carrier_inputs(model: SplitNet, layer: str, features: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+    """What the block carrying ``layer`` reads, for the feature bank's ``features`` (the
+    clients' outputs): the server's earlier blocks applied once, in evaluation mode."""
+    fingerprint_unit(model, layer)
+    index = unit_index(model, layer.rsplit(".", 2)[0])
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([server_inputs_of(model, index, features[i : i + batch].float()) for i in range(0, len(features), batch)])
+
+
 @torch.no_grad()
-def bank_accuracy(model: SplitNet, features: torch.Tensor, labels: torch.Tensor) -> float:
-    model.server.eval()
-    correct = sum(int((model.server(features[i : i + 2048].float()).argmax(1) == labels[i : i + 2048]).sum()) for i in range(0, len(labels), 2048))
+def tail_accuracy(model: SplitNet, index: int, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    correct = sum(int((forward_from(model, index, inputs[i : i + 2048]).argmax(1) == labels[i : i + 2048]).sum()) for i in range(0, len(labels), 2048))
     return correct / max(len(labels), 1)
 
 
@@ -127,49 +220,62 @@ def embed(
     base: SplitNet,
     bits: np.ndarray,
     key_matrix: torch.Tensor,
-    features: torch.Tensor,
+    readout: Readout,
+    inputs: torch.Tensor,
     labels: torch.Tensor,
     cfg: EmbedConfig,
     generator: torch.Generator,
 ) -> EmbedResult:
     """A fingerprinted copy of ``base`` carrying ``bits``; ``base`` is not modified.
 
-    ``features`` [N, C, H, W] and ``labels`` [N] are the feature bank (the server's own
-    records); only server parameters are trained.
+    ``inputs`` [N, ...] are what the carrying block reads for the vendor's feature bank
+    (:func:`carrier_inputs`: computed once, shared by every copy) and ``labels`` [N] the
+    bank's labels; no raw image is needed. Only the carrying block and the layers after
+    it are trained (so each step is cheap), in evaluation mode (batch-norm statistics
+    and dropout stay out of it). ``readout`` (built from the same base model) says what
+    the key projects.
     """
     start = time.perf_counter()
-    model = copy.deepcopy(base).eval()  # evaluation mode throughout: batch-norm statistics stay the base's
-    for p in model.client.parameters():
-        p.requires_grad_(False)
+    model = copy.deepcopy(base).eval()
     fingerprint_unit(model, cfg.layer)
+    index = unit_index(model, cfg.layer.rsplit(".", 2)[0])
+    trained = [p for i, (_, block) in enumerate(units(model)) if i >= index for p in block.parameters()] + list(model.server.fc.parameters())
+    trained_ids = {id(p) for p in trained}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained_ids)
     K = key_matrix.to(torch.float32)
+    unit = margin_scale(base, readout, key_matrix)
+    margin = cfg.margin * unit
     s = signs(bits)
     if s.numel() != K.shape[0]:
         raise InvalidInput(f"code word has {s.numel()} bits, key has {K.shape[0]} rows")
-    eval_idx = torch.randperm(len(labels), generator=generator)[: cfg.eval_rows]
-    eval_x, eval_y = features[eval_idx].float(), labels[eval_idx]
-    base_acc = bank_accuracy(model, eval_x, eval_y)
-    optimizer = torch.optim.Adam(model.server.parameters(), lr=cfg.lr)
-    steps = 0
+    order = torch.randperm(len(labels), generator=generator)
+    eval_idx, train_idx = order[: cfg.eval_rows], order[cfg.eval_rows : cfg.eval_rows + cfg.train_rows]
+    if len(train_idx) == 0:
+        train_idx = eval_idx
+    eval_x, eval_y = inputs[eval_idx].float(), labels[eval_idx]
+    base_acc = tail_accuracy(model, index, eval_x, eval_y)
+    optimizer = torch.optim.Adam(trained, lr=cfg.lr)
+    steps, acc = 0, base_acc
     while True:
         if steps % cfg.check_every == 0 or steps >= cfg.max_steps:
             with torch.no_grad():
-                y = K @ effective_weight(model, cfg.layer).reshape(-1)
+                y = K @ readout.features(model)
                 min_margin = float((s * y).min())
-            if min_margin >= cfg.margin:
-                acc = bank_accuracy(model, eval_x, eval_y)
+            if min_margin >= margin:
+                acc = tail_accuracy(model, index, eval_x, eval_y)
                 if acc >= base_acc - cfg.accuracy_tolerance:
                     break
             if steps >= cfg.max_steps:
                 raise EmbeddingFailed(
-                    f"code word not embedded after {steps} steps: min margin {min_margin:.4f} "
+                    f"code word not embedded after {steps} steps: min margin {min_margin / unit:.3f} "
                     f"(need {cfg.margin}); raise fingerprint.max_steps or fingerprint.lam",
                     model=model.eval(),
                     steps=steps,
                 )
-        idx = torch.randint(len(labels), (cfg.batch_size,), generator=generator)
-        ce = F.cross_entropy(model.server(features[idx].float()), labels[idx])
-        hinge = F.relu(cfg.margin * (1 + cfg.slack) - s * (K @ effective_weight(model, cfg.layer).reshape(-1))).mean()
+        idx = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=generator)]
+        ce = F.cross_entropy(forward_from(model, index, inputs[idx].float()), labels[idx])
+        hinge = F.relu(cfg.margin * (1 + cfg.slack) - s * (K @ readout.features(model)) / unit).mean()  # in margin units
         loss = ce + cfg.lam * hinge
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,5 +284,5 @@ def embed(
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    y = extract(model, cfg.layer, K)
-    return EmbedResult(model, steps, bit_error_rate(y, bits), float((s.double() * y).min()), acc, base_acc, time.perf_counter() - start)
+    y = extract(model, readout, K)
+    return EmbedResult(model, steps, bit_error_rate(y, bits), float((s.double() * y).min()) / unit, acc, base_acc, time.perf_counter() - start)

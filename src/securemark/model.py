@@ -23,6 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from securemark.errors import ConfigError
@@ -224,6 +225,79 @@ def fold_batchnorm(model: SplitNet) -> SplitNet:
         folded.bias.copy_((bias - block.bn.running_mean) * scale + block.bn.bias)
     out.server.fc.load_state_dict(model.server.fc.state_dict())
     return out.eval()
+
+
+def unit_index(model: SplitNet, path: str) -> int:
+    """Position of the unit ``path`` (e.g. ``server.dense1``) among :func:`units`."""
+    paths = [p for p, _ in units(model)]
+    if path not in paths:
+        raise ConfigError("fingerprint.layer", f"{path!r} is not a conv or dense block; blocks: {paths}")
+    return paths.index(path)
+
+
+def server_inputs_of(model: SplitNet, index: int, features: torch.Tensor) -> torch.Tensor:
+    """What the server's unit ``index`` reads when the client sent ``features`` (its
+    output at the cut): the server's earlier units applied (flattened for a dense unit)."""
+    x = features
+    for i, (_, block) in enumerate(units(model)):
+        if i < model.spec.cut:
+            continue
+        if not isinstance(block, ConvBlock) and x.dim() > 2:
+            x = x.flatten(1)
+        if i == index:
+            return x
+        x = block(x)
+    raise IndexError(f"unit {index} is not in the server")
+
+
+def forward_from(model: SplitNet, index: int, x: torch.Tensor) -> torch.Tensor:
+    """Logits from the input ``x`` of unit ``index``: that unit, the ones after it, the head."""
+    for i, (_, block) in enumerate(units(model)):
+        if i < index:
+            continue
+        if not isinstance(block, ConvBlock) and x.dim() > 2:
+            x = x.flatten(1)
+        x = block(x)
+    return model.server.fc(x.flatten(1) if x.dim() > 2 else x)
+
+
+@torch.no_grad()
+def unit_inputs(model: SplitNet, index: int, images: torch.Tensor) -> torch.Tensor:
+    """What the layer of unit ``index`` reads, one row per application of the layer:
+    its 3x3 input patches for a conv block (``[N * H * W, C_in * 9]``, in the layout of
+    ``conv.weight.flatten(1)``), its input vectors for a dense block (``[N, fan_in]``).
+    The model runs in evaluation mode."""
+    model.eval()
+    x = images
+    for i, (_, block) in enumerate(units(model)):
+        if not isinstance(block, ConvBlock) and x.dim() > 2:
+            x = x.flatten(1)
+        if i == index:
+            if isinstance(block, ConvBlock):
+                patches = F.unfold(x, kernel_size=3, padding=1)  # [N, C_in * 9, H * W]
+                return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            return x
+        x = block(x)
+    raise IndexError(index)
+
+
+def input_covariance(model: SplitNet, index: int, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Centred covariance (float64 ``[fan_in, fan_in]``) of what unit ``index``'s layer
+    reads on ``images``: how strongly the data excites each direction of its weight rows."""
+    total, outer, count = None, None, 0
+    for i in range(0, len(images), batch):
+        rows = unit_inputs(model, index, images[i : i + batch]).to(torch.float64)
+        total = rows.sum(0) if total is None else total + rows.sum(0)
+        outer = rows.T @ rows if outer is None else outer + rows.T @ rows
+        count += len(rows)
+    mean = total / count
+    return outer / count - torch.outer(mean, mean)
+
+
+def matrix_sqrt(covariance: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a covariance matrix (negative rounding noise clipped)."""
+    eigenvalues, vectors = torch.linalg.eigh(covariance)
+    return (vectors * eigenvalues.clamp_min(0).sqrt()) @ vectors.T
 
 
 @torch.no_grad()

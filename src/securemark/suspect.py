@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from securemark.errors import InvalidModel
 from securemark.model import ModelSpec, SplitNet
 
+NORM_EPS = 1e-5  # the batch norms' epsilon (PyTorch's default, fixed by the architecture)
 MAX_BYTES = 512 * 1024 * 1024  # far above any SecureMark model; refuse to read more
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -87,7 +88,7 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[torch.Size, torch.dtype]
 def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
     """Validate ``state`` against the expected layers (shape, dtype); returns float32
     copies of the floating tensors and int64 copies of the counters. A batch norm's
-    running variance must not be negative (it is a variance)."""
+    running variance plus its epsilon must be positive (the norm divides by its root)."""
     missing = sorted(set(expected) - set(state))
     if missing:
         raise InvalidModel(f"missing layers: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
@@ -109,7 +110,7 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[torch.
         t = t.detach().to(torch.float32)
         if not torch.isfinite(t).all():
             raise InvalidModel(f"layer {name} contains NaN or Inf")
-        if name.endswith("running_var") and bool((t < 0).any()):
+        if name.endswith("running_var") and bool((t + NORM_EPS <= 0).any()):  # var + eps is what the norm divides by
             raise InvalidModel(f"layer {name} holds a negative variance")
         out[name] = t.contiguous()
     return out

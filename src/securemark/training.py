@@ -140,6 +140,32 @@ def train_with_recipe(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     return model.eval()
 
 
+@torch.no_grad()
+def recalibrate_norms(model: nn.Module, part: nn.Module, images: torch.Tensor, batch_size: int = 500) -> nn.Module:
+    """Recompute the batch-norm statistics of ``part`` (a submodule of ``model``) from
+    ``images`` run through ``model``, in place: exact averages over the images, no
+    gradient, every weight unchanged. The vendor does this for the server after split
+    training with its own ``aux`` images: the server's statistics were gathered on the
+    owners' *noisy* features, while the delivered model never sees that noise."""
+    norms = [m for m in part.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    saved = [(m, m.momentum) for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over every batch
+        m.train()
+    try:
+        for i in range(0, len(images), batch_size):
+            model(images[i : i + batch_size])
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+    return model
+
+
 def train_epochs(
     model: nn.Module,
     images: torch.Tensor,

@@ -33,6 +33,7 @@ CONFIGS: dict[str, dict] = {
     "rescale": {"spread": 8.0},
     "compose": {"steps": [{"attack": "average"}, {"attack": "fine_tune", "epochs": 1, "batch_size": 64}, {"attack": "prune", "rate": 0.3}]},
     "distill": {"labels": "soft", "epochs": 2, "batch_size": 64},
+    "obfuscate": {"directions": 3, "scale": 2.0, "samples": 64},
 }
 
 
@@ -314,3 +315,20 @@ def test_distilling_into_another_architecture(models, data):
     assert student(data.images[:4]).shape == (4, 10)
     with pytest.raises(InvalidConfig, match="widths"):
         create_attack("distill", student="other")
+
+
+def test_obfuscation_moves_weights_far_and_predictions_little(models):
+    g = gen(3)
+    coarse = torch.rand(300, 1, 7, 7, generator=g)  # smooth images: some patch directions are barely excited
+    images = torch.nn.functional.interpolate(coarse, size=28, mode="bilinear", align_corners=False)
+    data = AttackData(images, torch.randint(0, 10, (300,), generator=g))
+    model = models[0].eval()
+    out = create_attack("obfuscate", directions=3, scale=5.0, layers=["server.block2"])([model], data, gen(4))
+    w0, w1 = model.server.block2.conv.weight, out.server.block2.conv.weight
+    assert float((w1 - w0).norm() / w0.norm()) == pytest.approx(5.0, rel=1e-4)
+    with torch.no_grad():
+        before, after = model(images), out(images)
+    assert float((after - before).norm() / before.norm()) < 0.1  # the function barely moved
+    assert torch.equal(out.client.block1.conv.weight, model.client.block1.conv.weight)
+    with pytest.raises(InvalidConfig, match="unknown layers"):
+        create_attack("obfuscate", layers=["server.nope"])([model], data, gen())

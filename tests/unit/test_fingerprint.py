@@ -12,12 +12,13 @@ import torch.nn.functional as F
 
 from securemark.codes import create_code
 from securemark.errors import ConfigError
-from securemark.fingerprint import EmbedConfig, EmbeddingFailed, bit_error_rate, embed, extract
+from securemark.errors import InvalidInput
+from securemark.fingerprint import EmbedConfig, EmbeddingFailed, Readout, bit_error_rate, carrier_inputs, embed, extract, margin_scale
 from securemark.key import projection
 from securemark.model import ModelSpec, SplitNet, build_model, fold_batchnorm
 from securemark.tracing import decide
 
-SPEC = ModelSpec(widths=(4, 8, 16), cut=2)
+SPEC = ModelSpec(widths=(4, 8, 16), hidden=(8,), cut=2)
 LAYER = "server.block3.conv.weight"
 CODE_LENGTH = 64
 SECRET = bytes(range(32))
@@ -33,13 +34,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def smooth_images(n: int, seed: int) -> torch.Tensor:
+    """Random images with some spatial structure (like real ones: neighbouring pixels agree)."""
+    coarse = torch.rand(n, 1, 7, 7, generator=torch.Generator().manual_seed(seed))
+    return F.interpolate(coarse, size=28, mode="bilinear", align_corners=False)
+
+
 @pytest.fixture(scope="module")
 def bank() -> tuple[torch.Tensor, torch.Tensor]:
-    """Synthetic smashed features [2000, 8, 7, 7] labelled by a fixed random "teacher"
-    server (logits centred per class so every class occurs)."""
-    g = torch.Generator().manual_seed(0)
-    features = torch.relu(torch.randn(2000, *SPEC.cut_shape, generator=g))
-    teacher = build_model(SPEC, 1)
+    """The smashed features [2000, 8, 7, 7] of synthetic images through the base model's
+    client, labelled by a fixed random "teacher" server (logits centred per class so
+    every class occurs)."""
+    with torch.no_grad():
+        features = build_model(SPEC, 2).eval().client(smooth_images(2000, 0))
+    teacher = build_model(SPEC, 1).eval()
     with torch.no_grad():
         logits = teacher.server(features)
         labels = (logits - logits.mean(0)).argmax(1)
@@ -64,9 +72,15 @@ def base(bank) -> SplitNet:
     return model
 
 
+@pytest.fixture(scope="module", params=["response", "weights"])
+def readout(request, base) -> Readout:
+    """Both readouts: the layer's responses on probe images, and its raw weights."""
+    return Readout.build(request.param, base, LAYER, smooth_images(256, 9), rank=32)
+
+
 @pytest.fixture(scope="module")
-def key_matrix(base) -> torch.Tensor:
-    return projection(SECRET, LAYER, CODE_LENGTH, base.state_dict()[LAYER].numel())
+def key_matrix(base, readout) -> torch.Tensor:
+    return projection(SECRET, LAYER, CODE_LENGTH, readout.features(base).numel())
 
 
 @pytest.fixture(scope="module")
@@ -79,19 +93,20 @@ def _clone_state(model: SplitNet) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def embedded(base, bank, key_matrix, bits):
-    cfg = EmbedConfig(layer=LAYER, margin=0.05, max_steps=2000, **FAST)
+def embedded(base, bank, key_matrix, bits, readout):
+    cfg = EmbedConfig(layer=LAYER, margin=0.5, max_steps=2000, **FAST)
     before = _clone_state(base)
-    result = embed(base, bits, key_matrix, *bank, cfg, torch.Generator().manual_seed(3))
+    features, labels = bank
+    result = embed(base, bits, key_matrix, readout, carrier_inputs(base, LAYER, features), labels, cfg, torch.Generator().manual_seed(3))
     return cfg, before, result
 
 
-def test_embedding_reaches_zero_ber_with_the_margin(embedded, base, key_matrix, bits):
+def test_embedding_reaches_zero_ber_with_the_margin(embedded, base, key_matrix, bits, readout):
     cfg, _, result = embedded
     assert result.ber == 0.0
-    assert result.min_margin >= cfg.margin
+    assert result.min_margin >= cfg.margin  # in units of the base's RMS of y
     assert result.steps > 0  # the base model did not carry the word by chance
-    assert bit_error_rate(extract(base, LAYER, key_matrix), bits) > 0.2
+    assert bit_error_rate(extract(base, readout, key_matrix), bits) > 0.2
     assert result.bank_accuracy >= result.base_bank_accuracy - cfg.accuracy_tolerance
 
 
@@ -115,27 +130,49 @@ def test_embedding_changes_no_client_parameter(embedded):
     assert any(not torch.equal(state[k], before[k]) for k in state if k.startswith("server."))
 
 
-def test_extract_agrees_in_sign_with_the_code_word(embedded, key_matrix, bits):
+def test_extract_agrees_in_sign_with_the_code_word(embedded, base, key_matrix, bits, readout):
     cfg, _, result = embedded
     s = 2.0 * bits.astype(np.float64) - 1.0
+    unit = margin_scale(base, readout, key_matrix)
     for source in (result.model, fold_batchnorm(result.model)):  # the effective weight: the same once the norm is folded
-        y = extract(source, LAYER, key_matrix).numpy()
+        y = extract(source, readout, key_matrix).numpy()
         assert y.dtype == np.float64 and y.shape == (CODE_LENGTH,)
         assert np.array_equal(y > 0, bits.astype(bool))
-        assert (s * y).min() >= cfg.margin * (1 - 1e-4)
+        assert (s * y).min() >= cfg.margin * unit * (1 - 1e-4)
 
 
-def test_extract_under_another_key_does_not_read_the_word(embedded, bits):
+def test_extract_under_another_key_does_not_read_the_word(embedded, bits, readout):
     _, _, result = embedded
-    other = projection(bytes(32 * [7]), LAYER, CODE_LENGTH, result.model.state_dict()[LAYER].numel())
-    assert bit_error_rate(extract(result.model, LAYER, other), bits) > 0.2
+    other = projection(bytes(32 * [7]), LAYER, CODE_LENGTH, readout.features(result.model).numel())
+    assert bit_error_rate(extract(result.model, readout, other), bits) > 0.2
 
 
-def test_unreachable_margin_raises_embedding_failed(base, bank, key_matrix, bits):
+def test_response_readout_ignores_weight_changes_the_data_does_not_excite(base):
+    """Noise added in the weakest directions of the layer's inputs moves the raw weights
+    a lot and the responses (hence y) hardly at all."""
+    probe = smooth_images(256, 9)
+    response, weights = Readout.build("response", base, LAYER, probe, rank=32), Readout.build("weights", base, LAYER, probe)
+    from securemark.model import input_covariance, units
+
+    index = [p for p, _ in units(base)].index("server.block3")
+    eigenvalues, vectors = torch.linalg.eigh(input_covariance(fold_batchnorm(base), index, probe))
+    weak = vectors[:, :5].to(torch.float32)  # the 5 least excited directions
+    noisy = fold_batchnorm(base)
+    w = noisy.server.block3.conv.weight
+    with torch.no_grad():
+        noise = torch.randn(w.shape[0], 5, generator=torch.Generator().manual_seed(1)) @ weak.T
+        w.add_((10 * w.norm() / noise.norm()) * noise.view_as(w))
+    def change(readout):
+        before, after = readout.features(fold_batchnorm(base)), readout.features(noisy)
+        return float((after - before).norm() / before.norm())
+    assert change(weights) > 5.0 and change(response) < 0.05 * change(weights)
+
+
+def test_unreachable_margin_raises_embedding_failed(base, bank, key_matrix, bits, readout):
     cfg = EmbedConfig(layer=LAYER, margin=100.0, max_steps=1, **{**FAST, "lr": 1e-4})
     before = _clone_state(base)
     with pytest.raises(EmbeddingFailed, match="not embedded after"):
-        embed(base, bits, key_matrix, *bank, cfg, torch.Generator().manual_seed(0))
+        embed(base, bits, key_matrix, readout, carrier_inputs(base, LAYER, bank[0]), bank[1], cfg, torch.Generator().manual_seed(0))
     assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
 
 
@@ -151,9 +188,9 @@ def test_embed_config_rejects_non_positive_values(key):
         EmbedConfig(**{key: 0.0})
 
 
-def test_extract_rejects_a_key_of_the_wrong_width(base):
-    with pytest.raises(ValueError, match="key expects"):
-        extract(base, LAYER, torch.zeros(CODE_LENGTH, 7))
+def test_extract_rejects_a_key_of_the_wrong_width(base, readout):
+    with pytest.raises(InvalidInput, match="key expects"):
+        extract(base, readout, torch.zeros(CODE_LENGTH, 7))
 
 
 # --------------------------------------------------------------------------- decide

@@ -115,6 +115,8 @@ def test_non_float_dtype_is_refused(tmp_path, state, dtype):
 def test_a_float_counter_or_a_negative_variance_is_refused(tmp_path, state):
     bad = dict(state, **{"client.block1.bn.num_batches_tracked": torch.tensor(3.5)})
     _refused(_safetensors(tmp_path / "a.safetensors", bad), "num_batches_tracked", "integer")
+    slightly = dict(state, **{"server.block2.bn.running_var": torch.full_like(state["server.block2.bn.running_var"], -5e-6)})
+    load_suspect(_safetensors(tmp_path / "c.safetensors", slightly), EXPECTED)  # var + eps > 0: a rescaled norm, valid
     bad = dict(state, **{"server.block2.bn.running_var": -torch.ones_like(state["server.block2.bn.running_var"])})
     _refused(_safetensors(tmp_path / "b.safetensors", bad), "running_var", "negative")
 

@@ -5,6 +5,7 @@ One registry (:mod:`securemark.attacks.base`), one module per family of attacks:
 - :mod:`~securemark.attacks.tuning`: ``fine_tune``, ``retrain``, ``overwrite``;
 - :mod:`~securemark.attacks.compression`: ``prune``, ``quantize``;
 - :mod:`~securemark.attacks.perturb`: ``noise``;
+- :mod:`~securemark.attacks.obfuscate`: ``obfuscate`` (noise where the data does not look);
 - :mod:`~securemark.attacks.collusion`: ``average``;
 - :mod:`~securemark.attacks.reparam`: ``permute``, ``rescale``;
 - :mod:`~securemark.attacks.distill`: ``distill`` (a fresh student imitating the copy);
@@ -19,6 +20,7 @@ from securemark.attacks.collusion import Average
 from securemark.attacks.compose import Compose
 from securemark.attacks.compression import Prune, Quantize
 from securemark.attacks.distill import Distill
+from securemark.attacks.obfuscate import Obfuscate
 from securemark.attacks.perturb import Noise
 from securemark.attacks.reparam import Permute, Rescale
 from securemark.attacks.tuning import FineTune, Overwrite, Retrain
@@ -41,4 +43,5 @@ __all__ = [
     "Rescale",
     "Compose",
     "Distill",
+    "Obfuscate",
 ]

@@ -13,7 +13,7 @@ from torch import nn
 from securemark import checks
 from securemark.attacks.base import OPTIMIZERS, Attack, register_attack, weight_modules, working_copy
 from securemark.errors import InvalidConfig
-from securemark.fingerprint import EmbedConfig, EmbeddingFailed, embed
+from securemark.fingerprint import READOUTS, EmbedConfig, EmbeddingFailed, Readout, carrier_inputs, embed, effective_weight
 from securemark.key import SECRET_BYTES, projection
 from securemark.model import SplitNet, init_weights
 from securemark.training import train_epochs
@@ -21,6 +21,10 @@ from securemark.training import train_epochs
 log = logging.getLogger(__name__)
 
 __all__ = ["FineTune", "Retrain", "Overwrite"]
+
+
+def _fan_in(model: SplitNet, layer: str) -> int:
+    return int(effective_weight(model, layer)[0].numel())
 
 
 @register_attack("fine_tune")
@@ -127,39 +131,47 @@ class Overwrite(Attack):
     meet its margin within ``max_steps`` (:class:`EmbeddingFailed`), the attack does not
     fail: it keeps the model :func:`embed` trained for the whole step budget.
 
-    Strength: ``margin`` (the projection size the attacker forces; larger moves the
-    weights further).
+    The attacker reads its mark the way the vendor does (``readout``: ``response``, with
+    its own images as the probe, or ``weights``), so its embedding moves the layer's
+    responses, where the vendor reads.
+
+    Strength: ``margin`` (the projection size the attacker forces, in units of the
+    copy's RMS of its own ``y``; larger moves the layer further).
     """
 
     def __init__(
         self,
         code_length: int = 304,
-        margin: float = 0.2,
+        margin: float = 1.0,
         lam: float = 1.0,
         max_steps: int = 2000,
-        layer: str = "server.block2.conv.weight",
+        layer: str = "server.dense1.linear.weight",
         lr: float = 1e-3,
         accuracy_tolerance: float = 0.02,
+        readout: str = "response",
+        rank: int = 128,
     ) -> None:
         self.code_length = checks.integer(self.owner, "code_length", code_length, 1)
         self.margin = checks.number(self.owner, "margin", margin, 0.0, low_open=True)
         self.lam = checks.number(self.owner, "lam", lam, 0.0, low_open=True)
         self.max_steps = checks.integer(self.owner, "max_steps", max_steps, 1)
         if not isinstance(layer, str) or not layer.startswith("server."):
-            raise InvalidConfig(f"attack 'overwrite': layer must name a server parameter such as 'server.block2.conv.weight', got {layer!r}")
+            raise InvalidConfig(f"attack 'overwrite': layer must name a server parameter such as 'server.dense1.linear.weight', got {layer!r}")
         self.layer = layer
         self.lr = checks.number(self.owner, "lr", lr, 0.0, low_open=True)
         self.accuracy_tolerance = checks.number(self.owner, "accuracy_tolerance", accuracy_tolerance, 0.0, 1.0)
+        self.readout = checks.choice(self.owner, "readout", readout, READOUTS)
+        self.rank = checks.integer(self.owner, "rank", rank, 1)
         self._config = dict(code_length=self.code_length, margin=self.margin, lam=self.lam, max_steps=self.max_steps,
-                            layer=self.layer, lr=self.lr, accuracy_tolerance=self.accuracy_tolerance)
+                            layer=self.layer, lr=self.lr, accuracy_tolerance=self.accuracy_tolerance, readout=self.readout, rank=self.rank)
 
     @property
     def strength(self) -> float:
         return self.margin
 
     def embed_config(self, rows: int) -> EmbedConfig:
-        return EmbedConfig(layer=self.layer, lam=self.lam, margin=self.margin, lr=self.lr, max_steps=self.max_steps,
-                           accuracy_tolerance=self.accuracy_tolerance, eval_rows=rows)
+        return EmbedConfig(layer=self.layer, readout=self.readout, rank=self.rank, lam=self.lam, margin=self.margin, lr=self.lr,
+                           max_steps=self.max_steps, accuracy_tolerance=self.accuracy_tolerance, eval_rows=rows, train_rows=rows)
 
     def apply(self, models, data, generator):
         model = working_copy(models[0])
@@ -169,13 +181,17 @@ class Overwrite(Attack):
                              f"{sorted(k for k in params if k.startswith('server.'))}")
         bits = torch.randint(0, 2, (self.code_length,), generator=generator).numpy().astype(np.uint8)
         secret = bytes(torch.randint(0, 256, (SECRET_BYTES,), generator=generator).tolist())
-        key = projection(secret, self.layer, self.code_length, params[self.layer].numel())
+        rank = min(self.rank, _fan_in(model, self.layer))
+        size = params[self.layer].shape[0] * rank if self.readout == "response" else params[self.layer].numel()
+        key = projection(secret, self.layer, self.code_length, size)
         model.eval()
         with torch.no_grad():
             features = torch.cat([model.client(data.images[i : i + 1024]) for i in range(0, len(data), 1024)])
         cfg = self.embed_config(len(data))
+        readout = Readout.build(self.readout, model, self.layer, data.images[:512], rank=min(self.rank, _fan_in(model, self.layer)))
+        inputs = carrier_inputs(model, self.layer, features)
         try:
-            return embed(model, bits, key, features, data.labels, cfg, generator).model
+            return embed(model, bits, key, readout, inputs, data.labels, cfg, generator).model
         except EmbeddingFailed as exc:
             log.warning("overwrite: the attacker's own code word did not embed (%s); keeping the model trained for %d steps", exc, exc.steps)
             return exc.model

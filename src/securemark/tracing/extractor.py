@@ -1,5 +1,5 @@
 """Reading soft values out of a suspicious model: re-align it to the base model, then
-project the fingerprinted layer with the key.
+project the readout of the fingerprinted layer with the key.
 
 The extractor depends only on the suspect, the vendor's base model, the probe images
 and the key matrix it is given -- never on a code word -- so an innocent customer's
@@ -10,12 +10,13 @@ word stays independent of the extracted ``y`` and the distribution-free threshol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
-from securemark.alignment import align
-from securemark.fingerprint import extract
+from securemark.alignment import Aligner
+from securemark.fingerprint import Readout, extract
 from securemark.model import ModelSpec, SplitNet, fold_batchnorm
 
 __all__ = ["Extractor"]
@@ -23,23 +24,33 @@ __all__ = ["Extractor"]
 
 @dataclass(frozen=True, eq=False)
 class Extractor:
-    """Soft values ``y = K w`` of a suspect, read after aligning it to the base model.
+    """Soft values ``y = K phi`` of a suspect, read after aligning it to the base model.
 
     Attributes:
         spec: the architecture suspects are rebuilt with.
-        layer: the fingerprinted parameter, e.g. ``server.block2.conv.weight``.
-        key_matrix: the vendor's key ``K`` [code_length, n_weights].
+        readout: what the key projects (:class:`~securemark.fingerprint.Readout`, built
+            from the base model and the vendor's probe images).
+        key_matrix: the vendor's key ``K`` [code_length, readout size].
         reference: the vendor's base model (what suspects are aligned to).
         probe: float [N, 1, 28, 28], a fixed batch of the vendor's ``aux`` images.
-        align: False projects the weights as they are (batch norms folded, no re-alignment).
+        align: False reads the weights as they are (batch norms folded, no re-alignment).
     """
 
     spec: ModelSpec
-    layer: str
+    readout: Readout
     key_matrix: torch.Tensor
     reference: SplitNet
     probe: torch.Tensor
     align: bool = True
+
+    @property
+    def layer(self) -> str:
+        return self.readout.layer
+
+    @cached_property
+    def aligner(self) -> Aligner:
+        """The reference side of alignment, computed once for every suspect."""
+        return Aligner(self.reference, self.probe)
 
     def model(self, state_or_model) -> SplitNet:
         if isinstance(state_or_model, SplitNet):
@@ -53,7 +64,7 @@ class Extractor:
         summary (empty when alignment is off)."""
         if not self.align:
             return fold_batchnorm(self.model(state_or_model)), {}
-        result = align(self.model(state_or_model), self.reference, self.probe)
+        result = self.aligner.align(self.model(state_or_model))
         return result.model, result.summary()
 
     def __call__(self, state_or_model, key_matrix: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
@@ -61,11 +72,11 @@ class Extractor:
         model, summary = self.aligned(state_or_model)
         return self.project(model, key_matrix), summary
 
-    def project(self, aligned_model, key_matrix: torch.Tensor | None = None) -> np.ndarray:
-        """``y`` of an already aligned model (or state dict) under the key (or ``key_matrix``)."""
-        return extract(aligned_model, self.layer, self.key_matrix if key_matrix is None else key_matrix).numpy()
+    def project(self, aligned_model: SplitNet, key_matrix: torch.Tensor | None = None) -> np.ndarray:
+        """``y`` of an already aligned model under the key (or ``key_matrix``)."""
+        return extract(aligned_model, self.readout, self.key_matrix if key_matrix is None else key_matrix).numpy()
 
     def raw(self, state_or_model) -> np.ndarray:
         """``y`` of the weights as they are, not re-aligned (what an extractor without
         alignment reads)."""
-        return extract(self.model(state_or_model), self.layer, self.key_matrix).numpy()
+        return extract(self.model(state_or_model), self.readout, self.key_matrix).numpy()
