@@ -43,6 +43,7 @@ def verdict_report(verdict: Verdict, customers: dict[int, str], key: Fingerprint
         "accused": [row(c) for c in verdict.accused],
         "top_innocent_scores": [row(c) for c in verdict.top_others],
         "alignment": alignment or {},
+        "note": verdict.note,
     }
 
 
@@ -59,6 +60,8 @@ def trace_markdown(report: dict) -> str:
         lines += [f"| {a['customer_id']} | {a['codeword_index']} | {a['score']:.3f} | {a['p_value']:.3g} | {a['family_p']:.3g} |" for a in report["accused"]]
     else:
         lines += ["## Verdict: no one accused"]
+    if report.get("note"):
+        lines += ["", f"Note: {report['note']}"]
     lines += ["", "## Highest scores below the threshold", "", "| customer | score |", "|---|---|"]
     lines += [f"| {a['customer_id']} | {a['score']:.3f} |" for a in report["top_innocent_scores"]]
     if report.get("alignment"):

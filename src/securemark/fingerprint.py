@@ -54,7 +54,7 @@ class EmbedConfig:
     readout: str = "response"   # response: vec(W U_r Lambda_r^(1/2)) on the vendor's data | weights: vec(W)
     rank: int = 128             # response readout: the most excited input directions kept
     lam: float = 1.0            # weight of the hinge term
-    margin: float = 1.0         # required s_i * y_i for every bit, in units of the base model's RMS of y
+    margin: float = 0.3         # every bit must move by s_i * y_i >= margin, in units of the base model's RMS of y
     slack: float = 0.2          # the hinge aims at margin * (1 + slack), so bits clear it
     lr: float = 1e-3
     batch_size: int = 256
@@ -119,9 +119,15 @@ def effective_weight(model: SplitNet, layer: str) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class Readout:
-    """What the key projects: ``phi(model) = vec(W M)`` for the effective weight ``W`` of
-    ``layer`` (rows flattened to ``[C_out, fan_in]``) and a fixed ``[fan_in, r]`` matrix
-    ``M`` (None: the raw weights, ``M = I``).
+    """What the key projects: ``phi(model) = vec(W M) - vec(W_base M)`` for the effective
+    weight ``W`` of ``layer`` (rows flattened to ``[C_out, fan_in]``) and a fixed
+    ``[fan_in, r]`` matrix ``M`` (None: the raw weights, ``M = I``).
+
+    The base model's own readout (``origin``) is subtracted: what the key reads is how
+    far a model moved from the vendor's base, so the base's projection does not drown
+    the code word (it would otherwise be the same "noise" in every copy and in every
+    average of copies). ``origin`` depends only on the base model and vendor data, never
+    on a code word.
 
     The response readout takes ``M = U_r Lambda_r^(1/2)``: the ``r`` most excited
     directions of the layer's centred inputs on the vendor's probe images (through the
@@ -134,13 +140,14 @@ class Readout:
     layer: str
     metric: torch.Tensor | None = None
     norms: torch.Tensor | None = None
+    origin: torch.Tensor | None = None
 
     @classmethod
     def build(cls, kind: str, base: SplitNet, layer: str, probe: torch.Tensor | None, rank: int = 128) -> "Readout":
         """The ``kind`` readout (``response`` or ``weights``) of ``layer`` for the vendor's
         base model; ``response`` needs the probe images (float [N, 1, 28, 28])."""
         if kind == "weights":
-            return cls(layer)
+            return cls(layer).centred_on(base)
         if kind != "response":
             raise InvalidConfig(f"fingerprint.readout must be one of {list(READOUTS)}, got {kind!r}")
         if probe is None or len(probe) == 0:
@@ -155,7 +162,13 @@ class Readout:
         metric = (vectors[:, strongest] * eigenvalues[strongest].clamp_min(0).sqrt()).to(torch.float32)
         with torch.no_grad():
             norms = (effective_weight(base, layer).flatten(1) @ metric).norm(dim=1)
-        return cls(layer, metric, norms)
+        return cls(layer, metric, norms).centred_on(base)
+
+    def centred_on(self, base: SplitNet) -> "Readout":
+        """This readout measured from ``base`` (its ``origin`` set to ``base``'s readout)."""
+        with torch.no_grad():
+            origin = Readout(self.layer, self.metric, self.norms).features(base).detach().clone()
+        return Readout(self.layer, self.metric, self.norms, origin)
 
     def features(self, model: SplitNet) -> torch.Tensor:
         """``phi(model)`` as a flat tensor, differentiable in the model's parameters."""
@@ -166,7 +179,12 @@ class Readout:
                 raise InvalidInput(f"readout of {self.layer!r} expects {self.metric.shape[0]} inputs per row, the model has {rows.shape[1]}")
             rows = rows @ self.metric
             rows = rows * (self.norms / rows.norm(dim=1).clamp_min(1e-12))[:, None]
-        return rows.reshape(-1)
+        phi = rows.reshape(-1)
+        if self.origin is not None:
+            if self.origin.shape != phi.shape:
+                raise InvalidInput(f"readout of {self.layer!r} was built for {self.origin.numel()} values, the model gives {phi.numel()}")
+            phi = phi - self.origin
+        return phi
 
 
 def readout_size(spec: ModelSpec, layer: str, kind: str, rank: int) -> int:
@@ -194,8 +212,9 @@ def bit_error_rate(y: torch.Tensor, bits: np.ndarray) -> float:
 
 
 def margin_scale(base: SplitNet, readout: Readout, key_matrix: torch.Tensor) -> float:
-    """The base model's RMS of ``y``: the unit of :attr:`EmbedConfig.margin`."""
-    y = extract(base, readout, key_matrix)
+    """The unit of :attr:`EmbedConfig.margin`: the RMS of the base model's readout
+    projected by the key (what ``y`` would be without the origin subtracted)."""
+    y = key_matrix.to(torch.float64) @ readout.origin.to(torch.float64)
     return float(y.pow(2).mean().sqrt())
 
 
@@ -255,6 +274,8 @@ def embed(
         train_idx = eval_idx
     eval_x, eval_y = inputs[eval_idx].float(), labels[eval_idx]
     base_acc = tail_accuracy(model, index, eval_x, eval_y)
+    with torch.no_grad():  # what the base answers on the training rows: the copy must keep answering it
+        base_logits = torch.cat([forward_from(model, index, inputs[train_idx[i : i + 2048]].float()) for i in range(0, len(train_idx), 2048)])
     optimizer = torch.optim.Adam(trained, lr=cfg.lr)
     steps, acc = 0, base_acc
     while True:
@@ -273,10 +294,11 @@ def embed(
                     model=model.eval(),
                     steps=steps,
                 )
-        idx = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=generator)]
-        ce = F.cross_entropy(forward_from(model, index, inputs[idx].float()), labels[idx])
+        pick = torch.randint(len(train_idx), (cfg.batch_size,), generator=generator)
+        logits = forward_from(model, index, inputs[train_idx[pick]].float())
+        keep = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(base_logits[pick], 1), log_target=True, reduction="batchmean")
         hinge = F.relu(cfg.margin * (1 + cfg.slack) - s * (K @ readout.features(model)) / unit).mean()  # in margin units
-        loss = ce + cfg.lam * hinge
+        loss = keep + cfg.lam * hinge
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -9,6 +9,7 @@ bound on its p-value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -42,6 +43,7 @@ class Verdict:
     accused: list[Candidate] = field(default_factory=list)
     top_others: list[Candidate] = field(default_factory=list)  # highest non-accused scores
     scores: np.ndarray | None = None  # all ledger customers' scores (same order as indices)
+    note: str = ""  # what the trace could not conclude, when something stood in its way
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -54,6 +56,20 @@ _DECODERS: Registry = Registry("decoder", tag=None)
 register_decoder = _DECODERS.register
 create_decoder = _DECODERS.get
 available_decoders = _DECODERS.names
+
+
+NO_SIGNAL = ("the model reads exactly like the vendor's base model (y = 0): it carries no code word, so no one "
+             "can be accused; either it is the base model itself or whatever carried a mark was reset to the base")
+
+
+def _no_signal(y: np.ndarray, scorer: str, epsilon: float, indices: np.ndarray, top: int) -> Verdict | None:
+    """The verdict when ``y`` carries no signal at all (every value zero): no one accused,
+    and a note saying why; None when there is something to score."""
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 1 or y.size == 0 or not np.all(np.isfinite(y)) or np.any(y != 0):
+        return None  # scored as usual (the scorer refuses malformed input with a clear message)
+    others = [Candidate(int(i), 0.0, 1.0, 1.0) for i in indices[:top]]
+    return Verdict(scorer, epsilon, math.inf, len(indices), [], others, np.zeros(len(indices)), NO_SIGNAL)
 
 
 @register_decoder("plain")
@@ -73,6 +89,9 @@ def decide(
     indices = np.asarray(indices, dtype=np.int64)
     if indices.size == 0:
         raise InvalidInput("the ledger holds no customers to trace against")
+    silent = _no_signal(y, scorer, epsilon, indices, top)
+    if silent is not None:
+        return silent
     w = create_scorer(scorer).weights(np.asarray(y, dtype=np.float64))
     all_scores = score_all(codebook, w)[indices]
     thr = threshold(w, codebook.biases, epsilon, len(indices))
@@ -113,6 +132,9 @@ def decide_peeling(
     step where an innocent clears the threshold; summing the steps' budgets bounds that.
     """
     indices = np.asarray(indices, dtype=np.int64)
+    silent = _no_signal(y, f"{scorer}+peeling", epsilon, indices, top)
+    if silent is not None:
+        return silent
     y = np.asarray(y, dtype=np.float64)
     residual = y.copy()
     p = codebook.biases
