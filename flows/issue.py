@@ -33,8 +33,9 @@ from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, download_w
 from flows.adapters.paths import Paths
 from flows.adapters.scaleout import retry_unless_invalid, task_runner
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import Vendor, make_readout
+from flows.adapters.vendor import Vendor, make_extractor
 from flows.entry.stage import stage_main
+from securemark.errors import InvalidConfig
 from securemark.fingerprint import carrier_inputs, embed
 from securemark.key import derive_seed
 from securemark.model import accuracy
@@ -88,7 +89,8 @@ def embed_copy(paths: Paths, settings: Settings, base_file: Path, customer_id: s
     inputs, labels = _carrier(str(paths.root), str(base_file), vendor.embed.layer)
     seed = derive_seed(vendor.secret, f"embed|{customer_id}")
     base = load_weights(base_file)
-    result = embed(base, vendor.codebook.word(codeword_index), vendor.key_matrix, make_readout(base, paths, settings),
+    readout = make_extractor(paths, settings, vendor).readout  # the readout tracing will use (cached per process)
+    result = embed(base, vendor.codebook.word(codeword_index), vendor.key_matrix, readout,
                    inputs, labels, vendor.embed, torch.Generator().manual_seed(seed))
     out = save_weights(result.model, paths.customer_copy(customer_id))
     return {"customer_id": customer_id, "path": str(out), "weights_sha256": sha256_file(out), "test_accuracy": accuracy(result.model, *test),
@@ -134,6 +136,9 @@ def issue_flow(paths: Paths, settings: Settings, customers: list[str] | None = N
     tracking.configure(paths)
     customers = customers or settings.issue.customer_ids()
     base_file = download_weights(base_uri)
+    if sha256_file(base_file) != sha256_file(paths.base_model):
+        raise InvalidConfig(f"the base model {base_uri} is not {paths.base_model}, the base every trace aligns to and reads "
+                            "from: re-run the train stage (or register that file) so both are the same model")
     base = load_weights(base_file)
     base_version = MlflowClient().get_model_version_by_alias(BASE_MODEL, "latest").version if base_uri.endswith("@latest") else base_uri
     vendor = Vendor.open(paths, settings)

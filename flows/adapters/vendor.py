@@ -24,7 +24,6 @@ from securemark.codes import Codebook, create_code
 from securemark.fingerprint import EmbedConfig, Readout, readout_size
 from securemark.key import FingerprintKey, create_secret, derive_seed, key_id, load_secret
 from securemark.ledger import Ledger
-from securemark.model import SplitNet
 from securemark.storage import read_partition
 from securemark.tracing import Extractor
 from securemark.weights import load_weights
@@ -89,15 +88,25 @@ def probe_images(paths: Paths, settings: Settings):
     return read_partition(paths.partition("aux")).as_float()[: settings.trace.probe_size]
 
 
-def make_readout(base: SplitNet, paths: Paths, settings: Settings) -> Readout:
-    """What the key projects, for ``base`` (the same at issue and at trace time)."""
-    embed = settings.fingerprint.embed
-    return Readout.build(embed.readout, base, embed.layer, probe_images(paths, settings), embed.rank)
-
-
 def make_extractor(paths: Paths, settings: Settings, vendor: Vendor) -> Extractor:
     """The vendor's extractor: its key, its base model, and its probe images (alignment
-    and the response readout)."""
-    base = load_weights(paths.base_model)
-    return Extractor(settings.model, make_readout(base, paths, settings), vendor.key_matrix, base,
-                     probe_images(paths, settings), settings.trace.align)
+    and the response readout). Built once per process for the same base model file,
+    probe and key (building costs a few eigendecompositions), then reused."""
+    stat = paths.base_model.stat()
+    embed = settings.fingerprint.embed
+    return _extractor(paths, settings.model, str(paths.base_model), stat.st_mtime_ns, stat.st_size, settings.trace.probe_size,
+                      settings.trace.align, embed.layer, embed.readout, embed.rank, vendor)
+
+
+_EXTRACTORS: dict[tuple, Extractor] = {}
+
+
+def _extractor(paths: Paths, spec, base_file: str, mtime: int, size: int, probe_size: int, align: bool, layer: str, readout: str,
+               rank: int, vendor: Vendor) -> Extractor:
+    key = (base_file, mtime, size, probe_size, align, layer, readout, rank, vendor.key.key_id, vendor.key.code_length, str(paths.root))
+    if key not in _EXTRACTORS:
+        base = load_weights(paths.base_model)
+        probe = read_partition(paths.partition("aux")).as_float()[:probe_size]
+        _EXTRACTORS.clear()  # one base model at a time
+        _EXTRACTORS[key] = Extractor(spec, Readout.build(readout, base, layer, probe, rank), vendor.key_matrix, base, probe, align)
+    return _EXTRACTORS[key]
