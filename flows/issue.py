@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
+import threading
 import socket
 import statistics
 import time
@@ -33,17 +35,18 @@ from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, download_w
 from flows.adapters.paths import Paths
 from flows.adapters.scaleout import retry_unless_invalid, task_runner
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import Vendor, make_extractor
+from flows.adapters.vendor import Vendor, make_extractor, make_keyset
 from flows.entry.stage import stage_main
 from securemark.errors import InvalidConfig
-from securemark.fingerprint import carrier_inputs, embed
+from securemark.blackbox import key_views, targets
+from securemark.fingerprint import KeyTargets, carrier_inputs, embed, tail_accuracy
+from securemark.model import unit_index
 from securemark.key import derive_seed
 from securemark.model import accuracy
 from securemark.storage import read_partition
 from securemark.weights import load_weights, save_weights, sha256_file
 
 ISSUE_EXPERIMENT = "securemark-issue"
-VENDOR_EXPERIMENT = "securemark-vendor-codewords"  # vendor-only: holds code words
 
 
 def _existing_version(customer_id: str, sha: str):
@@ -57,7 +60,7 @@ def _existing_version(customer_id: str, sha: str):
 
 
 @lru_cache(maxsize=2)
-def _bank_and_test(root: str) -> tuple[dict, tuple]:
+def _bank_and_test_cached(root: str) -> tuple[dict, tuple]:
     """The feature bank and the test set, read once per process (thread or Dask worker)."""
     paths = Paths(Path(root))
     bank = load_file(str(paths.bank("defended")))
@@ -65,12 +68,59 @@ def _bank_and_test(root: str) -> tuple[dict, tuple]:
     return bank, (test_part.as_float(), test_part.labels)
 
 
+def _bank_and_test(root: str) -> tuple[dict, tuple]:
+    """The feature bank and the test set, read once per process (thread or Dask worker)."""
+    with _LOCK:
+        return _bank_and_test_cached(root)
+
+
+_KEY_VIEWS: dict[tuple, tuple] = {}
+
+
+def _key_views(paths: Paths, settings: Settings, vendor: Vendor, base) -> tuple:
+    """The black-box keys and what the carrying block reads for each of their views
+    (computed once per process for the same base model)."""
+    with _LOCK:
+        keyset = make_keyset(paths, settings, vendor)
+        cache_key = (id(keyset), settings.blackbox.views, vendor.embed.layer)
+        if cache_key not in _KEY_VIEWS:
+            _KEY_VIEWS.clear()
+            _KEY_VIEWS[cache_key] = (keyset, *key_views(base, vendor.embed.layer, keyset, settings.blackbox.views,
+                                                         derive_seed(vendor.secret, "key-views")))
+        return _KEY_VIEWS[cache_key]
+
+
+_LOCK = threading.RLock()  # the caches below are filled once, by whichever task comes first
+
+
 @lru_cache(maxsize=2)
-def _carrier(root: str, base_file: str, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the carrying block reads for the feature bank, and the labels: computed once
-    per process from the base model, shared by every copy issued from it."""
+def _carrier_cached(root: str, base_file: str, layer: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     bank, _ = _bank_and_test(root)
-    return carrier_inputs(load_weights(Path(base_file)), layer, bank["features"]), bank["labels"]
+    pick = torch.randperm(len(bank["labels"]), generator=torch.Generator().manual_seed(0))[:rows]  # a fixed sample of the bank
+    return carrier_inputs(load_weights(Path(base_file)), layer, bank["features"][pick]), bank["labels"][pick]
+
+
+@lru_cache(maxsize=2)
+def _test_carrier_cached(root: str, base_file: str, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _, (images, labels) = _bank_and_test(root)
+    base = load_weights(Path(base_file)).eval()
+    with torch.no_grad():
+        features = torch.cat([base.client(images[i : i + 1000]) for i in range(0, len(images), 1000)])
+    return carrier_inputs(base, layer, features), labels
+
+
+def _test_carrier(root: str, base_file: str, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the carrying block reads for every test image: issuing changes only that block
+    and the layers after it, so a copy's test accuracy is computed from here, exactly."""
+    with _LOCK:
+        return _test_carrier_cached(root, base_file, layer)
+
+
+def _carrier(root: str, base_file: str, layer: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the carrying block reads for ``rows`` rows of the feature bank, and their
+    labels: computed once per process from the base model, shared by every copy."""
+    with _LOCK:
+        return _carrier_cached(root, base_file, layer, rows)
 
 
 @task(name="embed-fingerprint", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_invalid, task_run_name="embed-{customer_id}")
@@ -85,16 +135,23 @@ def embed_copy(paths: Paths, settings: Settings, base_file: Path, customer_id: s
     """
     start = time.perf_counter()
     vendor = Vendor.open(paths, settings)
-    _, test = _bank_and_test(str(paths.root))
-    inputs, labels = _carrier(str(paths.root), str(base_file), vendor.embed.layer)
+    inputs, labels = _carrier(str(paths.root), str(base_file), vendor.embed.layer, vendor.embed.eval_rows + vendor.embed.train_rows)
     seed = derive_seed(vendor.secret, f"embed|{customer_id}")
     base = load_weights(base_file)
     readout = make_extractor(paths, settings, vendor).readout  # the readout tracing will use (cached per process)
+    keys = None
+    if settings.blackbox.enabled:  # the black-box word: the labels this copy gives the secret key images
+        keyset, key_inputs, key_index, original = _key_views(paths, settings, vendor, base)
+        answers = targets(keyset, vendor.blackbox_codebook.word(codeword_index))
+        keys = KeyTargets(key_inputs, answers[key_index], original)
     result = embed(base, vendor.codebook.word(codeword_index), vendor.key_matrix, readout,
-                   inputs, labels, vendor.embed, torch.Generator().manual_seed(seed))
+                   inputs, labels, vendor.embed, torch.Generator().manual_seed(seed), keys)
     out = save_weights(result.model, paths.customer_copy(customer_id))
-    return {"customer_id": customer_id, "path": str(out), "weights_sha256": sha256_file(out), "test_accuracy": accuracy(result.model, *test),
+    test_inputs, test_labels = _test_carrier(str(paths.root), str(base_file), vendor.embed.layer)
+    test_accuracy = tail_accuracy(result.model, unit_index(result.model, vendor.embed.layer.rsplit(".", 2)[0]), test_inputs, test_labels)
+    return {"customer_id": customer_id, "path": str(out), "weights_sha256": sha256_file(out), "test_accuracy": test_accuracy,
             "ber": result.ber, "min_margin": result.min_margin, "embed_steps": result.steps, "embed_seconds": result.seconds,
+            "key_agreement": result.key_agreement,
             "worker": f"{socket.gethostname()}:{os.getpid()}", "task_seconds": time.perf_counter() - start}
 
 
@@ -111,17 +168,35 @@ def register_copy(paths: Paths, vendor: Vendor, record, base_version: str, base_
         metrics = {"test_accuracy": embedded["test_accuracy"], "accuracy_drop": (base_accuracy - embedded["test_accuracy"]) * 100,
                    "ber": embedded["ber"], "min_margin": embedded["min_margin"], "embed_steps": embedded["embed_steps"],
                    "embed_seconds": embedded["embed_seconds"]}
+        if embedded.get("key_agreement") is not None:
+            metrics["key_agreement"] = embedded["key_agreement"]
         mlflow.log_metrics(metrics)
         if version is None:
             version = log_classifier(Path(embedded["path"]), CUSTOMER_MODEL, tags=tags)
     set_alias(CUSTOMER_MODEL, f"customer-{customer_id}", version.version)
-    with tracking.run(f"codeword-{customer_id}", VENDOR_EXPERIMENT, paths, tags={"customer_id": customer_id}):
+    with tracking.run(f"codeword-{customer_id}", tracking.VENDOR_EXPERIMENT, paths, tags={"customer_id": customer_id}):
         bits = vendor.codebook.word(record.codeword_index)
         mlflow.log_dict({"customer_id": customer_id, "codeword_index": record.codeword_index, "key_id": vendor.key.key_id,
                          "bits": "".join(map(str, bits.tolist()))}, f"codewords/{customer_id}.json")
     vendor.ledger.complete(customer_id, str(version.version), sha, reissue=True)
     return {"customer_id": customer_id, "path": embedded["path"], "model_version": str(version.version), **metrics,
             "worker": embedded["worker"], "seconds": embedded["task_seconds"] + time.perf_counter() - start}
+
+
+def registered_base(paths: Paths, base_uri: str) -> str:
+    """The registry version of the base model copies are issued from, after checking it
+    is the local base file (the base every trace aligns to and reads from)."""
+    with tempfile.TemporaryDirectory(prefix="securemark-base-") as tmp:
+        try:
+            registered = download_weights(base_uri, Path(tmp))
+            version = MlflowClient().get_model_version_by_alias(BASE_MODEL, "latest").version if base_uri.endswith("@latest") else base_uri
+        except mlflow.exceptions.MlflowException as exc:
+            raise InvalidConfig(f"no base model to issue copies from ({base_uri}: {str(exc).splitlines()[0][:160]}); "
+                                "train and register one first: `dvc repro train` or `make run`") from None
+        if not paths.base_model.is_file() or sha256_file(registered) != sha256_file(paths.base_model):
+            raise InvalidConfig(f"the base model {base_uri} is not {paths.base_model}, the base every trace aligns to and reads "
+                                "from: re-run the train stage (or register that file) so both are the same model")
+    return str(version)
 
 
 @flow(name="issue-fingerprinted-copies", validate_parameters=False)
@@ -135,12 +210,9 @@ def issue_flow(paths: Paths, settings: Settings, customers: list[str] | None = N
     logger = get_run_logger()
     tracking.configure(paths)
     customers = customers or settings.issue.customer_ids()
-    base_file = download_weights(base_uri)
-    if sha256_file(base_file) != sha256_file(paths.base_model):
-        raise InvalidConfig(f"the base model {base_uri} is not {paths.base_model}, the base every trace aligns to and reads "
-                            "from: re-run the train stage (or register that file) so both are the same model")
+    base_version = registered_base(paths, base_uri)
+    base_file = paths.base_model
     base = load_weights(base_file)
-    base_version = MlflowClient().get_model_version_by_alias(BASE_MODEL, "latest").version if base_uri.endswith("@latest") else base_uri
     vendor = Vendor.open(paths, settings)
     records = [vendor.ledger.assign(c, vendor.key.key_id) for c in customers]
     _, test = _bank_and_test(str(paths.root))
@@ -172,6 +244,7 @@ def fingerprint_metrics(rows: list[dict], code_length: int) -> dict:
         "margin_min": min(r["min_margin"] for r in rows),
         "seconds_per_copy": statistics.fmean(r["embed_seconds"] for r in rows),
         "seconds_per_copy_with_registration": statistics.fmean(r["seconds"] for r in rows),
+        "key_agreement_min": min((r["key_agreement"] for r in rows if r.get("key_agreement") is not None), default=None),
     }
 
 

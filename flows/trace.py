@@ -16,51 +16,65 @@ anyone), and writes ``metrics/trace.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import mlflow
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from flows.adapters import artifacts, reports, tracking
+from flows.adapters.logs import run_logger
 from flows.adapters.model_registry import resolve_model
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings, TraceSettings
 from flows.adapters.vendor import Vendor, make_extractor
 from flows.entry.stage import stage_main
-from securemark.key import null_secret, projection
+from securemark.key import draw_key, null_secret
 from securemark.model import SplitNet
-from securemark.suspect import expected_shapes, load_suspect
-from securemark.tracing import codebook_indices, create_decoder
-from securemark.weights import load_weights, sha256_file
+from securemark.suspect import examine, expected_shapes
+from securemark.tracing import codebook_indices, create_decoder, degeneracy, no_verdict, suspect_outputs_finite
+from securemark.weights import load_weights
 
 TRACE_EXPERIMENT = "securemark-trace"
 
 
 @flow(name="trace-model", validate_parameters=False)
 def trace_flow(paths: Paths, settings: Settings, model: str, trace: TraceSettings | None = None) -> dict:
+    """Trace one suspicious model as a Prefect flow (artifacts in the UI); see :func:`trace_model`."""
+    return trace_model(paths, settings, model, trace)
+
+
+def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceSettings | None = None) -> dict:
     """Trace one suspicious model; returns the report (raises InvalidModel on bad input).
 
-    ``trace``: trace settings to use instead of ``settings.trace`` (the CLI's flags)."""
-    logger = get_run_logger()
+    The file (or the registry's copy) is read once: the tensors examined and the sha256
+    reported come from the same bytes. ``trace``: trace settings to use instead of
+    ``settings.trace`` (the CLI's flags). Runs inside or outside a Prefect flow run."""
+    logger = run_logger(__name__)
     cfg = trace or settings.trace
     tracking.configure(paths)
     vendor = Vendor.open(paths, settings)
     with tempfile.TemporaryDirectory(prefix="securemark-trace-") as tmp:
-        file = resolve_model(model, Path(tmp))
-        state = load_suspect(file, expected_shapes(settings.model))
-        sha = sha256_file(file)
+        state, sha = examine(resolve_model(model, Path(tmp)), expected_shapes(settings.model))
     indices = codebook_indices(vendor.codebook)
-    y, alignment = make_extractor(paths, settings, vendor)(state)
-    verdict = create_decoder(cfg.decoder)(y, vendor.codebook, indices, cfg.epsilon, cfg.scorer)
+    extractor = make_extractor(paths, settings, vendor)
+    suspect = extractor.model(state)
+    note = degeneracy(suspect, extractor.probe, vendor.key.layer)
+    if not suspect_outputs_finite(suspect, extractor.probe):
+        verdict, alignment = no_verdict(cfg, indices, note), {}
+    else:
+        y, alignment = extractor(suspect)
+        verdict = create_decoder(cfg.decoder)(y, vendor.codebook, indices, cfg.epsilon, cfg.scorer)
+        if note:
+            verdict = dataclasses.replace(verdict, note=" ".join(filter(None, (note, verdict.note))))
     report = reports.verdict_report(verdict, vendor.customers_by_index(), vendor.key, vendor.codebook, model, sha, alignment)
     with tracking.run("trace", TRACE_EXPERIMENT, paths, tags={"model": model[:250], "model_sha256": sha}) as run:
         mlflow.log_params({"model": model[:250], "epsilon": cfg.epsilon, "scorer": cfg.scorer, "key_id": vendor.key.key_id})
-        mlflow.log_metrics({"accused": len(report["accused"]), "threshold": verdict.threshold,
+        mlflow.log_metrics({"accused": len(report["accused"]), "threshold": min(verdict.threshold, 1e300),
                             "max_score": float(verdict.scores.max())})
         mlflow.log_dict(report, "trace_report.json")
         mlflow.log_text(reports.trace_markdown(report), "trace_report.md")
@@ -101,18 +115,19 @@ def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> l
     indices = codebook_indices(vendor.codebook)
     layer, m = vendor.key.layer, vendor.codebook.length
     extractor = make_extractor(paths, settings, vendor)
-    nulls: list[tuple[str, SplitNet, torch.Tensor]] = []  # (name, aligned model, key)
-    nulls.append(("base", extractor.aligned(load_weights(paths.base_model))[0], vendor.key_matrix))
+    nulls: list[tuple[str, SplitNet, bytes | None]] = []  # (name, aligned model, the secret of another key; None: the vendor's)
+    nulls.append(("base", extractor.aligned(load_weights(paths.base_model))[0], None))
     for budget in settings.attacker.budgets:  # trained independently, never fingerprinted
         model = load_weights(paths.attacker_alone_model(budget))
-        nulls.append((f"attacker-alone-{budget}", extractor.aligned(model)[0], vendor.key_matrix))
+        nulls.append((f"attacker-alone-{budget}", extractor.aligned(model)[0], None))
     for copy in copies:
         aligned = extractor.aligned(load_weights(copy))[0]
         for j in range(cfg.null_random_keys):
-            K = projection(null_secret(settings.base.seed, copy.parent.name, j), layer, m, vendor.key.n_weights)
-            nulls.append((f"{copy.parent.name}@random-key-{j}", aligned, K))
+            nulls.append((f"{copy.parent.name}@random-key-{j}", aligned, null_secret(settings.base.seed, copy.parent.name, j)))
     rows = []
-    for name, aligned, K in tqdm(nulls, desc="null models", unit="model"):
+    for name, aligned, other in tqdm(nulls, desc="null models", unit="model"):
+        # another key is drawn when it is used (a 1024-bit key over the readout is ~130 MB: never hold them all)
+        K = vendor.key_matrix if other is None else draw_key(other, layer, m, vendor.key.n_weights)
         verdict = create_decoder(cfg.decoder)(extractor.project(aligned, K), vendor.codebook, indices, cfg.epsilon, cfg.scorer)
         rows.append({"model": name, "accused": len(verdict.accused), "max_score": float(verdict.scores.max()), "threshold": verdict.threshold})
     return rows

@@ -49,9 +49,10 @@ def set_alias(name: str, alias: str, version: str | int) -> None:
     MlflowClient().set_registered_model_alias(name, alias, str(version))
 
 
-def download_weights(model_uri: str, dst: Path | None = None) -> Path:
-    """Download a registered model's weights file (``models:/NAME@ALIAS`` or ``runs:/...``)."""
-    dst = Path(dst or tempfile.mkdtemp(prefix="securemark-model-"))
+def download_weights(model_uri: str, dst: Path) -> Path:
+    """Download a registered model's weights file (``models:/NAME@ALIAS`` or ``runs:/...``)
+    into the folder ``dst`` (the caller's, which the caller removes)."""
+    dst = Path(dst)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     found = sorted(local.rglob(WEIGHTS_ARTIFACT))
     if not found:
@@ -71,8 +72,10 @@ def resolve_model(model: str, workdir: Path) -> Path:
 
 
 def load_registered(model_uri: str):
-    """Our own registered model, rebuilt from its weights file (tensors only)."""
-    return load_weights(download_weights(model_uri))
+    """Our own registered model, rebuilt from its weights file (tensors only); nothing
+    downloaded is left behind."""
+    with tempfile.TemporaryDirectory(prefix="securemark-model-") as tmp:
+        return load_weights(download_weights(model_uri, Path(tmp)))
 
 
 def customer_table(ledger_records: list, client: MlflowClient | None = None) -> list[dict]:

@@ -19,13 +19,18 @@ from securemark.key import FingerprintKey  # noqa: E402
 from securemark.tracing import BOUND_DESCRIPTION, Verdict  # noqa: E402
 
 
+UNASSIGNED = "(unassigned)"
+
+
 def verdict_report(verdict: Verdict, customers: dict[int, str], key: FingerprintKey, codebook: Codebook, model: str, sha: str,
                    alignment: dict | None = None) -> dict:
-    """The JSON report of one trace. ``customers`` maps code-word indices to customer ids
-    (words not in it are not assigned to anyone yet)."""
+    """The JSON report of one trace. ``customers`` maps code-word indices to customer ids;
+    a word not in it belongs to no one yet and is reported as unassigned (every word of
+    the codebook is scored, so the bound covers every customer the ledger can hold)."""
 
     def row(c):
-        return {"customer_id": customers.get(c.codeword_index), "codeword_index": c.codeword_index, "score": c.score,
+        customer = customers.get(c.codeword_index)
+        return {"customer_id": customer, "assigned": customer is not None, "codeword_index": c.codeword_index, "score": c.score,
                 "p_value": c.p_value, "family_p": c.family_p}
 
     return {
@@ -39,6 +44,7 @@ def verdict_report(verdict: Verdict, customers: dict[int, str], key: Fingerprint
         "epsilon": verdict.epsilon,
         "threshold": verdict.threshold,
         "customers_scored": verdict.n_customers,
+        "codewords_assigned": len(customers),
         "bound": BOUND_DESCRIPTION,
         "accused": [row(c) for c in verdict.accused],
         "top_innocent_scores": [row(c) for c in verdict.top_others],
@@ -52,23 +58,28 @@ def trace_markdown(report: dict) -> str:
     lines = [f"# Trace of `{report['model']}`", "",
              f"- model sha256: `{report['model_sha256']}`",
              f"- key id: `{report['key_id']}` (layer `{report['layer']}`, {report['code_family']} code, {report['code_length']} bits)",
-             f"- scorer: {report['scorer']}; customers scored: {report['customers_scored']}",
+             f"- scorer: {report['scorer']}; code words scored: {report['customers_scored']} "
+             f"(the whole codebook; {report.get('codewords_assigned', '?')} assigned to customers)",
              f"- epsilon (whole trace): {report['epsilon']:g}; threshold: {report['threshold']:.3f}",
              f"- bound: {report['bound']}", ""]
     if report["accused"]:
         lines += ["## Accused", "", "| customer | code word | score | p-value bound | family-wise p |", "|---|---|---|---|---|"]
-        lines += [f"| {a['customer_id']} | {a['codeword_index']} | {a['score']:.3f} | {a['p_value']:.3g} | {a['family_p']:.3g} |" for a in report["accused"]]
+        lines += [f"| {_who(a)} | {a['codeword_index']} | {a['score']:.3f} | {a['p_value']:.3g} | {a['family_p']:.3g} |" for a in report["accused"]]
     else:
         lines += ["## Verdict: no one accused"]
     if report.get("note"):
         lines += ["", f"Note: {report['note']}"]
     lines += ["", "## Highest scores below the threshold", "", "| customer | score |", "|---|---|"]
-    lines += [f"| {a['customer_id']} | {a['score']:.3f} |" for a in report["top_innocent_scores"]]
+    lines += [f"| {_who(a)} | {a['score']:.3f} |" for a in report["top_innocent_scores"]]
     if report.get("alignment"):
         lines += ["", "## Re-alignment to the base model", "", "| block | channels moved | scale range | weakest match |", "|---|---|---|---|"]
         lines += [f"| {b} | {a['channels_moved']} | {a['scale_min']:.3g} to {a['scale_max']:.3g} | {a['min_similarity']:.3f} |"
                   for b, a in report["alignment"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _who(row: dict) -> str:
+    return row["customer_id"] if row.get("customer_id") is not None else f"{UNASSIGNED} word {row['codeword_index']}"
 
 
 def score_plot(verdict: Verdict, indices: np.ndarray, path: Path) -> Path:

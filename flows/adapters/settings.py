@@ -132,6 +132,43 @@ class FingerprintSettings:
 
 
 @dataclass(frozen=True)
+class BlackboxSettings:
+    """The black-box fingerprint: secret key images a copy answers with its customer's
+    labels (:mod:`securemark.blackbox`), and how tracing queries a prediction API."""
+
+    enabled: bool = True             # teach every issued copy its black-box code word
+    keys: int = 512                  # key images (from aux) = bits of a black-box word
+    pool_factor: int = 3             # keys are drawn from the pool_factor * keys most hesitant aux images
+    views: int = 4                   # each key and views - 1 perturbed copies of it are taught
+    checkpoints: tuple[int, ...] = (64, 128, 256, 512)  # sequential test: queries after which a trace may stop
+    repeats: int = 1                 # queries of each key (a coalition may route each query to another copy)
+    batch: int = 64                  # images per HTTP request
+    timeout: float = 10.0            # seconds per request
+    retries: int = 3                 # per request, with exponential back-off (and Retry-After on 429)
+    max_response_bytes: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
+        checks.integer("blackbox", "keys", self.keys, 2)
+        checks.integer("blackbox", "pool_factor", self.pool_factor, 1)
+        checks.integer("blackbox", "views", self.views, 1)
+        checks.integer("blackbox", "repeats", self.repeats, 1)
+        checks.integer("blackbox", "batch", self.batch, 1, 1024)
+        checks.number("blackbox", "timeout", self.timeout, 0.0, low_open=True)
+        checks.integer("blackbox", "retries", self.retries, 0, 10)
+        checks.integer("blackbox", "max_response_bytes", self.max_response_bytes, 1024)
+        if not self.checkpoints or list(self.checkpoints) != sorted(set(self.checkpoints)) or self.checkpoints[-1] > self.keys:
+            raise ConfigError("blackbox.checkpoints", f"need increasing query counts up to blackbox.keys ({self.keys}), got {list(self.checkpoints)}")
+        for c in self.checkpoints:
+            checks.integer("blackbox", "checkpoints[]", c, 1)
+
+    @property
+    def max_queries(self) -> int:
+        """The query budget of one trace: every key, ``repeats`` times."""
+        return self.keys * self.repeats
+
+
+@dataclass(frozen=True)
 class IssueSettings:
     customers: int = 20  # the pipeline issues customer-0001..customer-NNNN
 
@@ -254,6 +291,7 @@ class Settings:
     privacy_audit: AuditConfig
     vendor: VendorSettings
     fingerprint: FingerprintSettings
+    blackbox: BlackboxSettings
     issue: IssueSettings
     trace: TraceSettings
     attacker: AttackerSettings
@@ -287,12 +325,15 @@ class Settings:
             privacy_audit=build(AuditConfig, _section(params, "privacy_audit"), "privacy_audit", seed=base.seed),
             vendor=build(VendorSettings, params.get("vendor") or {}, "vendor"),
             fingerprint=build(FingerprintSettings, {"code": code_settings, "embed": build(EmbedConfig, fingerprint, "fingerprint")}, "fingerprint"),
+            blackbox=build(BlackboxSettings, params.get("blackbox") or {}, "blackbox"),
             issue=build(IssueSettings, _section(params, "issue"), "issue"),
             trace=build(TraceSettings, _section(params, "trace"), "trace"),
             attacker=build(AttackerSettings, params.get("attacker") or {}, "attacker"),
             attack=build(AttackSettings, params.get("attack") or {}, "attack"),
             ops=build(OpsSettings, params.get("ops") or {}, "ops"),
         )
+        if settings.blackbox.keys > settings.prepare.aux_size:
+            raise ConfigError("blackbox.keys", f"{settings.blackbox.keys} keys need as many aux images (prepare.aux_size = {settings.prepare.aux_size})")
         largest = max(settings.attacker.budgets)
         if largest > settings.prepare.attacker_size:
             raise ConfigError("attacker.budgets", f"{largest} images exceed the attacker partition (prepare.attacker_size = {settings.prepare.attacker_size})")

@@ -16,9 +16,12 @@ from typing import Any, Iterator
 import mlflow
 
 from flows.adapters.paths import Paths
+from securemark.private_files import private_dir, tighten
 
 DATA_EXPERIMENT = "securemark-data"
 TRAIN_EXPERIMENT = "securemark-train"
+VENDOR_EXPERIMENT = "securemark-vendor-codewords"  # vendor-only: holds code words
+PRIVATE_EXPERIMENTS = (VENDOR_EXPERIMENT,)  # artifact folders only their owner may enter
 
 
 def configure(paths: Paths) -> str:
@@ -29,13 +32,16 @@ def configure(paths: Paths) -> str:
 
 
 def experiment(name: str, paths: Paths) -> str:
-    """Get or create an experiment whose artifacts live under the project's mlruns/."""
+    """Get or create an experiment whose artifacts live under the project's mlruns/.
+    A vendor-only experiment's folder is made 0700 first, so nothing logged in it is
+    ever readable by other local users."""
+    local = not mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks"))
+    if local and name in PRIVATE_EXPERIMENTS:
+        private_dir(paths.mlruns / name)
     existing = mlflow.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    location = None
-    if not mlflow.get_tracking_uri().startswith(("http://", "https://", "databricks")):
-        location = (paths.mlruns / name).as_uri()
+    location = (paths.mlruns / name).as_uri() if local else None
     return mlflow.create_experiment(name, artifact_location=location)
 
 
@@ -43,6 +49,7 @@ def experiment(name: str, paths: Paths) -> str:
 def run(name: str, experiment_name: str, paths: Paths, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
     configure(paths)
     experiment_id = experiment(experiment_name, paths)
+    tighten(paths.mlflow_db)  # the default store: owner-only (no-op for another store)
     with mlflow.start_run(run_name=name, experiment_id=experiment_id, tags=tags) as active:
         yield active
 

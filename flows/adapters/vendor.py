@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
+from securemark.blackbox import KeySet, select_keys
 from securemark.codes import Codebook, create_code
 from securemark.fingerprint import EmbedConfig, Readout, readout_size
 from securemark.key import FingerprintKey, create_secret, derive_seed, key_id, load_secret
@@ -40,6 +42,7 @@ class Vendor:
     ledger: Ledger
     key: FingerprintKey
     embed: EmbedConfig
+    blackbox_codebook: Codebook  # one black-box word per code word of ``codebook`` (same index)
 
     @cached_property
     def key_matrix(self) -> torch.Tensor:
@@ -61,26 +64,50 @@ class Vendor:
             create_secret(secret_path)
         secret = load_secret(secret_path)
         code = settings.fingerprint.code
-        seed = derive_seed(secret, "codebook")
         codebook_id = f"{code.family}-{key_id(secret)}-{code.capacity}-" + "-".join(f"{k}={v}" for k, v in sorted(code.options.items()))
         directory = paths.vendor_dir(settings.vendor.state_dir)
-        cache = directory / "codebook.npz"
-        codebook = None
-        if cache.exists():
-            cached = Codebook.load(cache)
-            if cached.params.get("codebook_id") == codebook_id:
-                codebook = cached
-        if codebook is None:
-            generated = create_code(code.family, **code.options).generate(code.capacity, seed)
-            codebook = replace(generated, params={**generated.params, "codebook_id": codebook_id})
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            codebook.save(cache)
-            cache.chmod(0o600)
+        codebook = _cached_codebook(directory / "codebook.npz", codebook_id,
+                                    lambda: create_code(code.family, **code.options).generate(code.capacity, derive_seed(secret, "codebook")))
+        n_keys = settings.blackbox.keys
+        blackbox_codebook = _cached_codebook(directory / "blackbox_codebook.npz", f"blackbox-{key_id(secret)}-{code.capacity}-{n_keys}",
+                                             lambda: create_code("random", code_length=n_keys).generate(code.capacity, derive_seed(secret, "blackbox-codebook")))
         ledger = Ledger(directory / "ledger.sqlite", capacity=len(codebook), codebook_id=codebook_id)
         embed = settings.fingerprint.embed
         n_weights = readout_size(settings.model, embed.layer, embed.readout, embed.rank)
         key = FingerprintKey.for_secret(secret, embed.layer, codebook.length, n_weights)
-        return cls(secret, codebook, ledger, key, embed)
+        return cls(secret, codebook, ledger, key, embed, blackbox_codebook)
+
+
+def _cached_codebook(cache: Path, codebook_id: str, generate) -> Codebook:
+    """The codebook in ``cache`` if it is the one ``codebook_id`` names, else a freshly
+    generated one, saved there (atomically, owner-only). A damaged cache is rebuilt."""
+    if cache.exists():
+        try:
+            cached = Codebook.load(cache)
+        except Exception as exc:  # a damaged cache (an old crash, a disk error): rebuild it from the secret
+            log.warning("the codebook cache %s is unreadable (%s); rebuilding it from the secret", cache, exc)
+            cached = None
+        if cached is not None and cached.params.get("codebook_id") == codebook_id:
+            return cached
+    generated = generate()
+    codebook = replace(generated, params={**generated.params, "codebook_id": codebook_id})
+    codebook.save(cache)  # atomic, 0600 from the start
+    return codebook
+
+
+_KEYSETS: dict[tuple, KeySet] = {}
+
+
+def make_keyset(paths: Paths, settings: Settings, vendor: Vendor) -> KeySet:
+    """The vendor's black-box keys for the current base model (built once per process)."""
+    stat = paths.base_model.stat()
+    bb = settings.blackbox
+    key = (str(paths.base_model), stat.st_mtime_ns, stat.st_size, bb.keys, bb.pool_factor, vendor.key.key_id, str(paths.root))
+    if key not in _KEYSETS:
+        aux = read_partition(paths.partition("aux")).as_float()
+        _KEYSETS.clear()
+        _KEYSETS[key] = select_keys(load_weights(paths.base_model), aux, bb.keys, derive_seed(vendor.secret, "blackbox-keys"), bb.pool_factor)
+    return _KEYSETS[key]
 
 
 def probe_images(paths: Paths, settings: Settings):

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-import tempfile
-from pathlib import Path
 
+from flows.adapters.logs import quiet_expected_errors
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
 from flows.entry.stage import EXIT_INVALID
@@ -30,30 +30,26 @@ EXIT_ACCUSED = 10
 def _issue(args, paths: Paths, settings: Settings) -> int:
     from flows.issue import run_issue
 
+    quiet_expected_errors()
     rows = run_issue(paths, settings, customers=args.customer)
     for row in rows:
         print(f"{row['customer_id']}: {row['path']}  (registry version {row['model_version']}, BER {row['ber']:.3f}, accuracy {row['test_accuracy']:.4f})")
     return 0
 
 
-def _prevalidate(model: str, paths: Paths, settings: Settings) -> None:
-    """Reject bad input before any flow starts (clear message, no engine traceback)."""
-    from flows.adapters import tracking
-    from flows.adapters.model_registry import resolve_model
-    from securemark.suspect import expected_shapes, load_suspect
-
-    tracking.configure(paths)
-    with tempfile.TemporaryDirectory() as tmp:
-        load_suspect(resolve_model(model, Path(tmp)), expected_shapes(settings.model))
-
-
 def _trace(args, paths: Paths, settings: Settings) -> int:
+    """Trace a model: as a Prefect flow when a Prefect server is configured
+    (``PREFECT_API_URL``: the verdict is also published as artifacts), else directly,
+    without starting a temporary Prefect server (the MLflow run and report are the same)."""
     from flows.adapters.reports import trace_markdown
-    from flows.trace import trace_flow
+    from flows.trace import trace_flow, trace_model
 
     trace = settings.trace.with_overrides(epsilon=args.epsilon, scorer=args.scorer)  # bad flags: exit 2 before any work
-    _prevalidate(args.model, paths, settings)
-    report = trace_flow(paths, settings, args.model, trace)
+    if os.environ.get("PREFECT_API_URL"):
+        quiet_expected_errors()
+        report = trace_flow(paths, settings, args.model, trace)
+    else:
+        report = trace_model(paths, settings, args.model, trace)
     print(json.dumps(report, indent=2) if args.json else trace_markdown(report))
     return EXIT_ACCUSED if report["accused"] else EXIT_NONE_ACCUSED
 

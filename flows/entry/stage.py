@@ -10,6 +10,7 @@ import logging
 import sys
 from typing import Any, Callable
 
+from flows.adapters.logs import quiet_expected_errors
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
 from securemark.errors import SecureMarkError
@@ -24,6 +25,7 @@ def stage_main(body: Callable[[Paths, Settings], Any]) -> None:
     input) ends the process with its message and exit code 2.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_expected_errors()
     paths = Paths.from_env()
     try:
         body(paths, Settings.load(paths.params))

@@ -37,6 +37,7 @@ import numpy as np
 
 from securemark import checks
 from securemark.errors import InvalidConfig, InvalidInput
+from securemark.private_files import write_private
 from securemark.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -131,18 +132,21 @@ class Codebook:
         return self.words([int(index)])[0]
 
     def save(self, path: str | Path) -> None:
-        """Write the code book as an ``.npz`` that loads without pickle."""
-        with open(path, "wb") as handle:
-            np.savez(
-                handle,
-                format_version=np.int64(_FORMAT_VERSION),
-                family=np.str_(self.family),
-                length=np.int64(self.length),
-                packed=self.packed,
-                biases=self.biases,
-                seed=np.int64(self.seed),
-                params=np.str_(json.dumps(self.params, sort_keys=True)),
-            )
+        """Write the code book as an ``.npz`` that loads without pickle: atomically (a
+        crash never leaves a truncated cache) and readable by its owner only, from the start."""
+        write_private(Path(path), self._write)
+
+    def _write(self, handle) -> None:
+        np.savez(
+            handle,
+            format_version=np.int64(_FORMAT_VERSION),
+            family=np.str_(self.family),
+            length=np.int64(self.length),
+            packed=self.packed,
+            biases=self.biases,
+            seed=np.int64(self.seed),
+            params=np.str_(json.dumps(self.params, sort_keys=True)),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> "Codebook":

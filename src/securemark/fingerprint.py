@@ -63,6 +63,8 @@ class EmbedConfig:
     accuracy_tolerance: float = 0.003  # allowed drop of bank accuracy (fraction)
     eval_rows: int = 5000       # bank rows used to check accuracy
     train_rows: int = 10000     # bank rows the embedding trains on
+    key_weight: float = 1.0     # weight of the black-box term (cross-entropy on the key images' targets)
+    key_agreement: float = 1.0  # fraction of the keys the copy must answer with their targets
 
     def __post_init__(self) -> None:
         for key in ("lam", "margin", "lr"):
@@ -71,7 +73,9 @@ class EmbedConfig:
         for key in ("max_steps", "check_every", "batch_size", "eval_rows", "train_rows", "rank"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"fingerprint.{key}", f"must be a positive integer, got {getattr(self, key)}")
-        for key in ("accuracy_tolerance", "slack"):
+        if not 0.0 < self.key_agreement <= 1.0:
+            raise ConfigError("fingerprint.key_agreement", f"must be in (0, 1], got {self.key_agreement}")
+        for key in ("accuracy_tolerance", "slack", "key_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"fingerprint.{key}", f"must be >= 0, got {getattr(self, key)}")
         if self.readout not in READOUTS:
@@ -80,15 +84,27 @@ class EmbedConfig:
             raise ConfigError("fingerprint.layer", f"must be a server parameter (the vendor's half), got {self.layer!r}")
 
 
+@dataclass(frozen=True, eq=False)
+class KeyTargets:
+    """The black-box part of an embedding: what the carrying block reads for every view
+    of every key image (the key itself and perturbed copies of it), the label each must
+    get, and which rows are the keys themselves (the ones the stop criterion checks)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    original: torch.Tensor  # bool [rows]
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     model: SplitNet
     steps: int
     ber: float
-    min_margin: float        # min_i s_i * y_i (>= margin when embedded)
+    min_margin: float        # min_i s_i * y_i in units of the base's RMS of y (>= margin when embedded)
     bank_accuracy: float
     base_bank_accuracy: float
     seconds: float
+    key_agreement: float | None = None  # fraction of the keys answered with their targets
 
 
 def fingerprint_unit(model: SplitNet, layer: str) -> nn.Module:
@@ -244,6 +260,7 @@ def embed(
     labels: torch.Tensor,
     cfg: EmbedConfig,
     generator: torch.Generator,
+    keys: KeyTargets | None = None,
 ) -> EmbedResult:
     """A fingerprinted copy of ``base`` carrying ``bits``; ``base`` is not modified.
 
@@ -252,7 +269,8 @@ def embed(
     bank's labels; no raw image is needed. Only the carrying block and the layers after
     it are trained (so each step is cheap), in evaluation mode (batch-norm statistics
     and dropout stay out of it). ``readout`` (built from the same base model) says what
-    the key projects.
+    the key projects. With ``keys``, the copy also learns to answer the black-box key
+    images with their targets (:mod:`securemark.blackbox`), in the same steps.
     """
     start = time.perf_counter()
     model = copy.deepcopy(base).eval()
@@ -277,20 +295,24 @@ def embed(
     with torch.no_grad():  # what the base answers on the training rows: the copy must keep answering it
         base_logits = torch.cat([forward_from(model, index, inputs[train_idx[i : i + 2048]].float()) for i in range(0, len(train_idx), 2048)])
     optimizer = torch.optim.Adam(trained, lr=cfg.lr)
-    steps, acc = 0, base_acc
+    steps, acc, agree = 0, base_acc, None
     while True:
         if steps % cfg.check_every == 0 or steps >= cfg.max_steps:
             with torch.no_grad():
                 y = K @ readout.features(model)
                 min_margin = float((s * y).min())
-            if min_margin >= margin:
+                if keys is not None:
+                    answers = forward_from(model, index, keys.inputs[keys.original]).argmax(1)
+                    agree = float((answers == keys.labels[keys.original]).double().mean())
+            if min_margin >= margin and (agree is None or agree >= cfg.key_agreement):
                 acc = tail_accuracy(model, index, eval_x, eval_y)
                 if acc >= base_acc - cfg.accuracy_tolerance:
                     break
             if steps >= cfg.max_steps:
                 raise EmbeddingFailed(
-                    f"code word not embedded after {steps} steps: min margin {min_margin / unit:.3f} "
-                    f"(need {cfg.margin}); raise fingerprint.max_steps or fingerprint.lam",
+                    f"code word not embedded after {steps} steps: min margin {min_margin / unit:.3f} (need {cfg.margin})"
+                    + ("" if agree is None else f", keys answered {agree:.3f} (need {cfg.key_agreement})")
+                    + "; raise fingerprint.max_steps or fingerprint.lam",
                     model=model.eval(),
                     steps=steps,
                 )
@@ -299,6 +321,9 @@ def embed(
         keep = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(base_logits[pick], 1), log_target=True, reduction="batchmean")
         hinge = F.relu(cfg.margin * (1 + cfg.slack) - s * (K @ readout.features(model)) / unit).mean()  # in margin units
         loss = keep + cfg.lam * hinge
+        if keys is not None:
+            rows = torch.randint(len(keys.labels), (cfg.batch_size,), generator=generator)
+            loss = loss + cfg.key_weight * F.cross_entropy(forward_from(model, index, keys.inputs[rows].float()), keys.labels[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -307,4 +332,5 @@ def embed(
     for p in model.parameters():
         p.requires_grad_(True)
     y = extract(model, readout, K)
-    return EmbedResult(model, steps, bit_error_rate(y, bits), float((s.double() * y).min()) / unit, acc, base_acc, time.perf_counter() - start)
+    return EmbedResult(model, steps, bit_error_rate(y, bits), float((s.double() * y).min()) / unit, acc, base_acc,
+                       time.perf_counter() - start, agree)

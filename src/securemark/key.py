@@ -155,7 +155,7 @@ def _positive_int(name: str, value: int) -> int:
     return checks.integer("key", name, value, 1)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def projection(secret: bytes, layer: str, code_length: int, n_weights: int) -> torch.Tensor:
     """Secret projection matrix float32 [code_length, n_weights], entries i.i.d. N(0, 1/n_weights).
 
@@ -164,9 +164,14 @@ def projection(secret: bytes, layer: str, code_length: int, n_weights: int) -> t
     same matrix, another secret or layer an unrelated one. The 1/n_weights variance makes
     each row have unit expected norm, so ``K w`` has the scale of ``w`` whatever the layer size.
     The seed carries 64 bits of the HMAC; the matrix is CPU-generated for reproducibility.
-    The last few matrices are kept in this process's memory (a 1024 x 32768 key takes
+    The last two matrices are kept in this process's memory (a 1024 x 32768 key takes
     about half a second to draw); treat the result as read-only.
     """
+    return draw_key(secret, layer, code_length, n_weights)
+
+
+def draw_key(secret: bytes, layer: str, code_length: int, n_weights: int) -> torch.Tensor:
+    """:func:`projection` without keeping the result (for throwaway keys, e.g. null tests)."""
     secret = _check_secret(secret)
     if not isinstance(layer, str) or not layer:
         raise SecretError(f"layer must be a non-empty string, got {layer!r}")

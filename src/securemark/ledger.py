@@ -18,6 +18,7 @@ silently reused with another codebook. Rows are never deleted, which makes
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from securemark.errors import InvalidCustomerId, LedgerError, LedgerFull, LedgerMismatch
+from securemark.private_files import FILE_MODE, private_dir, tighten
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,9 @@ class Ledger:
         self.path = Path(path)
         self.capacity = capacity
         self.codebook_id = codebook_id
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, FILE_MODE))  # 0600 before SQLite opens it (its journals copy the mode)
+        tighten(self.path)  # a ledger created by an older version may be wider
         self._initialise()
 
     def __repr__(self) -> str:

@@ -223,13 +223,15 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _cli(issued: Issued, model: str) -> subprocess.CompletedProcess:
+def _cli(issued: Issued, model: str, served: bool = True) -> subprocess.CompletedProcess:
+    """``securemark trace --json``: as a Prefect flow on the harness server (``served``),
+    or locally, with no Prefect server at all."""
     root = issued.paths.root
     env = {**os.environ, "SECUREMARK_ROOT": str(root), "MLFLOW_TRACKING_URI": issued.uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR"):
+    for var in ("SECUREMARK_SECRET_FILE", "SECUREMARK_VENDOR_DIR", "PREFECT_API_URL"):
         env.pop(var, None)
-    if issued.prefect_api_url:  # reuse the harness server instead of starting another
+    if served and issued.prefect_api_url:  # reuse the harness server instead of starting another
         env["PREFECT_API_URL"] = issued.prefect_api_url
     return subprocess.run([sys.executable, "-m", "flows.entry.cli", "trace", "--model", model, "--json"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -243,6 +245,17 @@ def test_cli_trace_of_alice_exits_10_with_json_naming_her(issued):
     assert report["model"] == str(issued.delivered("alice"))
 
 
+def test_local_trace_needs_no_prefect_server_and_still_logs_to_mlflow(issued):
+    proc = _cli(issued, str(issued.delivered("bob")), served=False)
+    assert proc.returncode == 10, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert _accused(report) == ["bob"]
+    _assert_trace_run(issued, report)
+    assert report["model_sha256"] == __import__("hashlib").sha256(issued.delivered("bob").read_bytes()).hexdigest()
+    assert report["codewords_assigned"] == 2 and report["customers_scored"] == SMALL.fingerprint.code.capacity
+    assert all(r["customer_id"] is None and not r["assigned"] for r in report["top_innocent_scores"])  # unassigned words
+
+
 def test_cli_trace_of_malicious_pickle_exits_2_and_runs_nothing(issued, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
@@ -250,5 +263,38 @@ def test_cli_trace_of_malicious_pickle_exits_2_and_runs_nothing(issued, tmp_path
     proc = _cli(issued, str(evil))
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr
+    assert sum(line.startswith("securemark:") for line in proc.stderr.splitlines()) == 1
     assert "evil.pt" in proc.stderr
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- degenerate models
+
+
+def _degenerate(issued: Issued, tmp_path: Path, name: str, change) -> Path:
+    from safetensors.torch import save_file
+
+    state = load_file(str(issued.delivered("alice")))
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: change(k, v).contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, change, says",
+    [
+        ("all-zero", lambda k, v: torch.zeros_like(v), "same output"),
+        ("carrier-zero", lambda k, v: torch.zeros_like(v) if k == SMALL.fingerprint.embed.layer else v, "all zeros"),
+        ("times-1e30", lambda k, v: v * 1e30 if v.is_floating_point() and "running" not in k else v, ""),
+        ("times-1e-40", lambda k, v: v * 1e-40 if v.is_floating_point() and "running" not in k else v, ""),
+    ],
+)
+def test_degenerate_weights_are_a_verdict_not_a_crash(issued, tmp_path, name, change, says):
+    proc = _cli(issued, str(_degenerate(issued, tmp_path, name, change)))
+    assert proc.returncode in (0, 10), proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert _accused(report) in ([], ["alice"])  # never an innocent
+    if proc.returncode == 10:
+        assert _accused(report) == ["alice"]
+    assert says in report["note"]

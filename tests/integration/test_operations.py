@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import yaml
@@ -145,6 +146,25 @@ def test_registry_lookups_over_an_mlflow_server(ops_project, tmp_path):
         report = json.loads(traced.stdout[traced.stdout.index("{"):])
         assert [a["customer_id"] for a in report["accused"]] == ["op-bob"]
         assert report["mlflow_run_url"].startswith(url)
+
+
+def _securemark_temp_folders() -> set[str]:
+    import tempfile
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("securemark-*")}
+
+
+def test_registry_downloads_leave_no_temporary_folders(ops_project, tmp_path):
+    from flows.adapters.model_registry import load_registered
+
+    before = _securemark_temp_folders()
+    model = load_registered("models:/securemark-customer@customer-op-alice")
+    env = child_env(ops_project)
+    env.pop("PREFECT_API_URL", None)
+    traced = subprocess.run([sys.executable, "-m", "flows.entry.cli", "trace", "--model", "models:/securemark-customer@customer-op-bob", "--json"],
+                            cwd=ops_project.root, env=env, capture_output=True, text=True, timeout=300)
+    assert traced.returncode == 10, traced.stderr[-3000:]
+    assert model is not None and _securemark_temp_folders() <= before
 
 
 def test_robustness_audit_runs_against_the_registry_and_compares(prepared_project, prefect_harness, tmp_path):

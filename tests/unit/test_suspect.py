@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from securemark.errors import InvalidModel
 from securemark.model import ModelSpec, build_model
-from securemark.suspect import expected_shapes, load_suspect
+from securemark.suspect import expected_shapes, load_suspect, read_tensors
 
 SPEC = ModelSpec(widths=(4, 8), hidden=(8,), cut=1)
 EXPECTED = expected_shapes(SPEC)
@@ -163,7 +163,7 @@ def test_empty_file(tmp_path):
 
 def test_missing_file_and_directory(tmp_path):
     _refused(tmp_path / "nope.safetensors", "does not exist")
-    _refused(tmp_path, "not a file")
+    _refused(tmp_path, "not a regular file")
 
 
 @pytest.mark.parametrize(
@@ -225,3 +225,103 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, state, evil, conta
         assert check.exists()
     _refused(path, "evil.pt")
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- fuzzing and bombs
+
+
+def _only_refusals(path: Path) -> None:
+    """Loading either succeeds with a validated model or raises InvalidModel: never anything else."""
+    try:
+        load_suspect(path, EXPECTED)
+    except InvalidModel as exc:
+        assert "Traceback" not in str(exc)
+
+
+@pytest.mark.parametrize("name", ["fuzz.pt", "fuzz.safetensors", "fuzz.bin", "fuzz"])
+def test_many_random_files_are_refused_cleanly(tmp_path, name):
+    rng = np.random.default_rng(42)
+    for i in range(150):
+        size = int(rng.integers(1, 8192))
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        if i % 3 == 0:
+            data = b"PK\x03\x04" + data  # looks like a zip
+        elif i % 3 == 1:
+            data = b"\x80\x02" + data  # looks like a pickle
+        path = tmp_path / name
+        path.write_bytes(data)
+        _only_refusals(path)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_randomly_corrupted_models_are_refused_cleanly(tmp_path, state, fmt):
+    path = tmp_path / f"m.{fmt}"
+    _safetensors(path, state) if fmt == "safetensors" else torch.save(state, path)
+    good = bytearray(path.read_bytes())
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        data = bytearray(good)
+        for _ in range(int(rng.integers(1, 16))):
+            data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
+        if rng.random() < 0.3:
+            data = data[: int(rng.integers(1, len(data)))]
+        path.write_bytes(bytes(data))
+        _only_refusals(path)
+
+
+def test_a_compressed_zip_bomb_is_refused_before_it_expands(tmp_path, state):
+    import resource
+    import zipfile
+
+    path = tmp_path / "bomb.pt"
+    torch.save(state, path)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data/999", b"\0" * (200 * 1024 * 1024))  # 200 MiB of zeros, about 200 KB deflated
+    assert path.stat().st_size < 2 * 1024 * 1024
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _refused(path, "bomb.pt", "compressed")
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 * 1024  # peak memory grew by less than 64 MiB (the bomb expands to 200)
+
+
+def test_a_storage_larger_than_its_data_is_refused(tmp_path):
+    import zipfile
+
+    path = tmp_path / "liar.pt"
+    torch.save({"w": torch.zeros(37)}, path)  # one storage of 37 elements: BININT1 37 in the pickle
+    with zipfile.ZipFile(path) as z:
+        members = {m.filename: z.read(m.filename) for m in z.infolist()}
+    name = next(k for k in members if k.endswith("data.pkl"))
+    declared = b"cpuq\x06K%"  # ('storage', FloatStorage, '0', 'cpu', 37)
+    assert members[name].count(declared) == 1
+    members[name] = members[name].replace(declared, b"cpuq\x06J\xff\xff\xff\x7f")  # now it claims 2^31 - 1 elements
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for k, v in members.items():
+            z.writestr(k, v)
+    with pytest.raises(InvalidModel, match="declares a storage of 2147483647 elements"):
+        read_tensors(path)
+
+
+def test_legacy_torch_files_cannot_be_bounded_and_are_refused(tmp_path, state):
+    path = tmp_path / "old.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    _refused(path, "old.pt", "legacy")
+
+
+def test_devices_fifos_and_links_to_them_are_refused(tmp_path):
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    _refused(fifo, "not a regular file")
+    link = tmp_path / "zero.safetensors"
+    link.symlink_to("/dev/zero")
+    _refused(link, "not a regular file")
+
+
+def test_the_hash_is_of_the_bytes_that_were_parsed(tmp_path, state):
+    import hashlib
+
+    from securemark.suspect import examine
+
+    path = _safetensors(tmp_path / "m.safetensors", state)
+    loaded, sha = examine(path, EXPECTED)
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest() and loaded.keys() == state.keys()

@@ -41,3 +41,44 @@ __all__ = [
     "decide_peeling",
     "register_decoder",
 ]
+
+
+def suspect_outputs_finite(model, probe) -> bool:
+    """Whether the suspect computes finite outputs on the vendor's probe images (a model
+    whose weights overflow computes NaN or Inf and cannot be read or aligned)."""
+    import torch
+
+    with torch.no_grad():
+        return bool(torch.isfinite(model.eval()(probe)).all())
+
+
+def degeneracy(model, probe, layer: str) -> str:
+    """What makes a (well-formed) suspect degenerate, in words; empty when nothing does.
+
+    A degenerate model is still a model: the trace says what it can and cannot conclude
+    instead of failing."""
+    import torch
+
+    from securemark.fingerprint import effective_weight
+
+    notes = []
+    if not suspect_outputs_finite(model, probe):
+        notes.append("the model computes NaN or Inf on ordinary images (its weights overflow): nothing can be read from it, "
+                     "and it is useless as a classifier")
+    else:
+        with torch.no_grad():
+            outputs = model.eval()(probe)
+        if float(outputs.std(0).max()) == 0.0:
+            notes.append("the model gives the same output for every image: it does not classify, whatever it carries")
+    with torch.no_grad():
+        weight = effective_weight(model, layer)
+    if torch.isfinite(weight).all() and float(weight.abs().max()) == 0.0:
+        notes.append(f"the fingerprinted layer ({layer}) is all zeros: it carries no code word, so no one is accused on its account")
+    return " ".join(notes)
+
+
+def no_verdict(cfg, indices: np.ndarray, note: str) -> Verdict:
+    """The verdict when nothing could be read: no one accused, and why."""
+    import math
+
+    return Verdict(cfg.scorer, cfg.epsilon, math.inf, len(indices), [], [], np.zeros(len(indices)), note)
