@@ -5,7 +5,8 @@ single-copy attacks against ``attack.targets`` copies each, coalition attacks
 (``average`` and compositions starting with it) against random coalitions of every
 size in ``attack.coalition_sizes``, ``attack.trials`` each. Every attacked model is
 evaluated (test accuracy, BER against each involved customer) and traced at the
-default epsilon. Writes ``metrics/attacks.csv`` (one row per attacked model),
+default epsilon through both channels: its weights, and its label-only answers to
+the black-box keys (as a prediction API serving it would give them). Writes ``metrics/attacks.csv`` (one row per attacked model),
 ``metrics/attacks.json`` (summary and the attacker's trade-off table) and logs one
 MLflow run per attack family.
 """
@@ -30,10 +31,10 @@ from flows.adapters.model_registry import CUSTOMER_MODEL, load_registered
 from flows.adapters.paths import Paths
 from flows.adapters.scaleout import retry_unless_invalid, task_runner
 from flows.adapters.settings import Settings, attack_options
-from flows.adapters.vendor import Vendor, make_extractor
+from flows.adapters.vendor import Vendor, api_probe, make_extractor
 from flows.entry.stage import stage_main
 from securemark.attacks import AttackData, create_attack
-from securemark.attacks.grid import draw_coalitions, evaluate, is_coalition, tracing_summary, tradeoff, worth_it
+from securemark.attacks.grid import draw_coalitions, evaluate, innocents, is_coalition, traced, tracing_summary, tradeoff, worth_it
 from securemark.errors import InvalidConfig
 from securemark.model import SplitNet, accuracy
 from securemark.partition import stratified_subset
@@ -43,7 +44,8 @@ from securemark.weights import load_weights
 
 ATTACK_EXPERIMENT = "securemark-attacks"
 CSV_COLUMNS = ["attack", "strength", "coalition_size", "trial", "accuracy", "copy_accuracy", "attacker_alone_accuracy", "worth_it",
-               "ber", "ber_unaligned", "colluders", "caught", "innocents_accused"]
+               "ber", "ber_unaligned", "colluders", "caught", "innocents_accused",
+               "caught_api", "innocents_accused_api", "queries_api", "key_agreement", "traced_by"]
 WITHIN_POINTS = 2.0  # "within 2 pt of the copy": the attacks tracing must survive when they are worth it
 
 
@@ -56,6 +58,7 @@ def run_family(paths: Paths, settings: Settings, config: dict, targets: list[lis
     vendor = Vendor.open(paths, settings)
     extractor = make_extractor(paths, settings, vendor)
     indices, codewords, trace = codebook_indices(vendor.codebook), vendor.issued_codewords(), settings.trace
+    api = api_probe(paths, settings, vendor) if settings.blackbox.enabled else None  # the label-only channel
     rows = []
     for trial, coalition in enumerate(targets):
         generator = torch.Generator().manual_seed(settings.base.seed + trial)
@@ -63,7 +66,7 @@ def run_family(paths: Paths, settings: Settings, config: dict, targets: list[lis
         copy_accuracy = float(np.mean([accuracy(copies[c], *test) for c in coalition]))
         rows.append({"attack": attack.name, "strength": float(attack.strength), "coalition_size": len(coalition), "trial": trial,
                      "copy_accuracy": copy_accuracy,
-                     **evaluate(attacked, coalition, vendor.codebook, codewords, extractor, indices, test, trace.epsilon, trace.scorer, trace.decoder)})
+                     **evaluate(attacked, coalition, vendor.codebook, codewords, extractor, indices, test, trace.epsilon, trace.scorer, trace.decoder, api)})
     return rows
 
 
@@ -147,14 +150,16 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
         frame = pd.DataFrame(family_rows)
         with tracking.run(f"attack-{name}-{family_rows[0]['strength']:g}", ATTACK_EXPERIMENT, paths, tags={"attack": name, "copies": source}):
             mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
-            mlflow.log_metrics({"accuracy_mean": frame["accuracy"].mean(), "traced_fraction": float((frame["caught"] > 0).mean()),
-                                "innocents_accused": int(frame["innocents_accused"].sum()), "ber_mean": frame["ber"].mean()})
+            mlflow.log_metrics({"accuracy_mean": frame["accuracy"].mean(), "traced_fraction": float(traced(frame).mean()),
+                                "traced_fraction_weights": float((frame["caught"] > 0).mean()),
+                                "traced_fraction_api": float((frame["caught_api"] > 0).mean()),
+                                "innocents_accused": int(innocents(frame).sum()), "ber_mean": frame["ber"].mean()})
             mlflow.log_table(frame, "attack_rows.json")
-        logger.info("%s: %s", name, frame[["strength", "coalition_size", "accuracy", "ber", "caught", "innocents_accused"]].to_dict("records"))
+        logger.info("%s: %s", name, frame[["strength", "coalition_size", "accuracy", "ber", "caught", "caught_api", "innocents_accused"]].to_dict("records"))
     df = worth_it(pd.DataFrame(rows), alone)[CSV_COLUMNS]
     summary = {
         "attacked_models": len(df),
-        "innocents_accused_total": int(df["innocents_accused"].sum()),
+        "innocents_accused_total": int(innocents(df).sum()),
         "copy_accuracy_mean": statistics.fmean(accuracy(m, *test) for m in list(copies.values())[: cfg.targets]),
         "attacker_budget": settings.attacker.budget,
         "attacker_alone_accuracy": alone,

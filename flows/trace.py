@@ -31,9 +31,11 @@ from flows.adapters.logs import run_logger
 from flows.adapters.model_registry import resolve_model
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings, TraceSettings
-from flows.adapters.vendor import Vendor, make_extractor
+from flows.adapters.endpoint import PredictionAPI
+from flows.adapters.vendor import Vendor, make_extractor, make_keyset
 from flows.entry.stage import stage_main
-from securemark.key import draw_key, null_secret
+from securemark.blackbox import sequential_trace
+from securemark.key import derive_seed, draw_key, null_secret
 from securemark.model import SplitNet
 from securemark.suspect import examine, expected_shapes
 from securemark.tracing import codebook_indices, create_decoder, degeneracy, no_verdict, suspect_outputs_finite
@@ -54,7 +56,6 @@ def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceSettin
     The file (or the registry's copy) is read once: the tensors examined and the sha256
     reported come from the same bytes. ``trace``: trace settings to use instead of
     ``settings.trace`` (the CLI's flags). Runs inside or outside a Prefect flow run."""
-    logger = run_logger(__name__)
     cfg = trace or settings.trace
     tracking.configure(paths)
     vendor = Vendor.open(paths, settings)
@@ -72,10 +73,47 @@ def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceSettin
         if note:
             verdict = dataclasses.replace(verdict, note=" ".join(filter(None, (note, verdict.note))))
     report = reports.verdict_report(verdict, vendor.customers_by_index(), vendor.key, vendor.codebook, model, sha, alignment)
-    with tracking.run("trace", TRACE_EXPERIMENT, paths, tags={"model": model[:250], "model_sha256": sha}) as run:
-        mlflow.log_params({"model": model[:250], "epsilon": cfg.epsilon, "scorer": cfg.scorer, "key_id": vendor.key.key_id})
+    return log_trace(paths, report, verdict, indices, cfg, vendor, tags={"model": model[:250], "model_sha256": sha, "channel": "weights"})
+
+
+@flow(name="trace-endpoint", validate_parameters=False)
+def trace_endpoint_flow(paths: Paths, settings: Settings, url: str, budget: int | None = None, protocol: str = "auto",
+                        trace: TraceSettings | None = None) -> dict:
+    """Trace a prediction API as a Prefect flow (artifacts in the UI); see :func:`trace_endpoint`."""
+    return trace_endpoint(paths, settings, url, budget, protocol, trace)
+
+
+def trace_endpoint(paths: Paths, settings: Settings, url: str, budget: int | None = None, protocol: str = "auto",
+                   trace: TraceSettings | None = None) -> dict:
+    """Trace a prediction API by the black-box fingerprint: query the vendor's secret key
+    images, stop as soon as the evidence clears the bound (or the budget is spent), and
+    report like a file trace (MLflow run, markdown, JSON), with the queries spent."""
+    cfg = trace or settings.trace
+    bb = settings.blackbox
+    tracking.configure(paths)
+    vendor = Vendor.open(paths, settings)
+    keys = make_keyset(paths, settings, vendor)
+    limit = bb.max_queries if budget is None else min(budget, bb.max_queries)
+    api = PredictionAPI(url, protocol, bb.batch, bb.timeout, bb.retries, bb.max_response_bytes, budget=limit)
+    checkpoints = tuple(c for c in bb.checkpoints if c <= limit) or (limit,)
+    repeats = max(1, min(bb.repeats, limit // len(keys))) if limit >= len(keys) else 1
+    indices = codebook_indices(vendor.blackbox_codebook)
+    result = sequential_trace(api.predict, keys, vendor.blackbox_codebook, indices, cfg.epsilon, checkpoints, repeats,
+                              order_seed=derive_seed(vendor.secret, "key-order"))
+    report = reports.verdict_report(result.verdict, vendor.customers_by_index(), vendor.key, vendor.blackbox_codebook, url, "",
+                                    {}, channel="api", queries=api.queries)
+    return log_trace(paths, report, result.verdict, indices, cfg, vendor, tags={"endpoint": url[:250], "channel": "api"})
+
+
+def log_trace(paths: Paths, report: dict, verdict, indices, cfg: TraceSettings, vendor: Vendor, tags: dict[str, str]) -> dict:
+    """One trace as an MLflow run (report JSON and markdown, score plot), published to the
+    Prefect UI when it runs inside a flow; returns the report with the run's id and link."""
+    logger = run_logger(__name__)
+    with tracking.run("trace", TRACE_EXPERIMENT, paths, tags=tags) as run:
+        mlflow.log_params({"model": report["model"][:250], "epsilon": cfg.epsilon, "scorer": cfg.scorer, "key_id": vendor.key.key_id,
+                           "channel": report.get("channel", "weights")})
         mlflow.log_metrics({"accused": len(report["accused"]), "threshold": min(verdict.threshold, 1e300),
-                            "max_score": float(verdict.scores.max())})
+                            "max_score": float(verdict.scores.max()), "queries": float(report.get("queries") or 0)})
         mlflow.log_dict(report, "trace_report.json")
         mlflow.log_text(reports.trace_markdown(report), "trace_report.md")
         with tempfile.TemporaryDirectory() as tmp:

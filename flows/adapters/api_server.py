@@ -5,7 +5,7 @@ copies through, and what a customer who deploys a copy would run.
     with serve_predictions(answer, output="labels") as url:  # answer: images -> logits
         PredictionAPI(url).predict(images)
 
-``POST /`` with ``{"images": [[[28 floats] x 28], ...]}`` answers ``{"labels": [...]}``
+``POST /predict`` (any path) with ``{"images": [[[28 floats] x 28], ...]}`` answers ``{"labels": [...]}``
 (``output="labels"``: a label-only API) or ``{"scores": [[10 floats], ...]}``.
 """
 
@@ -65,7 +65,7 @@ def serve_predictions(answer: Callable[[torch.Tensor], torch.Tensor], output: st
     thread = threading.Thread(target=server.serve_forever, name="securemark-api", daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield f"http://127.0.0.1:{server.server_address[1]}/predict"  # any path answers; this one reads as the json protocol
     finally:
         server.shutdown()
         server.server_close()

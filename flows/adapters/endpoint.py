@@ -154,7 +154,7 @@ class PredictionAPI:
         while True:
             if time.monotonic() > deadline:
                 raise _Retry(f"the answer took longer than {self.timeout:.0f} s")
-            chunk = response.read(min(65536, self.max_response_bytes + 1 - size))
+            chunk = response.read1(min(65536, self.max_response_bytes + 1 - size))  # what has arrived: a drip meets the deadline
             if not chunk:
                 break
             chunks.append(chunk)

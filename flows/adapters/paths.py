@@ -108,6 +108,10 @@ class Paths:
         return self.metrics / "trace.json"
 
     @property
+    def blackbox_metrics(self) -> Path:
+        return self.metrics / "blackbox.json"
+
+    @property
     def attack_rows(self) -> Path:
         return self.metrics / "attacks.csv"
 

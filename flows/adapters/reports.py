@@ -23,7 +23,7 @@ UNASSIGNED = "(unassigned)"
 
 
 def verdict_report(verdict: Verdict, customers: dict[int, str], key: FingerprintKey, codebook: Codebook, model: str, sha: str,
-                   alignment: dict | None = None) -> dict:
+                   alignment: dict | None = None, channel: str = "weights", queries: int | None = None) -> dict:
     """The JSON report of one trace. ``customers`` maps code-word indices to customer ids;
     a word not in it belongs to no one yet and is reported as unassigned (every word of
     the codebook is scored, so the bound covers every customer the ledger can hold)."""
@@ -35,6 +35,8 @@ def verdict_report(verdict: Verdict, customers: dict[int, str], key: Fingerprint
 
     return {
         "model": model,
+        "channel": channel,  # weights: a model file read white-box; api: a prediction API queried
+        "queries": queries,
         "model_sha256": sha,
         "key_id": key.key_id,
         "layer": key.layer,
@@ -55,8 +57,10 @@ def verdict_report(verdict: Verdict, customers: dict[int, str], key: Fingerprint
 
 def trace_markdown(report: dict) -> str:
     """The trace report for people: verdict, scores, threshold, bound, alignment."""
+    what = "prediction API" if report.get("channel") == "api" else "model"
     lines = [f"# Trace of `{report['model']}`", "",
-             f"- model sha256: `{report['model_sha256']}`",
+             (f"- {what}: queried with {report['queries']} key images (black-box fingerprint)" if report.get("channel") == "api"
+              else f"- model sha256: `{report['model_sha256']}`"),
              f"- key id: `{report['key_id']}` (layer `{report['layer']}`, {report['code_family']} code, {report['code_length']} bits)",
              f"- scorer: {report['scorer']}; code words scored: {report['customers_scored']} "
              f"(the whole codebook; {report.get('codewords_assigned', '?')} assigned to customers)",

@@ -137,26 +137,34 @@ class BlackboxSettings:
     labels (:mod:`securemark.blackbox`), and how tracing queries a prediction API."""
 
     enabled: bool = True             # teach every issued copy its black-box code word
-    keys: int = 512                  # key images (from aux) = bits of a black-box word
+    keys: int = 128                  # key images (from aux) = bits of a black-box word
     pool_factor: int = 3             # keys are drawn from the pool_factor * keys most hesitant aux images
-    views: int = 4                   # each key and views - 1 perturbed copies of it are taught
-    checkpoints: tuple[int, ...] = (64, 128, 256, 512)  # sequential test: queries after which a trace may stop
+    blend: float = 0.4               # > 0: candidates are mixed with a secret binary pattern at this weight
+    views: int = 2                   # each key and views - 1 perturbed copies of it are taught
+    checkpoints: tuple[int, ...] = (64, 128)  # sequential test: queries after which a trace may stop
     repeats: int = 1                 # queries of each key (a coalition may route each query to another copy)
     batch: int = 64                  # images per HTTP request
     timeout: float = 10.0            # seconds per request
     retries: int = 3                 # per request, with exponential back-off (and Retry-After on 429)
     max_response_bytes: int = 1_000_000
+    null_secrets: int = 10           # blackbox stage: other vendors' keys every served model is also scored under
+    cost_copies: int = 5             # blackbox stage: copies re-embedded without the black-box marks (their cost)
+    distill_trials: int = 2          # blackbox stage: copies distilled (hard labels) through their API
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
         checks.integer("blackbox", "keys", self.keys, 2)
         checks.integer("blackbox", "pool_factor", self.pool_factor, 1)
+        checks.number("blackbox", "blend", self.blend, 0.0, 1.0, high_open=True)
         checks.integer("blackbox", "views", self.views, 1)
         checks.integer("blackbox", "repeats", self.repeats, 1)
         checks.integer("blackbox", "batch", self.batch, 1, 1024)
         checks.number("blackbox", "timeout", self.timeout, 0.0, low_open=True)
         checks.integer("blackbox", "retries", self.retries, 0, 10)
         checks.integer("blackbox", "max_response_bytes", self.max_response_bytes, 1024)
+        checks.integer("blackbox", "null_secrets", self.null_secrets, 0)
+        checks.integer("blackbox", "cost_copies", self.cost_copies, 0)
+        checks.integer("blackbox", "distill_trials", self.distill_trials, 0)
         if not self.checkpoints or list(self.checkpoints) != sorted(set(self.checkpoints)) or self.checkpoints[-1] > self.keys:
             raise ConfigError("blackbox.checkpoints", f"need increasing query counts up to blackbox.keys ({self.keys}), got {list(self.checkpoints)}")
         for c in self.checkpoints:

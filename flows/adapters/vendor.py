@@ -21,13 +21,13 @@ import torch
 
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from securemark.blackbox import KeySet, select_keys
+from securemark.blackbox import ApiProbe, KeySet, select_keys
 from securemark.codes import Codebook, create_code
 from securemark.fingerprint import EmbedConfig, Readout, readout_size
 from securemark.key import FingerprintKey, create_secret, derive_seed, key_id, load_secret
 from securemark.ledger import Ledger
 from securemark.storage import read_partition
-from securemark.tracing import Extractor
+from securemark.tracing import Extractor, codebook_indices
 from securemark.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -102,12 +102,27 @@ def make_keyset(paths: Paths, settings: Settings, vendor: Vendor) -> KeySet:
     """The vendor's black-box keys for the current base model (built once per process)."""
     stat = paths.base_model.stat()
     bb = settings.blackbox
-    key = (str(paths.base_model), stat.st_mtime_ns, stat.st_size, bb.keys, bb.pool_factor, vendor.key.key_id, str(paths.root))
+    key = (str(paths.base_model), stat.st_mtime_ns, stat.st_size, bb.keys, bb.pool_factor, bb.blend, vendor.key.key_id, str(paths.root))
     if key not in _KEYSETS:
         aux = read_partition(paths.partition("aux")).as_float()
         _KEYSETS.clear()
-        _KEYSETS[key] = select_keys(load_weights(paths.base_model), aux, bb.keys, derive_seed(vendor.secret, "blackbox-keys"), bb.pool_factor)
+        _KEYSETS[key] = select_keys(load_weights(paths.base_model), aux, bb.keys, derive_seed(vendor.secret, "blackbox-keys"), bb.pool_factor, bb.blend)
     return _KEYSETS[key]
+
+
+def api_probe(paths: Paths, settings: Settings, vendor: Vendor, secret: bytes | None = None) -> ApiProbe:
+    """How the vendor traces a model by its answers alone: its keys, black-box codebook
+    and checkpoints. With ``secret`` (a null secret, for the stages' null tests), the
+    keys and words another vendor with that secret would have drawn instead."""
+    bb = settings.blackbox
+    if secret is None:
+        keys, codebook, order_seed = make_keyset(paths, settings, vendor), vendor.blackbox_codebook, derive_seed(vendor.secret, "key-order")
+    else:
+        aux = read_partition(paths.partition("aux")).as_float()
+        keys = select_keys(load_weights(paths.base_model), aux, bb.keys, derive_seed(secret, "blackbox-keys"), bb.pool_factor, bb.blend)
+        codebook = create_code("random", code_length=bb.keys).generate(len(vendor.blackbox_codebook), derive_seed(secret, "blackbox-codebook"))
+        order_seed = derive_seed(secret, "key-order")
+    return ApiProbe(keys, codebook, codebook_indices(codebook), bb.checkpoints, bb.repeats, order_seed)
 
 
 def probe_images(paths: Paths, settings: Settings):

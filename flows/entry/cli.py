@@ -2,6 +2,7 @@
 
     securemark issue --customer ID [--customer ID ...]
     securemark trace --model PATH|models:/NAME@ALIAS [--json] [--epsilon E] [--scorer S]
+    securemark trace --endpoint URL [--budget N] [--protocol auto|mlflow|json] [--json] [--epsilon E]
     securemark registry list [--json]
 
 Exit codes: 0 success (``trace``: no one accused), 10 someone accused, 2 invalid input
@@ -42,14 +43,17 @@ def _trace(args, paths: Paths, settings: Settings) -> int:
     (``PREFECT_API_URL``: the verdict is also published as artifacts), else directly,
     without starting a temporary Prefect server (the MLflow run and report are the same)."""
     from flows.adapters.reports import trace_markdown
-    from flows.trace import trace_flow, trace_model
+    from flows.trace import trace_endpoint, trace_endpoint_flow, trace_flow, trace_model
 
     trace = settings.trace.with_overrides(epsilon=args.epsilon, scorer=args.scorer)  # bad flags: exit 2 before any work
-    if os.environ.get("PREFECT_API_URL"):
+    in_flow = bool(os.environ.get("PREFECT_API_URL"))
+    if in_flow:
         quiet_expected_errors()
-        report = trace_flow(paths, settings, args.model, trace)
+    if args.endpoint:
+        run = trace_endpoint_flow if in_flow else trace_endpoint
+        report = run(paths, settings, args.endpoint, args.budget, args.protocol, trace)
     else:
-        report = trace_model(paths, settings, args.model, trace)
+        report = (trace_flow if in_flow else trace_model)(paths, settings, args.model, trace)
     print(json.dumps(report, indent=2) if args.json else trace_markdown(report))
     return EXIT_ACCUSED if report["accused"] else EXIT_NONE_ACCUSED
 
@@ -84,7 +88,11 @@ def parser() -> argparse.ArgumentParser:
     issue.add_argument("--customer", action="append", required=True, help="customer id (repeat for a batch)")
     issue.set_defaults(run=_issue)
     trace = sub.add_parser("trace", help="trace a suspicious model; exit 0 none accused, 10 accused, 2 invalid input")
-    trace.add_argument("--model", required=True, help="safetensors / tensor-only state dict path, or models:/NAME@ALIAS")
+    suspect = trace.add_mutually_exclusive_group(required=True)
+    suspect.add_argument("--model", help="safetensors / tensor-only state dict path, or models:/NAME@ALIAS (white-box)")
+    suspect.add_argument("--endpoint", help="URL of a prediction API serving the suspect (black-box: queries the secret key images)")
+    trace.add_argument("--budget", type=int, default=None, help="most key images to query (--endpoint; default: params blackbox.max_queries)")
+    trace.add_argument("--protocol", default="auto", choices=("auto", "mlflow", "json"), help="the API's request format (--endpoint)")
     trace.add_argument("--json", action="store_true", help="print the report as JSON")
     trace.add_argument("--epsilon", type=float, default=None, help="whole-trace false-accusation probability (default: params)")
     trace.add_argument("--scorer", default=None, help="correlation | tardos (default: params)")

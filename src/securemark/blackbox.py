@@ -33,7 +33,7 @@ from securemark import checks
 from securemark.errors import InvalidInput
 from securemark.model import NUM_CLASSES, SplitNet
 
-__all__ = ["KeySet", "select_keys", "targets", "soft_values", "agreement"]
+__all__ = ["ApiProbe", "KeySet", "label_api", "secret_pattern", "select_keys", "targets", "soft_values", "agreement"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,13 +55,26 @@ class KeySet:
 
 
 @torch.no_grad()
-def select_keys(base: SplitNet, aux: torch.Tensor, n: int, seed: int, pool_factor: int = 3) -> KeySet:
+def secret_pattern(seed: int, shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
+    """A binary image drawn from ``seed`` (derived from the vendor secret), float {0, 1}."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g) < 0.5).float()
+
+
+def select_keys(base: SplitNet, aux: torch.Tensor, n: int, seed: int, pool_factor: int = 3, blend: float = 0.0) -> KeySet:
     """``n`` keys from the vendor's ``aux`` images (see the module docstring); ``seed``
-    is derived from the vendor secret, so only the vendor can rebuild the keys."""
+    is derived from the vendor secret, so only the vendor can rebuild the keys. With
+    ``blend`` > 0, every candidate is first mixed with a secret binary pattern,
+    ``(1 - blend) * image + blend * pattern``: keys off the data manifold, cheap to
+    teach (the copy's accuracy barely moves) but easier to filter and to lose in
+    distillation than natural keys (``blend`` 0)."""
     checks.integer("blackbox", "keys", n, 2)
     checks.integer("blackbox", "pool_factor", pool_factor, 1)
+    checks.number("blackbox", "blend", blend, 0.0, 1.0, high_open=True)
     if n > len(aux):
         raise InvalidInput(f"blackbox.keys: {n} keys need at least as many aux images, there are {len(aux)}")
+    if blend > 0:
+        aux = ((1 - blend) * aux + blend * secret_pattern(seed + 1, tuple(aux.shape[1:]))).clamp(0, 1)
     base.eval()
     probs = torch.cat([base(aux[i : i + 1000]).softmax(1) for i in range(0, len(aux), 1000)])
     top = probs.topk(2, dim=1)
@@ -185,3 +198,32 @@ def sequential_trace(ask, keys: KeySet, codebook, indices: np.ndarray, epsilon: 
             break
     queries = min(asked, n) + max(0, stop_index - len(checkpoints) + 1) * n
     return BlackboxVerdict(verdict, queries, stop_index, y)
+
+
+@dataclass(frozen=True, eq=False)
+class ApiProbe:
+    """What the vendor needs to trace a model by its answers alone: its keys, the
+    black-box codebook, the codebook rows scored and the sequential checkpoints."""
+
+    keys: KeySet
+    codebook: object  # securemark.codes.Codebook, one black-box word per code-word index
+    indices: np.ndarray
+    checkpoints: tuple[int, ...]
+    repeats: int = 1
+    order_seed: int = 0
+
+    def trace(self, ask, epsilon: float, scorer: str = "correlation", decoder: str = "plain") -> BlackboxVerdict:
+        """:func:`sequential_trace` of ``ask`` (images -> labels or scores)."""
+        return sequential_trace(ask, self.keys, self.codebook, self.indices, epsilon, self.checkpoints, self.repeats,
+                                self.order_seed, scorer, decoder)
+
+
+def label_api(model: SplitNet):
+    """``model`` as a label-only prediction API, in process: images -> int64 labels."""
+
+    @torch.no_grad()
+    def ask(images: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        return model(images).argmax(1)
+
+    return ask

@@ -309,10 +309,12 @@ def embed(
                 if acc >= base_acc - cfg.accuracy_tolerance:
                     break
             if steps >= cfg.max_steps:
+                acc = tail_accuracy(model, index, eval_x, eval_y)
                 raise EmbeddingFailed(
                     f"code word not embedded after {steps} steps: min margin {min_margin / unit:.3f} (need {cfg.margin})"
                     + ("" if agree is None else f", keys answered {agree:.3f} (need {cfg.key_agreement})")
-                    + "; raise fingerprint.max_steps or fingerprint.lam",
+                    + f", bank accuracy {acc:.3f} (base {base_acc:.3f}, tolerance {cfg.accuracy_tolerance})"
+                    + "; raise fingerprint.max_steps or fingerprint.lam, or lower blackbox.keys",
                     model=model.eval(),
                     steps=steps,
                 )

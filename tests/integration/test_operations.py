@@ -18,6 +18,7 @@ import yaml
 from flows.adapters.paths import Paths
 from flows.adapters.servers import free_port, mlflow_server, prefect_server
 from flows.adapters.settings import Settings
+from flows.adapters.tracking import write_json
 from tests.conftest import PROJECT_ENV_VARS, SMALL, isolated_copy, small_params
 
 pytestmark = pytest.mark.integration
@@ -168,6 +169,7 @@ def test_registry_downloads_leave_no_temporary_folders(ops_project, tmp_path):
 
 
 def test_robustness_audit_runs_against_the_registry_and_compares(prepared_project, prefect_harness, tmp_path):
+    from flows.attacker_baseline import attacker_baseline_flow
     from flows.ops import robustness_audit
 
     params = small_params(attack={"targets": 1, "trials": 1, "coalition_sizes": [2],
@@ -175,6 +177,7 @@ def test_robustness_audit_runs_against_the_registry_and_compares(prepared_projec
     with operated_project(prepared_project, tmp_path / "project", Settings.from_params(params)) as (paths, mp):
         (paths.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # this project's own params
         mp.setenv("SECUREMARK_ROOT", str(paths.root))
+        write_json(attacker_baseline_flow(paths, Settings.from_params(params)), paths.attacker_baseline)  # attacks are judged against it
         first = robustness_audit()
         second = robustness_audit()
     assert {r["status"] for r in first["comparison"]} == {"new"}
@@ -188,3 +191,69 @@ def test_serve_without_a_server_says_how_to_start_one(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()))
     done = subprocess.run([sys.executable, "-m", "flows.entry.serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "no Prefect server answers" in done.stderr and "--start-server" in done.stderr
+
+
+# ----------------------------------------------------------------------------- black-box tracing of prediction APIs
+def _trace_endpoint(paths: Paths, url: str, *extra: str) -> subprocess.CompletedProcess:
+    env = child_env(paths)
+    env.pop("PREFECT_API_URL", None)  # traced directly, as a user's shell without a Prefect server would
+    return subprocess.run([sys.executable, "-m", "flows.entry.cli", "trace", "--endpoint", url, "--json", *extra],
+                          cwd=paths.root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _report(done: subprocess.CompletedProcess) -> dict:
+    return json.loads(done.stdout[done.stdout.index("{"):])
+
+
+def test_a_served_copy_is_traced_through_its_api_and_the_base_is_not(ops_project):
+    from flows.adapters.api_server import serve_predictions
+    from securemark.weights import load_weights
+
+    copy, base = load_weights(ops_project.customer_copy("op-alice")).eval(), load_weights(ops_project.base_model).eval()
+    with serve_predictions(copy) as url:
+        traced = _trace_endpoint(ops_project, url)
+    assert traced.returncode == 10, traced.stderr[-3000:]
+    report = _report(traced)
+    assert [a["customer_id"] for a in report["accused"]] == ["op-alice"]
+    assert report["channel"] == "api" and 0 < report["queries"] <= SMALL.blackbox.keys and report["mlflow_run_id"]
+    with serve_predictions(base) as url:
+        clean = _trace_endpoint(ops_project, url)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert _report(clean)["accused"] == [] and _report(clean)["queries"] == SMALL.blackbox.keys  # no early stop without evidence
+
+
+def test_a_hostile_api_ends_the_trace_with_exit_2(ops_project):
+    from tests.unit.test_endpoint import scripted_server, send
+
+    with scripted_server(lambda h, body, calls: send(h, 200, b'{"labels": [99]}')) as (url, _):
+        done = _trace_endpoint(ops_project, url + "/predict")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "securemark:" in done.stderr and "predictions for" in done.stderr
+
+
+def test_a_copy_served_by_mlflow_models_serve_is_traced(ops_project, tmp_path):
+    import urllib.request
+
+    port = free_port()
+    env = {**child_env(ops_project), "MLFLOW_TRACKING_URI": f"sqlite:///{ops_project.root / 'mlflow.db'}"}
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/securemark-customer@customer-op-bob",
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                  cwd=ops_project.root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as ping:
+                        if ping.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+            traced = _trace_endpoint(ops_project, f"http://127.0.0.1:{port}")  # the MLflow scoring protocol
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    assert traced.returncode == 10, traced.stderr[-3000:]
+    assert [a["customer_id"] for a in _report(traced)["accused"]] == ["op-bob"]

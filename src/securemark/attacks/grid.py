@@ -13,12 +13,13 @@ import pandas as pd
 import torch
 
 from securemark.attacks.base import attack_class
+from securemark.blackbox import ApiProbe, agreement, label_api
 from securemark.codes import Codebook
 from securemark.fingerprint import bit_error_rate
 from securemark.model import accuracy
 from securemark.tracing import Extractor, create_decoder
 
-__all__ = ["expand_grid", "is_coalition", "draw_coalitions", "evaluate", "worth_it", "tracing_summary", "tradeoff", "compare_audits"]
+__all__ = ["expand_grid", "is_coalition", "draw_coalitions", "evaluate", "api_columns", "traced", "innocents", "worth_it", "tracing_summary", "tradeoff", "compare_audits"]
 
 
 def expand_grid(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,34 +63,66 @@ def evaluate(
     epsilon: float,
     scorer: str,
     decoder: str,
-) -> dict[str, float | int]:
+    api: ApiProbe | None = None,
+) -> dict[str, float | int | str]:
     """Accuracy, mean BER over the colluders (after re-alignment, and of the raw weights)
-    and the verdict of tracing the attacked model at ``epsilon``.
+    and the verdict of tracing the attacked model at ``epsilon`` through each channel:
+    its weights (white-box) and, with ``api``, its label-only answers to the black-box
+    keys (the model served as a prediction API).
 
-    ``codewords`` maps customer ids to their code-word index in ``codebook``. A model of
-    another architecture (a distilled student) has no weights to read: BER is NaN and
-    no one is accused.
+    ``codewords`` maps customer ids to their code-word index in ``codebook`` (and in
+    ``api.codebook``). A model of another architecture (a distilled student) has no
+    weights to read: BER is NaN and the weights channel accuses no one.
     """
+    row: dict[str, float | int | str] = {"accuracy": accuracy(model, *test), "colluders": len(colluders)}
+    guilty = {codewords[c] for c in colluders}
     if model.spec != extractor.spec:
-        return {"accuracy": accuracy(model, *test), "ber": float("nan"), "ber_unaligned": float("nan"),
-                "colluders": len(colluders), "caught": 0, "innocents_accused": 0}
-    y, _ = extractor(model)
-    raw = extractor.raw(model)
+        row.update(ber=float("nan"), ber_unaligned=float("nan"), caught=0, innocents_accused=0)
+    else:
+        y, _ = extractor(model)
+        raw = extractor.raw(model)
 
-    def ber(values: np.ndarray) -> float:
-        return float(np.mean([bit_error_rate(torch.as_tensor(values), codebook.word(codewords[c])) for c in colluders]))
+        def ber(values: np.ndarray) -> float:
+            return float(np.mean([bit_error_rate(torch.as_tensor(values), codebook.word(codewords[c])) for c in colluders]))
 
-    verdict = create_decoder(decoder)(y, codebook, indices, epsilon, scorer)
-    accused = {c.codeword_index for c in verdict.accused}
+        verdict = create_decoder(decoder)(y, codebook, indices, epsilon, scorer)
+        accused = {c.codeword_index for c in verdict.accused}
+        row.update(ber=ber(y), ber_unaligned=ber(raw), caught=len(accused & guilty), innocents_accused=len(accused - guilty))
+    row.update(api_columns(model, colluders, codewords, api, epsilon, scorer, decoder))
+    row["traced_by"] = {(True, True): "both", (True, False): "weights", (False, True): "api", (False, False): "none"}[
+        (row["caught"] > 0, row["caught_api"] > 0)]
+    return row
+
+
+def api_columns(model, colluders: list[str], codewords: dict[str, int], api: ApiProbe | None, epsilon: float, scorer: str,
+                decoder: str) -> dict[str, float | int]:
+    """The black-box channel: colluders caught and innocents accused by tracing the
+    model's label-only answers, the queries the sequential trace spent, and the fraction
+    of keys answered with the first colluder's target (how much of its black-box word
+    the attacked model still carries; 0.5 is chance for a two-label key)."""
+    if api is None:
+        return {"caught_api": 0, "innocents_accused_api": 0, "queries_api": 0, "key_agreement": float("nan")}
+    ask = label_api(model)
+    result = api.trace(ask, epsilon, scorer, decoder)
+    accused = {c.codeword_index for c in result.verdict.accused}
     guilty = {codewords[c] for c in colluders}
     return {
-        "accuracy": accuracy(model, *test),
-        "ber": ber(y),
-        "ber_unaligned": ber(raw),
-        "colluders": len(colluders),
-        "caught": len(accused & guilty),
-        "innocents_accused": len(accused - guilty),
+        "caught_api": len(accused & guilty),
+        "innocents_accused_api": len(accused - guilty),
+        "queries_api": int(result.queries),
+        "key_agreement": agreement(api.keys, api.codebook.word(codewords[colluders[0]]), ask(api.keys.images)),
     }
+
+
+def traced(rows: pd.DataFrame) -> pd.Series:
+    """Whether each attacked model was traced (a colluder caught) by either channel."""
+    caught = rows["caught"] > 0
+    return caught | (rows["caught_api"] > 0) if "caught_api" in rows else caught
+
+
+def innocents(rows: pd.DataFrame) -> pd.Series:
+    """Innocent customers accused per attacked model, both channels together."""
+    return rows["innocents_accused"] + (rows["innocents_accused_api"] if "innocents_accused_api" in rows else 0)
 
 
 def worth_it(rows: pd.DataFrame, attacker_alone_accuracy: float) -> pd.DataFrame:
@@ -103,14 +136,18 @@ def worth_it(rows: pd.DataFrame, attacker_alone_accuracy: float) -> pd.DataFrame
 
 def tracing_summary(rows: pd.DataFrame) -> dict[str, Any]:
     """Tracing over a set of attacked models: how many, how many traced (at least one
-    colluder caught), colluders caught of those involved, innocents accused."""
+    colluder caught, by either channel; and by each), colluders caught of those
+    involved, innocents accused."""
+    hit = traced(rows)
     return {
         "attacked_models": int(len(rows)),
-        "traced": int((rows["caught"] > 0).sum()),
-        "traced_fraction": float((rows["caught"] > 0).mean()) if len(rows) else None,
-        "colluders_caught": int(rows["caught"].sum()),
+        "traced": int(hit.sum()),
+        "traced_fraction": float(hit.mean()) if len(rows) else None,
+        "traced_weights": int((rows["caught"] > 0).sum()),
+        "traced_api": int((rows["caught_api"] > 0).sum()) if "caught_api" in rows else 0,
+        "colluders_caught": int(rows[["caught", "caught_api"]].max(axis=1).sum()) if "caught_api" in rows else int(rows["caught"].sum()),
         "colluders": int(rows["colluders"].sum()),
-        "innocents_accused": int(rows["innocents_accused"].sum()),
+        "innocents_accused": int(innocents(rows).sum()),
         "accuracy_min": float(rows["accuracy"].min()) if len(rows) else None,
     }
 
@@ -119,8 +156,9 @@ def tradeoff(df: pd.DataFrame) -> list[dict[str, Any]]:
     """Per attack family: the weakest strength at which tracing failed (some trial caught
     no colluder) and the attacker's accuracy there; ``None`` when tracing never failed."""
     table = []
+    df = df.assign(_traced=traced(df), _innocents=innocents(df))
     for (attack, size), group in df.groupby(["attack", "coalition_size"], sort=True):
-        by_strength = group.groupby("strength").agg(traced=("caught", lambda c: float((c > 0).mean())), accuracy=("accuracy", "mean"))
+        by_strength = group.groupby("strength").agg(traced=("_traced", "mean"), accuracy=("accuracy", "mean"))
         failed = by_strength[by_strength["traced"] < 1.0]
         first = failed.index.min() if len(failed) else None
         table.append({
@@ -128,8 +166,8 @@ def tradeoff(df: pd.DataFrame) -> list[dict[str, Any]]:
             "coalition_size": int(size),
             "weakest_failing_strength": None if first is None else float(first),
             "accuracy_at_failure": None if first is None else float(failed.loc[first, "accuracy"]),
-            "traced_fraction_overall": float((group["caught"] > 0).mean()),
-            "innocents_accused": int(group["innocents_accused"].sum()),
+            "traced_fraction_overall": float(group["_traced"].mean()),
+            "innocents_accused": int(group["_innocents"].sum()),
             "accuracy_min": float(group["accuracy"].min()),
         })
     return table

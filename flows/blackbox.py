@@ -1,0 +1,199 @@
+"""``blackbox`` stage: every issued copy traced through a prediction API, and null APIs.
+
+Each copy is served on 127.0.0.1 by :func:`flows.adapters.api_server.serve_predictions`
+(label-only, SecureMark's JSON protocol) and traced over HTTP exactly as
+``securemark trace --endpoint URL`` does (one MLflow run and report per copy). Then:
+
+- **null APIs**, which carry none of the black-box words: the base model and the
+  models the attacker trained alone (under the vendor's keys), and every served model
+  (copies included) examined under ``blackbox.null_secrets`` other vendors' keys and
+  codebooks (null secrets derived from ``base.seed``). None may accuse anyone.
+- **accuracy cost**: for ``blackbox.cost_copies`` customers, the copy is embedded
+  again with the weight fingerprint only (same seed); the difference in test accuracy
+  is what the black-box marks cost on top of the weight fingerprint.
+- **hard-label distillation through the API**: for ``blackbox.distill_trials`` copies,
+  a fresh network of the same architecture is trained on the attacker's images
+  labelled by the copy's API (``attack`` defaults for ``distill``), then traced through
+  its own API; its agreement with the leaker's black-box word is recorded.
+
+Writes ``metrics/blackbox.json`` and logs one MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import mlflow
+import torch
+from prefect import flow, get_run_logger
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from flows.adapters import tracking
+from flows.adapters.api_server import serve_predictions
+from flows.adapters.endpoint import PredictionAPI
+from flows.adapters.paths import Paths
+from flows.adapters.settings import Settings
+from flows.adapters.vendor import Vendor, api_probe, make_extractor, make_keyset
+from flows.entry.stage import stage_main
+from flows.trace import TRACE_EXPERIMENT, trace_endpoint
+from securemark.attacks import AttackData, create_attack
+from securemark.blackbox import agreement, key_views, label_api, targets
+from securemark.fingerprint import KeyTargets, carrier_inputs, embed
+from securemark.key import derive_seed, null_secret
+from securemark.model import SplitNet, accuracy
+from securemark.partition import stratified_subset
+from securemark.storage import read_partition
+from securemark.weights import load_weights
+
+
+def _api(url: str, settings: Settings) -> PredictionAPI:
+    bb = settings.blackbox
+    return PredictionAPI(url, "json", bb.batch, bb.timeout, bb.retries, bb.max_response_bytes, budget=None)
+
+
+def trace_copies(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]:
+    """Every issued copy served and traced over HTTP, as ``trace --endpoint`` would."""
+    issued = vendor.issued_codewords()
+    rows = []
+    for copy in tqdm(paths.issued_copies(), desc="tracing copies through their APIs", unit="copy"):
+        model = load_weights(copy)
+        start = time.perf_counter()
+        with serve_predictions(lambda x, m=model: m.eval()(x)) as url:
+            report = trace_endpoint(paths, settings, url)
+        accused = [a["customer_id"] for a in report["accused"]]
+        rows.append({"customer_id": copy.parent.name, "accused": accused, "queries": report["queries"],
+                     "correct": accused == [copy.parent.name] and copy.parent.name in issued,
+                     "seconds": round(time.perf_counter() - start, 2)})
+    return rows
+
+
+def null_apis(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]:
+    """Verdicts for APIs that carry none of the words they are scored against."""
+    bb, cfg = settings.blackbox, settings.trace
+    own = api_probe(paths, settings, vendor)
+    others = [api_probe(paths, settings, vendor, null_secret(settings.base.seed, "blackbox", j)) for j in range(bb.null_secrets)]
+    models: list[tuple[str, SplitNet, bool]] = [("base", load_weights(paths.base_model), True)]
+    models += [(f"attacker-alone-{b}", load_weights(paths.attacker_alone_model(b)), True) for b in settings.attacker.budgets]
+    models += [(c.parent.name, load_weights(c), False) for c in paths.issued_copies()]  # a copy is null only under other keys
+    rows = []
+    for name, model, null_under_own in tqdm(models, desc="null APIs", unit="model"):
+        with serve_predictions(lambda x, m=model: m.eval()(x)) as url:
+            probes = ([("vendor", own)] if null_under_own else []) + [(f"null-{j}", p) for j, p in enumerate(others)]
+            for key_name, probe in probes:
+                result = probe.trace(_api(url, settings).predict, cfg.epsilon, cfg.scorer, cfg.decoder)
+                rows.append({"model": name, "keys": key_name, "accused": len(result.verdict.accused), "queries": result.queries,
+                             "max_score_ratio": float(result.verdict.scores.max() / result.verdict.threshold)})
+    return rows
+
+
+def accuracy_cost(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]:
+    """Test accuracy of ``cost_copies`` issued copies and of the same copies embedded
+    with the weight fingerprint only: the black-box marks' own cost, in points."""
+    base = load_weights(paths.base_model)
+    bank = load_file(str(paths.bank("defended")))
+    layer = vendor.embed.layer
+    rows_n = vendor.embed.eval_rows + vendor.embed.train_rows
+    pick = torch.randperm(len(bank["labels"]), generator=torch.Generator().manual_seed(0))[:rows_n]  # the issue stage's sample
+    inputs, labels = carrier_inputs(base, layer, bank["features"][pick]), bank["labels"][pick]
+    test_part = read_partition(paths.partition("test"))
+    test = (test_part.as_float(), test_part.labels)
+    readout = make_extractor(paths, settings, vendor).readout
+    keyset = make_keyset(paths, settings, vendor)
+    key_inputs, key_index, original = key_views(base, layer, keyset, settings.blackbox.views, derive_seed(vendor.secret, "key-views"))
+    rows = []
+    for customer_id, index in list(sorted(vendor.issued_codewords().items()))[: settings.blackbox.cost_copies]:
+        seed = derive_seed(vendor.secret, f"embed|{customer_id}")
+        both = embed(base, vendor.codebook.word(index), vendor.key_matrix, readout, inputs, labels, vendor.embed,
+                     torch.Generator().manual_seed(seed),
+                     KeyTargets(key_inputs, targets(keyset, vendor.blackbox_codebook.word(index))[key_index], original))
+        weights_only = embed(base, vendor.codebook.word(index), vendor.key_matrix, readout, inputs, labels, vendor.embed,
+                             torch.Generator().manual_seed(seed))
+        a_both, a_weights = accuracy(both.model, *test), accuracy(weights_only.model, *test)
+        rows.append({"customer_id": customer_id, "accuracy": a_both, "accuracy_weights_only": a_weights,
+                     "cost_points": (a_weights - a_both) * 100, "seconds_both": both.seconds, "seconds_weights_only": weights_only.seconds})
+    return rows
+
+
+def distillation(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]:
+    """Hard-label distillation of ``distill_trials`` copies through their APIs into fresh
+    networks (same architecture, the attacker's images), each student traced by its API."""
+    cfg = settings.trace
+    attacker = read_partition(paths.partition("attacker"))
+    index = torch.from_numpy(stratified_subset(attacker.labels.numpy(), settings.attacker.budget, settings.base.seed))
+    test_part = read_partition(paths.partition("test"))
+    test = (test_part.as_float(), test_part.labels)
+    probe = api_probe(paths, settings, vendor)
+    issued = vendor.issued_codewords()
+    attack = create_attack("distill", labels="hard")
+    rows = []
+    for trial, copy in enumerate(paths.issued_copies()[: settings.blackbox.distill_trials]):
+        teacher = load_weights(copy)
+        with serve_predictions(lambda x, m=teacher: m.eval()(x)) as url:  # the student learns what the API answers
+            api = _api(url, settings)
+            labelled = api.predict(attacker.as_float()[index])
+        data = AttackData(attacker.as_float()[index], labelled)  # the API's labels, not the attacker's own
+        student = attack([teacher], data, torch.Generator().manual_seed(settings.base.seed + trial))
+        with serve_predictions(lambda x, m=student: m.eval()(x)) as url:
+            result = probe.trace(_api(url, settings).predict, cfg.epsilon, cfg.scorer, cfg.decoder)
+        word = vendor.blackbox_codebook.word(issued[copy.parent.name])
+        accused = {c.codeword_index for c in result.verdict.accused}
+        rows.append({"customer_id": copy.parent.name, "student_accuracy": accuracy(student, *test), "copy_accuracy": accuracy(teacher, *test),
+                     "traced": issued[copy.parent.name] in accused, "innocents_accused": len(accused - {issued[copy.parent.name]}),
+                     "key_agreement": agreement(probe.keys, word, label_api(student)(probe.keys.images)), "queries": result.queries})
+    return rows
+
+
+@flow(name="blackbox-tracing", validate_parameters=False)
+def blackbox_flow(paths: Paths, settings: Settings) -> dict:
+    logger = get_run_logger()
+    tracking.configure(paths)
+    vendor = Vendor.open(paths, settings)
+    start = time.perf_counter()
+    copies = trace_copies(paths, settings, vendor)
+    nulls = null_apis(paths, settings, vendor)
+    cost = accuracy_cost(paths, settings, vendor)
+    students = distillation(paths, settings, vendor)
+    alone = {r["budget"]: r["accuracy"] for r in json.loads(paths.attacker_baseline.read_text())}.get(settings.attacker.budget)
+    metrics = {
+        "copies": len(copies),
+        "copies_correct": sum(r["correct"] for r in copies),
+        "queries_max": max((r["queries"] for r in copies), default=0),
+        "queries_mean": statistics.fmean(r["queries"] for r in copies) if copies else 0.0,
+        "trace_seconds_max": max((r["seconds"] for r in copies), default=0.0),
+        "null_apis": len(nulls),
+        "null_accusations": sum(r["accused"] for r in nulls),
+        "max_null_score_ratio": max((r["max_score_ratio"] for r in nulls), default=0.0),
+        "accuracy_cost_max": max((r["cost_points"] for r in cost), default=0.0),
+        "accuracy_cost_mean": statistics.fmean(r["cost_points"] for r in cost) if cost else 0.0,
+        "distillation_trials": len(students),
+        "distillation_traced": sum(r["traced"] for r in students),
+        "distillation_worth_it": sum(alone is not None and r["student_accuracy"] > alone for r in students),
+        "distillation_key_agreement_mean": statistics.fmean(r["key_agreement"] for r in students) if students else None,
+        "distillation_innocents_accused": sum(r["innocents_accused"] for r in students),
+        "keys": settings.blackbox.keys,
+        "epsilon": settings.trace.epsilon,
+        "customers_in_codebook": len(vendor.blackbox_codebook),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    with tracking.run("blackbox-stage", TRACE_EXPERIMENT, paths, tags={"stage": "blackbox"}):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_dict({"copies": copies, "nulls": nulls, "accuracy_cost": cost, "distillation": students}, "blackbox_stage.json")
+    logger.info("blackbox stage: %s", metrics)
+    return metrics
+
+
+def _stage(paths: Paths, settings: Settings) -> None:
+    tracking.write_json(blackbox_flow(paths, settings), paths.blackbox_metrics)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description="blackbox stage: trace issued copies and null models through prediction APIs").parse_args(argv)
+    stage_main(_stage)
+
+
+if __name__ == "__main__":
+    main()
