@@ -15,6 +15,10 @@ Each copy is served on 127.0.0.1 by :func:`flows.adapters.api_server.serve_predi
   a fresh network of the same architecture is trained on the attacker's images
   labelled by the copy's API (``attack`` defaults for ``distill``), then traced through
   its own API; its agreement with the leaker's black-box word is recorded.
+- **query filters**: the attacker's ``query_filter`` (max-softmax or feature-distance
+  detector refusing 5 % of its own images; refused queries answered by its own network
+  or by the runner-up label) in front of the first copy: refusal rates on natural test
+  images and on the keys, and whether tracing still succeeds.
 
 Writes ``metrics/blackbox.json`` and logs one MLflow run.
 """
@@ -147,6 +151,34 @@ def distillation(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]
     return rows
 
 
+def query_filters(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]:
+    """The attacker's query filter (``query_filter``, tuned on its own images to refuse
+    5 % of them) in front of the first issued copy: the share of natural test images and
+    of key queries it refuses, and whether the filtered API is still traced."""
+    cfg = settings.trace
+    attacker = read_partition(paths.partition("attacker"))
+    index = torch.from_numpy(stratified_subset(attacker.labels.numpy(), settings.attacker.budget, settings.base.seed))
+    data = AttackData(attacker.as_float()[index], attacker.labels[index])
+    test = read_partition(paths.partition("test"))
+    probe = api_probe(paths, settings, vendor)
+    issued = vendor.issued_codewords()
+    rows = []
+    for copy in paths.issued_copies()[:1]:
+        for detector in ("softmax", "distance"):
+            for fallback in ("alone", "second"):
+                api = create_attack("query_filter", detector=detector, refuse=0.05, fallback=fallback)(
+                    [load_weights(copy)], data, torch.Generator().manual_seed(settings.base.seed))
+                with serve_predictions(api) as url:
+                    result = probe.trace(_api(url, settings).predict, cfg.epsilon, cfg.scorer, cfg.decoder)
+                accused = {c.codeword_index for c in result.verdict.accused}
+                rows.append({"customer_id": copy.parent.name, "detector": detector, "fallback": fallback,
+                             "refused_test": float(api.unusual(test.as_float()).double().mean()),
+                             "refused_keys": float(api.unusual(probe.keys.images).double().mean()),
+                             "traced": issued[copy.parent.name] in accused, "innocents_accused": len(accused - {issued[copy.parent.name]}),
+                             "accuracy": accuracy(api, test.as_float(), test.labels)})
+    return rows
+
+
 @flow(name="blackbox-tracing", validate_parameters=False)
 def blackbox_flow(paths: Paths, settings: Settings) -> dict:
     logger = get_run_logger()
@@ -157,6 +189,7 @@ def blackbox_flow(paths: Paths, settings: Settings) -> dict:
     nulls = null_apis(paths, settings, vendor)
     cost = accuracy_cost(paths, settings, vendor)
     students = distillation(paths, settings, vendor)
+    filters = query_filters(paths, settings, vendor)
     alone = {r["budget"]: r["accuracy"] for r in json.loads(paths.attacker_baseline.read_text())}.get(settings.attacker.budget)
     metrics = {
         "copies": len(copies),
@@ -174,6 +207,10 @@ def blackbox_flow(paths: Paths, settings: Settings) -> dict:
         "distillation_worth_it": sum(alone is not None and r["student_accuracy"] > alone for r in students),
         "distillation_key_agreement_mean": statistics.fmean(r["key_agreement"] for r in students) if students else None,
         "distillation_innocents_accused": sum(r["innocents_accused"] for r in students),
+        "filter_refused_test_max": max((r["refused_test"] for r in filters), default=None),
+        "filter_refused_keys_min": min((r["refused_keys"] for r in filters), default=None),
+        "filter_traced": sum(r["traced"] for r in filters),
+        "filter_trials": len(filters),
         "keys": settings.blackbox.keys,
         "epsilon": settings.trace.epsilon,
         "customers_in_codebook": len(vendor.blackbox_codebook),
@@ -181,7 +218,8 @@ def blackbox_flow(paths: Paths, settings: Settings) -> dict:
     }
     with tracking.run("blackbox-stage", TRACE_EXPERIMENT, paths, tags={"stage": "blackbox"}):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.log_dict({"copies": copies, "nulls": nulls, "accuracy_cost": cost, "distillation": students}, "blackbox_stage.json")
+        mlflow.log_dict({"copies": copies, "nulls": nulls, "accuracy_cost": cost, "distillation": students,
+                        "query_filters": filters}, "blackbox_stage.json")
     logger.info("blackbox stage: %s", metrics)
     return metrics
 

@@ -63,8 +63,9 @@ class EmbedConfig:
     accuracy_tolerance: float = 0.003  # allowed drop of bank accuracy (fraction)
     eval_rows: int = 5000       # bank rows used to check accuracy
     train_rows: int = 10000     # bank rows the embedding trains on
-    key_weight: float = 1.0     # weight of the black-box term (cross-entropy on the key images' targets)
-    key_agreement: float = 1.0  # fraction of the keys the copy must answer with their targets
+    key_weight: float = 0.3     # weight of the black-box term (cross-entropy on the key images' targets)
+    key_agreement: float = 0.95  # fraction of the keys the copy must answer with their targets
+    key_confidence: float = 0.6  # a key view answered with its target at this probability stops pulling
 
     def __post_init__(self) -> None:
         for key in ("lam", "margin", "lr"):
@@ -73,8 +74,9 @@ class EmbedConfig:
         for key in ("max_steps", "check_every", "batch_size", "eval_rows", "train_rows", "rank"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"fingerprint.{key}", f"must be a positive integer, got {getattr(self, key)}")
-        if not 0.0 < self.key_agreement <= 1.0:
-            raise ConfigError("fingerprint.key_agreement", f"must be in (0, 1], got {self.key_agreement}")
+        for key in ("key_agreement", "key_confidence"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise ConfigError(f"fingerprint.{key}", f"must be in (0, 1], got {getattr(self, key)}")
         for key in ("accuracy_tolerance", "slack", "key_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"fingerprint.{key}", f"must be >= 0, got {getattr(self, key)}")
@@ -325,7 +327,9 @@ def embed(
         loss = keep + cfg.lam * hinge
         if keys is not None:
             rows = torch.randint(len(keys.labels), (cfg.batch_size,), generator=generator)
-            loss = loss + cfg.key_weight * F.cross_entropy(forward_from(model, index, keys.inputs[rows].float()), keys.labels[rows])
+            key_logits = forward_from(model, index, keys.inputs[rows].float())
+            unsure = key_logits.softmax(1).gather(1, keys.labels[rows, None]).squeeze(1) < cfg.key_confidence  # learned rows rest
+            loss = loss + cfg.key_weight * (F.cross_entropy(key_logits, keys.labels[rows], reduction="none") * unsure).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -27,6 +27,8 @@ PARAMS = small_params(attack={
         {"attack": "compose", "steps": [{"attack": "permute"}, {"attack": "rescale", "spread": 10.0}]},
         {"attack": "distill", "labels": ["soft", "hard"], "epochs": 2},
         {"attack": "distill", "labels": "hard", "student": "other", "widths": [4, 8], "hidden": [16], "epochs": 2},
+        {"attack": "serve_coalition", "mode": "vote"},
+        {"attack": "query_filter", "detector": "softmax", "fallback": "second"},
     ],
 })
 SETTINGS = Settings.from_params(PARAMS)
@@ -94,6 +96,22 @@ def test_trace_stage_accuses_each_copy_and_no_null_model(staged):
     assert metrics["null_accusations"] == 0 and metrics["max_null_score_ratio"] < 1.0
 
 
+def test_blackbox_stage_traces_copies_through_their_apis_and_no_null_api(staged):
+    from flows.blackbox import _stage
+
+    _stage(staged, SETTINGS)
+    metrics = json.loads(staged.blackbox_metrics.read_text())
+    bb = SETTINGS.blackbox
+    assert metrics["copies"] == metrics["copies_correct"] == 2
+    assert 0 < metrics["queries_max"] <= bb.keys
+    # base + attacker-alone models under the vendor's keys, every model under each null secret
+    assert metrics["null_apis"] == (1 + len(SETTINGS.attacker.budgets)) * (1 + bb.null_secrets) + 2 * bb.null_secrets
+    assert metrics["null_accusations"] == 0 and metrics["max_null_score_ratio"] < 1.0
+    assert metrics["distillation_trials"] == bb.distill_trials and metrics["distillation_innocents_accused"] == 0
+    assert metrics["filter_trials"] == 4 and 0.0 <= metrics["filter_refused_keys_min"] <= 1.0
+    assert abs(metrics["accuracy_cost_max"]) < 100
+
+
 def test_attack_stage_traces_attacked_copies(staged):
     from flows.attack import CSV_COLUMNS, _stage
 
@@ -101,14 +119,20 @@ def test_attack_stage_traces_attacked_copies(staged):
     rows = pd.read_csv(staged.metrics / "attacks.csv")
     assert list(rows.columns) == CSV_COLUMNS
     assert set(rows["attack"]) == {"fine_tune_adam", "prune", "average", "average>prune", "permute>rescale",
-                                   "distill_soft", "distill_hard", "distill_hard_other"}
-    assert len(rows) == 1 + 2 + 1 + 1 + 1 + 3
-    assert (rows["innocents_accused"] == 0).all()
+                                   "distill_soft", "distill_hard", "distill_hard_other", "serve_coalition_vote",
+                                   "query_filter_softmax_second"}
+    assert len(rows) == 1 + 2 + 1 + 1 + 1 + 3 + 1 + 1
+    assert (rows["innocents_accused"] == 0).all() and (rows["innocents_accused_api"] == 0).all()
+    copy = rows[rows["attack"] == "fine_tune_adam"].iloc[0]
+    assert copy["traced_by"] in ("both", "api", "weights") and 0 < copy["queries_api"] <= SETTINGS.blackbox.keys
+    served = rows[rows["attack"].isin(["serve_coalition_vote", "query_filter_softmax_second"])]
+    assert (served["caught"] == 0).all() and served["ber"].isna().all()  # an API only: nothing for the weights channel
     baseline = {r["budget"]: r["accuracy"] for r in json.loads(staged.attacker_baseline.read_text())}
     assert np.allclose(rows["attacker_alone_accuracy"], baseline[SETTINGS.attacker.budget], atol=1e-5)
     assert (rows["worth_it"] == (rows["accuracy"] > rows["attacker_alone_accuracy"])).all()
     other = rows[rows["attack"] == "distill_hard_other"].iloc[0]
     assert other["caught"] == 0 and pd.isna(other["ber"])  # another architecture: no weights to read
+    assert 0.0 <= other["key_agreement"] <= 1.0  # ... but its answers to the keys are read
     # Re-parametrisation scrambles the raw weights; re-alignment reads the mark again.
     reparam = rows[rows["attack"] == "permute>rescale"].iloc[0]
     assert reparam["ber_unaligned"] > 0.2 and reparam["ber"] == 0 and reparam["caught"] == 1

@@ -34,7 +34,10 @@ CONFIGS: dict[str, dict] = {
     "compose": {"steps": [{"attack": "average"}, {"attack": "fine_tune", "epochs": 1, "batch_size": 64}, {"attack": "prune", "rate": 0.3}]},
     "distill": {"labels": "soft", "epochs": 2, "batch_size": 64},
     "obfuscate": {"directions": 3, "scale": 2.0, "samples": 64},
+    "serve_coalition": {"mode": "vote"},
+    "query_filter": {"detector": "distance", "refuse": 0.1, "fallback": "alone", "epochs": 1},
 }
+SERVING = {"serve_coalition", "query_filter"}  # answer through an API: a module without readable weights
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def test_every_registered_attack_has_a_test_config():
     assert set(CONFIGS) == set(available_attacks())
 
 
-@pytest.mark.parametrize("name", available_attacks())
+@pytest.mark.parametrize("name", sorted(set(available_attacks()) - SERVING))
 def test_every_attack_returns_a_new_model_and_leaves_its_inputs_alone(name, models, data):
     attack = create_attack(name, **CONFIGS[name])
     before = [snapshot(m) for m in models]
@@ -92,6 +95,41 @@ def test_every_attack_returns_a_new_model_and_leaves_its_inputs_alone(name, mode
 
     again = attack(models, data, gen(5))  # reproducible from the generator alone
     assert same_state(snapshot(again), snapshot(out))
+
+
+@pytest.mark.parametrize("name", sorted(SERVING))
+def test_serving_attacks_answer_like_a_model_without_weights_to_read(name, models, data):
+    before = [snapshot(m) for m in models]
+    out = create_attack(name, **CONFIGS[name])(models, data, gen(5))
+    assert out.spec is None and not isinstance(out, SplitNet)
+    logits = out(data.images[:16])
+    assert logits.shape == (16, 10) and torch.isfinite(logits).all()
+    assert all(same_state(snapshot(m), state) for m, state in zip(models, before))
+    again = create_attack(name, **CONFIGS[name])(models, data, gen(5))
+    assert torch.equal(again(data.images[:16]).argmax(1), logits.argmax(1))  # reproducible from the generator
+
+
+def test_a_coalition_api_answers_from_its_members():
+    members = [build_model(SPEC, seed) for seed in (1, 2, 3)]
+    images = torch.rand(64, 1, 28, 28, generator=gen(1))
+    answers = torch.stack([m.eval()(images).argmax(1) for m in members])
+    routed = create_attack("serve_coalition", mode="random")(members, AttackData(images, answers[0]), gen(2))(images).argmax(1)
+    assert ((routed[None] == answers).any(0)).all()  # every answer is some member's
+    vote = create_attack("serve_coalition", mode="vote")(members, AttackData(images, answers[0]), gen(2))(images).argmax(1)
+    majority = (answers[0] == answers[1]) | (answers[0] == answers[2])
+    assert torch.equal(vote[majority], answers[0][majority])
+
+
+def test_a_query_filter_refuses_about_what_it_was_tuned_to_on_the_attackers_images(models):
+    g = gen(3)
+    images = torch.rand(400, 1, 28, 28, generator=g)
+    data = AttackData(images, models[0].eval()(images).argmax(1))
+    for detector in ("softmax", "distance"):
+        api = create_attack("query_filter", detector=detector, refuse=0.1, fallback="second")(models, data, gen(4))
+        assert 0.05 <= float(api.unusual(images).float().mean()) <= 0.15
+        flagged = api.unusual(images)
+        top2 = models[0].eval()(images).topk(2, dim=1).indices
+        assert torch.equal(api(images).argmax(1)[flagged], top2[flagged, 1])  # flagged: the runner-up label
 
 
 def test_unknown_attack_lists_the_valid_names():

@@ -9,6 +9,8 @@ One registry (:mod:`securemark.attacks.base`), one module per family of attacks:
 - :mod:`~securemark.attacks.collusion`: ``average``;
 - :mod:`~securemark.attacks.reparam`: ``permute``, ``rescale``;
 - :mod:`~securemark.attacks.distill`: ``distill`` (a fresh student imitating the copy);
+- :mod:`~securemark.attacks.serving`: ``serve_coalition`` (a coalition's API: random
+  member or majority vote per query), ``query_filter`` (an API refusing unusual queries);
 - :mod:`~securemark.attacks.compose`: ``compose`` (a sequence of the others);
 
 and the grid that the ``attack`` stage runs (:mod:`~securemark.attacks.grid`).
@@ -23,6 +25,7 @@ from securemark.attacks.distill import Distill
 from securemark.attacks.obfuscate import Obfuscate
 from securemark.attacks.perturb import Noise
 from securemark.attacks.reparam import Permute, Rescale
+from securemark.attacks.serving import QueryFilter, ServeCoalition
 from securemark.attacks.tuning import FineTune, Overwrite, Retrain
 
 __all__ = [
@@ -44,4 +47,6 @@ __all__ = [
     "Compose",
     "Distill",
     "Obfuscate",
+    "ServeCoalition",
+    "QueryFilter",
 ]

@@ -80,6 +80,7 @@ class Attack:
 
     kind: ClassVar[str] = ""  # the registry name, set by @register_attack
     min_models: ClassVar[int] = 1
+    coalition: ClassVar[bool] = False  # combines several copies: the grid runs it against coalitions
     list_options: ClassVar[tuple[str, ...]] = ()  # options whose value is a list (a params grid does not expand them)
 
     @property

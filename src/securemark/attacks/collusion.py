@@ -26,6 +26,8 @@ class Average(Attack):
     attack has been called (NaN before).
     """
 
+    coalition = True
+
     def __init__(self, weights: str = "uniform") -> None:
         self.weights = checks.choice(self.owner, "weights", weights, ("uniform", "random"))
         self._config = dict(weights=self.weights)

@@ -36,9 +36,10 @@ def expand_grid(grid: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def is_coalition(config: dict[str, Any]) -> bool:
-    """Whether the attack starts by combining several copies (``average`` first)."""
+    """Whether the attack starts by combining several copies (``average``,
+    ``serve_coalition``, or a composition starting with one of them)."""
     first = config["steps"][0]["attack"] if config["attack"] == "compose" else config["attack"]
-    return first == "average"
+    return attack_class(first).coalition
 
 
 def draw_coalitions(rng: np.random.Generator, customers: list[str], size: int, trials: int) -> list[list[str]]:

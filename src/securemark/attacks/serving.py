@@ -1,0 +1,165 @@
+"""Attacks that live in how a copy is served, not in its weights.
+
+- ``serve_coalition``: a coalition's prediction API that answers each query from a
+  randomly chosen member copy (``mode="random"``) or by the members' majority vote
+  (``mode="vote"``). No single set of weights exists: only the API can be traced.
+- ``query_filter``: an API that refuses queries it flags as unusual and answers them
+  with an uninformative label. The detector is fitted on the attacker's own images only:
+  ``detector="softmax"`` flags a low maximum probability of the copy, ``"distance"``
+  flags a large distance of the copy's penultimate features to the nearest class mean
+  of the attacker's images; the threshold refuses a fraction ``refuse`` of the
+  attacker's own images. A flagged query is answered by ``fallback``: ``"alone"``, a
+  network the attacker trains on its own images (a base-like label, what an unmarked
+  model would say), or ``"second"``, the copy's runner-up label (for a key whose two
+  candidate labels are the copy's top two, this answers the opposite bit).
+
+The result is an ``nn.Module`` that answers images with logits, with ``spec = None``:
+it has no weights a white-box trace could read (:func:`securemark.attacks.grid.evaluate`
+scores it through the black-box channel only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from securemark import checks
+from securemark.attacks.base import Attack, register_attack, working_copy
+from securemark.model import SplitNet, build_model
+from securemark.training import Recipe, train_with_recipe
+
+__all__ = ["ServeCoalition", "QueryFilter", "CoalitionAPI", "FilteredAPI"]
+
+
+class CoalitionAPI(nn.Module):
+    """Answers from ``members``: one random member per image, or their majority vote."""
+
+    spec = None
+
+    def __init__(self, members: list[SplitNet], mode: str, seed: int) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.mode = mode
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([m.eval()(x) for m in self.members])  # [c, n, 10]
+        if self.mode == "random":
+            pick = torch.randint(len(self.members), (x.shape[0],), generator=self.generator)
+            return logits[pick, torch.arange(x.shape[0])]
+        votes = F.one_hot(logits.argmax(2), logits.shape[2]).sum(0).double()  # [n, 10]
+        return votes + 1e-3 * logits.softmax(2).mean(0).double()  # ties go to the mean probability
+
+
+@register_attack("serve_coalition")
+class ServeCoalition(Attack):
+    """A coalition's prediction API (see the module docstring). Strength: coalition size."""
+
+    min_models = 1
+    coalition = True
+
+    def __init__(self, mode: str = "random") -> None:
+        self.mode = checks.choice(self.owner, "mode", mode, ("random", "vote"))
+        self._config = dict(mode=self.mode)
+        self._copies = math.nan
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.mode}"
+
+    @property
+    def strength(self) -> float:
+        return float(self._copies)
+
+    def apply(self, models, data, generator):
+        self._copies = len(models)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return CoalitionAPI([working_copy(m).eval() for m in models], self.mode, seed)
+
+
+class FilteredAPI(nn.Module):
+    """``copy``'s answers, with flagged queries answered by ``fallback`` instead."""
+
+    spec = None
+
+    def __init__(self, copy: SplitNet, detector: str, threshold: float, means: torch.Tensor | None, fallback: nn.Module | None) -> None:
+        super().__init__()
+        self.copy, self.detector, self.threshold, self.fallback = copy, detector, threshold, fallback
+        self.register_buffer("means", means if means is not None else torch.zeros(0))
+
+    @torch.no_grad()
+    def unusual(self, x: torch.Tensor) -> torch.Tensor:
+        """bool [n]: the queries the detector flags."""
+        return self.scores(x) > self.threshold
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        self.copy.eval()
+        if self.detector == "softmax":
+            return -self.copy(x).softmax(1).max(1).values  # higher = more unusual
+        return torch.cdist(penultimate(self.copy, x), self.means).min(1).values
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.copy.eval()(x)
+        flagged = self.unusual(x)
+        if flagged.any():
+            if self.fallback is None:  # the copy's runner-up label
+                second = logits.topk(2, dim=1).indices[:, 1]
+                logits = logits.clone()
+                logits[flagged] = F.one_hot(second[flagged], logits.shape[1]).to(logits.dtype) * 1e3
+            else:
+                logits = logits.clone()
+                logits[flagged] = self.fallback.eval()(x[flagged])
+        return logits
+
+
+@torch.no_grad()
+def penultimate(model: SplitNet, x: torch.Tensor) -> torch.Tensor:
+    """What the model's head (``server.fc``) reads for images ``x``: [n, hidden]."""
+    seen = []
+    hook = model.server.fc.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].flatten(1)))
+    try:
+        model.eval()(x)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@register_attack("query_filter")
+class QueryFilter(Attack):
+    """An API that refuses unusual queries (see the module docstring). Strength: ``refuse``."""
+
+    def __init__(self, detector: str = "distance", refuse: float = 0.05, fallback: str = "alone", epochs: int = 10) -> None:
+        self.detector = checks.choice(self.owner, "detector", detector, ("softmax", "distance"))
+        self.refuse = checks.number(self.owner, "refuse", refuse, 0.0, 1.0, low_open=True, high_open=True)
+        self.fallback = checks.choice(self.owner, "fallback", fallback, ("alone", "second"))
+        self.epochs = checks.integer(self.owner, "epochs", epochs, 1)
+        self._config = dict(detector=self.detector, refuse=self.refuse, fallback=self.fallback, epochs=self.epochs)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.detector}_{self.fallback}"
+
+    @property
+    def strength(self) -> float:
+        return self.refuse
+
+    def apply(self, models, data, generator):
+        copy = working_copy(models[0]).eval()
+        means = None
+        if self.detector == "distance":
+            features = penultimate(copy, data.images)
+            means = torch.stack([features[data.labels == c].mean(0) for c in data.labels.unique()])
+        filtered = FilteredAPI(copy, self.detector, math.inf, means, None)
+        filtered.threshold = float(torch.quantile(filtered.scores(data.images).double(), 1.0 - self.refuse))
+        if self.fallback == "alone":
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            alone = build_model(copy.spec, seed)
+            train_with_recipe(alone, data.images, data.labels, Recipe(epochs=self.epochs, batch_size=128, lr=2e-3), generator)
+            filtered.fallback = alone.eval()
+        return filtered
