@@ -109,7 +109,8 @@ def accuracy_cost(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict
     keyset = make_keyset(paths, settings, vendor)
     key_inputs, key_index, original = key_views(base, layer, keyset, settings.blackbox.views, derive_seed(vendor.secret, "key-views"))
     rows = []
-    for customer_id, index in list(sorted(vendor.issued_codewords().items()))[: settings.blackbox.cost_copies]:
+    chosen = list(sorted(vendor.issued_codewords().items()))[: settings.blackbox.cost_copies]
+    for customer_id, index in tqdm(chosen, desc="accuracy cost of the black-box marks", unit="copy"):
         seed = derive_seed(vendor.secret, f"embed|{customer_id}")
         both = embed(base, vendor.codebook.word(index), vendor.key_matrix, readout, inputs, labels, vendor.embed,
                      torch.Generator().manual_seed(seed),
@@ -134,7 +135,7 @@ def distillation(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]
     issued = vendor.issued_codewords()
     attack = create_attack("distill", labels="hard")
     rows = []
-    for trial, copy in enumerate(paths.issued_copies()[: settings.blackbox.distill_trials]):
+    for trial, copy in enumerate(tqdm(paths.issued_copies()[: settings.blackbox.distill_trials], desc="distillation through the API", unit="student")):
         teacher = load_weights(copy)
         with serve_predictions(lambda x, m=teacher: m.eval()(x)) as url:  # the student learns what the API answers
             api = _api(url, settings)
@@ -164,7 +165,7 @@ def query_filters(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict
     issued = vendor.issued_codewords()
     rows = []
     for copy in paths.issued_copies()[:1]:
-        for detector in ("softmax", "distance"):
+        for detector in tqdm(("softmax", "distance"), desc="query filters", unit="detector"):
             for fallback in ("alone", "second"):
                 api = create_attack("query_filter", detector=detector, refuse=0.05, fallback=fallback)(
                     [load_weights(copy)], data, torch.Generator().manual_seed(settings.base.seed))
@@ -209,6 +210,7 @@ def blackbox_flow(paths: Paths, settings: Settings) -> dict:
         "distillation_innocents_accused": sum(r["innocents_accused"] for r in students),
         "filter_refused_test_max": max((r["refused_test"] for r in filters), default=None),
         "filter_refused_keys_min": min((r["refused_keys"] for r in filters), default=None),
+        "filter_refused_keys_max": max((r["refused_keys"] for r in filters), default=None),
         "filter_traced": sum(r["traced"] for r in filters),
         "filter_trials": len(filters),
         "keys": settings.blackbox.keys,

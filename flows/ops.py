@@ -5,7 +5,8 @@ finds the project from the environment (``SECUREMARK_ROOT``, else the working
 directory), then runs the same flows as ``dvc repro`` and the CLI:
 
 - ``issue-fingerprint(customers)``: fingerprinted copies (fan-out per customer);
-- ``trace-suspicious-model(model)``: a path or ``models:/NAME@ALIAS`` URI;
+- ``trace-suspicious-model(model | endpoint)``: a path or ``models:/NAME@ALIAS`` URI, or
+  the URL of a prediction API (black-box);
 - ``robustness-audit()``: the params' attack grid against the registry's current
   customer copies, compared with the previous audit (scheduled by ``ops.audit_cron``);
 - ``retrain(variant)``: split training, which registers a new base model version.
@@ -24,9 +25,10 @@ from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
 from flows.attack import run_attacks
 from flows.issue import run_issue
-from flows.trace import trace_flow
+from flows.trace import trace_endpoint_flow, trace_flow
 from flows.train import train_flow
 from securemark.attacks.grid import compare_audits
+from securemark.errors import InvalidConfig
 
 AUDIT_EXPERIMENT = "securemark-audit"
 
@@ -46,10 +48,18 @@ def issue_fingerprint(customers: list[str]) -> list[dict]:
 
 
 @flow(name="trace-suspicious-model")
-def trace_suspicious_model(model: str, epsilon: float | None = None) -> dict:
-    """Trace a model file or registry URI; the verdict is published as artifacts."""
+def trace_suspicious_model(model: str | None = None, epsilon: float | None = None, endpoint: str | None = None,
+                           budget: int | None = None) -> dict:
+    """Trace a model file or registry URI (``model``, white-box) or a prediction API
+    (``endpoint``, black-box, at most ``budget`` queries); the verdict is published as
+    artifacts."""
     paths, settings = project()
-    return trace_flow(paths, settings, model, settings.trace.with_overrides(epsilon=epsilon))
+    if (model is None) == (endpoint is None):
+        raise InvalidConfig("trace-suspicious-model: give exactly one of `model` (a file or models:/ URI) and `endpoint` (a URL)")
+    trace = settings.trace.with_overrides(epsilon=epsilon)
+    if endpoint is not None:
+        return trace_endpoint_flow(paths, settings, endpoint, budget, "auto", trace)
+    return trace_flow(paths, settings, model, trace)
 
 
 def previous_audit(client: MlflowClient | None = None) -> dict | None:
