@@ -51,9 +51,10 @@ WITHIN_POINTS = 2.0  # "within 2 pt of the copy": the attacks tracing must survi
 
 @task(name="attack-family", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_invalid, task_run_name="attack-{config[attack]}")
 def run_family(paths: Paths, settings: Settings, config: dict, targets: list[list[str]], copies: dict[str, SplitNet], data: AttackData,
-               test: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
+               test: tuple[torch.Tensor, torch.Tensor], copy_accuracy: dict[str, float]) -> list[dict]:
     """One attack family against its targets (copies or coalitions), each attacked model
-    evaluated and traced. Opens the vendor's state itself: no secret travels as an argument."""
+    evaluated and traced. ``copy_accuracy``: each copy's test accuracy (computed once per
+    grid). Opens the vendor's state itself: no secret travels as an argument."""
     attack = create_attack(config["attack"], **attack_options(config))
     vendor = Vendor.open(paths, settings)
     extractor = make_extractor(paths, settings, vendor)
@@ -63,9 +64,8 @@ def run_family(paths: Paths, settings: Settings, config: dict, targets: list[lis
     for trial, coalition in enumerate(targets):
         generator = torch.Generator().manual_seed(settings.base.seed + trial)
         attacked = attack([copies[c] for c in coalition], data, generator)
-        copy_accuracy = float(np.mean([accuracy(copies[c], *test) for c in coalition]))
         rows.append({"attack": attack.name, "strength": float(attack.strength), "coalition_size": len(coalition), "trial": trial,
-                     "copy_accuracy": copy_accuracy,
+                     "copy_accuracy": float(np.mean([copy_accuracy[c] for c in coalition])),
                      **evaluate(attacked, coalition, vendor.codebook, codewords, extractor, indices, test, trace.epsilon, trace.scorer, trace.decoder, api)})
     return rows
 
@@ -133,15 +133,17 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
     rng = np.random.default_rng(settings.base.seed)
     configs = cfg.configs()
     start = time.perf_counter()
+    copy_accuracy = {c: accuracy(m, *test) for c, m in tqdm(copies.items(), desc="copies' accuracy", unit="copy")}
     futures = []
     for config in configs:  # coalitions are drawn here, in order, so results do not depend on scheduling
         if is_coalition(config):
-            targets = [coalition for c in cfg.coalition_sizes if c <= len(customers)
+            targets = [coalition for c in cfg.sizes_for(config) if c <= len(customers)
                        for coalition in draw_coalitions(rng, customers, c, cfg.trials)]
         else:
             targets = [[c] for c in customers[: config.get("targets", cfg.targets)]]
         involved = {c: copies[c] for t in targets for c in t}
-        futures.append(run_family.submit(paths, settings, config, targets, involved, data, test))
+        futures.append(run_family.submit(paths, settings, config, targets, involved, data, test,
+                                         {c: copy_accuracy[c] for c in involved}))
     rows: list[dict] = []
     for config, future in tqdm(list(zip(configs, futures)), desc="attack grid", unit="attack"):
         family_rows = future.result()
@@ -160,7 +162,7 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
     summary = {
         "attacked_models": len(df),
         "innocents_accused_total": int(innocents(df).sum()),
-        "copy_accuracy_mean": statistics.fmean(accuracy(m, *test) for m in list(copies.values())[: cfg.targets]),
+        "copy_accuracy_mean": statistics.fmean(copy_accuracy.values()),
         "attacker_budget": settings.attacker.budget,
         "attacker_alone_accuracy": alone,
         "tracing": summarise(df),

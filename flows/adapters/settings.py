@@ -213,11 +213,11 @@ class TraceSettings:
         return TraceSettings(**values)
 
 
-GRID_KEYS = ("attack", "targets")  # keys of a grid entry that are not the attack's own options
+GRID_KEYS = ("attack", "targets", "coalition_sizes")  # keys of a grid entry that are not the attack's own options
 
 
 def attack_options(config: dict[str, Any]) -> dict[str, Any]:
-    """The attack's own options in a grid entry (without ``attack`` and ``targets``)."""
+    """The attack's own options in a grid entry (without ``attack``, ``targets`` and ``coalition_sizes``)."""
     return {k: v for k, v in config.items() if k not in GRID_KEYS}
 
 
@@ -266,12 +266,20 @@ class AttackSettings:
             try:
                 create_attack(config["attack"], **attack_options(config))
                 checks.integer(f"attack {config['attack']!r}", "targets", config.get("targets", self.targets), 1)
+                for c in self.sizes_for(config):
+                    checks.integer(f"attack {config['attack']!r}", "coalition_sizes[]", c, 2)
             except InvalidConfig as exc:
                 raise ConfigError(f"attack.grid ({config['attack']})", str(exc)) from None
 
     def configs(self) -> list[dict[str, Any]]:
         """The grid with list values expanded: one config per attacked model family."""
         return expand_grid([dict(g) for g in self.grid])
+
+    def sizes_for(self, config: dict[str, Any]) -> tuple[int, ...]:
+        """The coalition sizes a coalition attack runs at: the entry's own
+        ``coalition_sizes`` (a list expands into one family per size), else the section's."""
+        sizes = config.get("coalition_sizes", self.coalition_sizes)
+        return (sizes,) if isinstance(sizes, int) else tuple(sizes)
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,15 @@ class CoalitionAPI(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.stack([m.eval()(x) for m in self.members])  # [c, n, 10]
-        if self.mode == "random":
+        if self.mode == "random":  # each member answers only the queries routed to it
             pick = torch.randint(len(self.members), (x.shape[0],), generator=self.generator)
-            return logits[pick, torch.arange(x.shape[0])]
+            out = torch.empty(x.shape[0], 10)
+            for i, member in enumerate(self.members):
+                rows = (pick == i).nonzero().squeeze(1)
+                if len(rows):
+                    out[rows] = member.eval()(x[rows]).float()
+            return out
+        logits = torch.stack([m.eval()(x) for m in self.members])  # [c, n, 10]
         votes = F.one_hot(logits.argmax(2), logits.shape[2]).sum(0).double()  # [n, 10]
         return votes + 1e-3 * logits.softmax(2).mean(0).double()  # ties go to the mean probability
 
