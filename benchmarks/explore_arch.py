@@ -9,8 +9,7 @@ the 10,000 test images, 2 threads. Each call runs one candidate given as Python:
 ``benchmarks/model_recipe.py`` re-runs the main rows with the project's own model and
 training code.
 """
-import sys, time, math, gzip, numpy as np, torch, torch.nn as nn, torch.nn.functional as F
-from collections import OrderedDict
+import sys, time, math, torch, torch.nn as nn, torch.nn.functional as F
 torch.set_num_threads(2)
 D='data/raw/FashionMNIST/raw/'
 def idx(name):
