@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from flows.adapters import artifacts, tracking
 from flows.adapters.model_registry import CUSTOMER_MODEL, load_registered
+from flows.adapters.partitions import attacker_data, test_set
 from flows.adapters.paths import Paths
 from flows.adapters.scaleout import retry_unless_invalid, task_runner
 from flows.adapters.settings import Settings, attack_options
@@ -37,8 +38,6 @@ from securemark.attacks import AttackData, create_attack
 from securemark.attacks.grid import draw_coalitions, evaluate, innocents, is_coalition, traced, tracing_summary, tradeoff, worth_it
 from securemark.errors import InvalidConfig
 from securemark.model import SplitNet, accuracy
-from securemark.partition import stratified_subset
-from securemark.storage import read_partition
 from securemark.tracing import codebook_indices
 from securemark.weights import load_weights
 
@@ -82,13 +81,6 @@ def attacker_alone_accuracy(paths: Paths, budget: int) -> float:
     return float(found[0])
 
 
-def attacker_data(paths: Paths, settings: Settings) -> AttackData:
-    """The attacker's own labelled images: ``attacker.budget`` of its partition, class-balanced."""
-    attacker = read_partition(paths.partition("attacker"))
-    index = torch.from_numpy(stratified_subset(attacker.labels.numpy(), settings.attacker.budget, settings.base.seed))
-    return AttackData(attacker.as_float()[index], attacker.labels[index])
-
-
 def summarise(df: pd.DataFrame) -> dict:
     """Tracing over the attacks that were worth it and stayed within 2 points of the copy
     (where tracing must hold), over the other worth-it ones, and over the rest."""
@@ -128,8 +120,7 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
     customers = sorted(copies)
     data = attacker_data(paths, settings)
     alone = attacker_alone_accuracy(paths, settings.attacker.budget)
-    test_part = read_partition(paths.partition("test"))
-    test = (test_part.as_float(), test_part.labels)
+    test = test_set(paths)
     rng = np.random.default_rng(settings.base.seed)
     configs = cfg.configs()
     start = time.perf_counter()

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from flows.adapters import tracking
 from flows.adapters.api_server import serve_predictions
 from flows.adapters.endpoint import PredictionAPI
+from flows.adapters.partitions import attacker_data, test_set
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
 from flows.adapters.vendor import Vendor, api_probe, make_extractor, make_keyset
@@ -49,8 +50,6 @@ from securemark.blackbox import agreement, key_views, label_api, targets
 from securemark.fingerprint import KeyTargets, carrier_inputs, embed
 from securemark.key import derive_seed, null_secret
 from securemark.model import SplitNet, accuracy
-from securemark.partition import stratified_subset
-from securemark.storage import read_partition
 from securemark.weights import load_weights
 
 
@@ -103,8 +102,7 @@ def accuracy_cost(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict
     rows_n = vendor.embed.eval_rows + vendor.embed.train_rows
     pick = torch.randperm(len(bank["labels"]), generator=torch.Generator().manual_seed(0))[:rows_n]  # the issue stage's sample
     inputs, labels = carrier_inputs(base, layer, bank["features"][pick]), bank["labels"][pick]
-    test_part = read_partition(paths.partition("test"))
-    test = (test_part.as_float(), test_part.labels)
+    test = test_set(paths)
     readout = make_extractor(paths, settings, vendor).readout
     keyset = make_keyset(paths, settings, vendor)
     key_inputs, key_index, original = key_views(base, layer, keyset, settings.blackbox.views, derive_seed(vendor.secret, "key-views"))
@@ -127,10 +125,8 @@ def distillation(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]
     """Hard-label distillation of ``distill_trials`` copies through their APIs into fresh
     networks (same architecture, the attacker's images), each student traced by its API."""
     cfg = settings.trace
-    attacker = read_partition(paths.partition("attacker"))
-    index = torch.from_numpy(stratified_subset(attacker.labels.numpy(), settings.attacker.budget, settings.base.seed))
-    test_part = read_partition(paths.partition("test"))
-    test = (test_part.as_float(), test_part.labels)
+    own = attacker_data(paths, settings)
+    test = test_set(paths)
     probe = api_probe(paths, settings, vendor)
     issued = vendor.issued_codewords()
     attack = create_attack("distill", labels="hard")
@@ -139,8 +135,8 @@ def distillation(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]
         teacher = load_weights(copy)
         with serve_predictions(lambda x, m=teacher: m.eval()(x)) as url:  # the student learns what the API answers
             api = _api(url, settings)
-            labelled = api.predict(attacker.as_float()[index])
-        data = AttackData(attacker.as_float()[index], labelled)  # the API's labels, not the attacker's own
+            labelled = api.predict(own.images)
+        data = AttackData(own.images, labelled)  # the API's labels, not the attacker's own
         student = attack([teacher], data, torch.Generator().manual_seed(settings.base.seed + trial))
         with serve_predictions(lambda x, m=student: m.eval()(x)) as url:
             result = probe.trace(_api(url, settings).predict, cfg.epsilon, cfg.scorer, cfg.decoder)
@@ -157,10 +153,8 @@ def query_filters(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict
     5 % of them) in front of the first issued copy: the share of natural test images and
     of key queries it refuses, and whether the filtered API is still traced."""
     cfg = settings.trace
-    attacker = read_partition(paths.partition("attacker"))
-    index = torch.from_numpy(stratified_subset(attacker.labels.numpy(), settings.attacker.budget, settings.base.seed))
-    data = AttackData(attacker.as_float()[index], attacker.labels[index])
-    test = read_partition(paths.partition("test"))
+    data = attacker_data(paths, settings)
+    test_images, test_labels = test_set(paths)
     probe = api_probe(paths, settings, vendor)
     issued = vendor.issued_codewords()
     rows = []
@@ -173,10 +167,10 @@ def query_filters(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict
                     result = probe.trace(_api(url, settings).predict, cfg.epsilon, cfg.scorer, cfg.decoder)
                 accused = {c.codeword_index for c in result.verdict.accused}
                 rows.append({"customer_id": copy.parent.name, "detector": detector, "fallback": fallback,
-                             "refused_test": float(api.unusual(test.as_float()).double().mean()),
+                             "refused_test": float(api.unusual(test_images).double().mean()),
                              "refused_keys": float(api.unusual(probe.keys.images).double().mean()),
                              "traced": issued[copy.parent.name] in accused, "innocents_accused": len(accused - {issued[copy.parent.name]}),
-                             "accuracy": accuracy(api, test.as_float(), test.labels)})
+                             "accuracy": accuracy(api, test_images, test_labels)})
     return rows
 
 

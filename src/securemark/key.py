@@ -28,6 +28,7 @@ import torch
 
 from securemark import checks
 from securemark.errors import InsecureSecret, SecretError, SecretExists, SecretMissing
+from securemark.private_files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +71,6 @@ def _make_private_dirs(directory: Path) -> None:
         os.chmod(d, 0o700)  # mkdir's mode is masked by the umask
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename/link in ``directory`` durable (no-op where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def create_secret(path: str | Path) -> str:
     """Generate a new vendor secret, write it hex-encoded to ``path`` (mode 0600); return its key id.
 
@@ -114,7 +101,7 @@ def create_secret(path: str | Path) -> str:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     kid = key_id(secret)
     log.info("created vendor secret %s (key id %s)", path, kid)
     return kid
