@@ -1,66 +1,89 @@
-"""Defence trade-off table: NoPeek alpha and noise sigma against accuracy and leakage.
+"""Defence trade-off table: accuracy against leakage beyond the labels, for the full zoo.
 
-For each (alpha, sigma): split-train in-process on the owner partitions, then run the
-adaptive decoder attack (trained on ``aux`` through the defended client, noise included)
-on a fixed sample of owner images. Prints one JSON line per setting and saves the table
-to ``benchmarks/results/privacy_tradeoff.json``.
+For each setting (cut, NoPeek alpha, noise sigma, simulated-attacker weight): split-train
+in-process on the owner partitions with the profile's recipe (epochs overridable), let
+the vendor recalibrate the server's norms on ``aux`` (as the ``train`` stage does), then
+run every attacker of the profile's ``privacy_audit`` zoo against the features the
+owners would send for a fixed sample of their images. Prints one JSON line per setting
+and saves the table to ``benchmarks/results/privacy_tradeoff.json``.
 
-    python benchmarks/privacy_tradeoff.py --alphas 0 1 3 --sigmas 0 0.5 1 --epochs 3
+    python benchmarks/privacy_tradeoff.py --settings 1,2,0.5,0 2,0,1,0 2,2,1,0.5 --epochs 3
+
+A setting is ``cut,alpha,sigma,adversary`` (``tau`` and the simulator's width come from
+params, or ``--tau``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
+from results_io import (
+    report,  # sibling module: scripts run as python benchmarks/<name>.py
+)
 
 from flows.adapters.jobs import OwnerPartitions
-from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
-from securemark.model import ModelSpec, accuracy
-from securemark.privacy import AuditConfig, reconstruction_scores, smash, train_decoder
-from securemark.split.defence import DefenceConfig
-from securemark.split.protocol import SplitJob, TrainConfig
+from flows.adapters.settings import Settings
+from securemark.model import accuracy
+from securemark.privacy import VendorView, audit, smash
+from securemark.split.protocol import SplitJob
 from securemark.split.transport import create_transport
 from securemark.storage import read_partition
+from securemark.training import recalibrate_norms
+
+
+def parse_setting(text: str) -> tuple[int, float, float, float]:
+    cut, alpha, sigma, adversary = text.split(",")
+    return int(cut), float(alpha), float(sigma), float(adversary)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--partitions", type=Path, default=Path("data/partitions"))
-    ap.add_argument("--owners", type=int, default=3)
-    ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0, 3.0])
-    ap.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--decoder-epochs", type=int, default=8)
-    ap.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
-    ap.add_argument("--cut", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--settings", nargs="+", default=["1,0,0,0", "1,2,0.5,0"], help="cut,alpha,sigma,adversary")
+    ap.add_argument("--tau", type=float, default=None)
+    ap.add_argument("--epochs", type=int, default=None, help="override train.epochs (screening)")
+    ap.add_argument("--sample", type=int, default=500, help="owner images scored")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/privacy_tradeoff.json"))
     args = ap.parse_args()
 
-    spec = ModelSpec(widths=tuple(args.widths), cut=args.cut)
+    settings = Settings.load(args.params)
+    recipe = settings.train.config if args.epochs is None else dataclasses.replace(settings.train.config, epochs=args.epochs)
     loader = OwnerPartitions(args.partitions)
-    sizes = tuple(len(read_partition(args.partitions / f"owner_{k}").labels) for k in range(1, args.owners + 1))
+    names = settings.prepare.owner_names
+    sizes = tuple(len(read_partition(args.partitions / n).labels) for n in names)
     test = read_partition(args.partitions / "test")
-    aux = read_partition(args.partitions / "aux").as_float()
-    sample = torch.cat([loader(k)[0][:200] for k in range(1, args.owners + 1)])
-    audit = AuditConfig(decoder_epochs=args.decoder_epochs, seed=args.seed)
+    aux = read_partition(args.partitions / "aux")
+    per_owner = args.sample // len(names) + 1
+    owned = [loader(k) for k in range(1, len(names) + 1)]
+    sample = torch.cat([images[:per_owner] for images, _ in owned])[: args.sample]
+    labels = torch.cat([lab[:per_owner] for _, lab in owned])[: args.sample]
     rows = []
-    for alpha in args.alphas:
-        for sigma in args.sigmas:
-            start = time.perf_counter()
-            job = SplitJob(spec, TrainConfig(epochs=args.epochs, seed=args.seed), DefenceConfig(alpha, sigma), sizes, loader, record_bank=False)
-            model = create_transport("inprocess").train(job, progress=False).model
-            g = torch.Generator().manual_seed(args.seed)
-            decoder = train_decoder(smash(model.client, aux, sigma, g), aux, audit)
-            scores, _ = reconstruction_scores(decoder, smash(model.client, sample, sigma, g), sample)
-            row = {"alpha": alpha, "sigma": sigma, "test_accuracy": accuracy(model, test.as_float(), test.labels), **scores,
-                   "widths": list(spec.widths), "cut": spec.cut, "epochs": args.epochs, "seconds": round(time.perf_counter() - start, 1)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+    for text in args.settings:
+        cut, alpha, sigma, adversary = parse_setting(text)
+        defence = dataclasses.replace(settings.defence, alpha=alpha, sigma=sigma, adversary=adversary,
+                                      **({} if args.tau is None else {"tau": args.tau}))
+        spec = dataclasses.replace(settings.model, cut=cut)
+        start = time.perf_counter()
+        job = SplitJob(spec, recipe, defence, sizes, loader, record_bank=False)
+        model = create_transport("inprocess").train(job, progress=False).model
+        recalibrate_norms(model, model.server, aux.as_float())
+        trained = time.perf_counter() - start
+        received = smash(model.client, sample, sigma, torch.Generator().manual_seed(settings.base.seed + 7))
+        view = VendorView(model.client, sigma, aux.as_float(), aux.labels)
+        result = audit(view, received, labels, sample, settings.privacy_audit)
+        row = {"cut": cut, "alpha": alpha, "sigma": sigma, "adversary": adversary, "tau": defence.tau,
+               "test_accuracy": accuracy(model, test.as_float(), test.labels), "leakage": result.leakage,
+               "strongest": result.strongest, "label_floor_ssim": result.floor_ssim, "feature_dcor": result.feature_dcor,
+               "attackers": {name: {k: round(v, 4) for k, v in s.items()} for name, s in result.scores.items()},
+               "epochs": recipe.epochs, "train_seconds": round(trained, 1), "seconds": round(time.perf_counter() - start, 1)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     report(rows, args.out, one_line=False)
 
 

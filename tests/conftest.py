@@ -33,7 +33,7 @@ SMALL_OVERRIDES = {
     "model": {"widths": [8, 16], "hidden": [32], "cut": 1},
     "train": {"epochs": 2, "batch_size": 64, "lr": 0.004, "local_steps": 3, "transport": "inprocess"},
     "defence": {"alpha": 0.5, "sigma": 0.1},
-    "privacy_audit": {"decoder_epochs": 2, "batch_size": 64, "sample": 100},
+    "privacy_audit": {"sample": 100, "attackers": {"decoder": {"epochs": 2}, "strong_decoder": {"epochs": 1, "width": 8, "blocks": 1}, "inversion": {"steps": 20}}},
     "vendor": {"secret_file": "secrets/vendor.key", "state_dir": "vendor", "create_secret": True},
     "fingerprint": {
         "code": {"family": "random", "capacity": 50, "code_length": 64},

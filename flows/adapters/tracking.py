@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,6 +53,19 @@ def run(name: str, experiment_name: str, paths: Paths, tags: dict[str, str] | No
     tighten(paths.mlflow_db)  # the default store: owner-only (no-op for another store)
     with mlflow.start_run(run_name=name, experiment_id=experiment_id, tags=tags) as active:
         yield active
+
+
+def child_run(parent: mlflow.ActiveRun, name: str, tags: dict[str, str], params: dict[str, Any], metrics: dict[str, float]) -> str:
+    """A finished run nested under ``parent`` (same experiment), logged through the client
+    so that it does not depend on which thread holds the active run; returns its id."""
+    client = mlflow.MlflowClient()
+    child = client.create_run(parent.info.experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent.info.run_id})
+    run_id = child.info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(run_id)
+    return run_id
 
 
 def write_json(obj: Any, path: Path) -> None:

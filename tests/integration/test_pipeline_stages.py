@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -71,13 +72,26 @@ def test_privacy_audit_writes_metrics_and_grid(staged):
 
     results = privacy_audit_flow(staged, SETTINGS)
     on_disk = json.loads((staged.metrics / "privacy.json").read_text())
-    assert set(on_disk) == {"defended", "undefended"}
-    for variant in on_disk.values():
-        assert {"test_accuracy", "ssim", "psnr", "dcor"} <= set(variant)
-        assert -1.0 <= variant["ssim"] <= 1.0 and 0.0 <= variant["dcor"] <= 1.0 and variant["psnr"] > 0
-    assert results["defended"]["ssim"] == on_disk["defended"]["ssim"]
+    assert set(on_disk) == {"defended", "undefended", "accuracy_gap_pt"}
+    zoo = set(SETTINGS.privacy_audit.attackers)
+    assert {"decoder", "strong_decoder", "inversion", "label_floor"} <= zoo
+    for variant in ("defended", "undefended"):
+        v = on_disk[variant]
+        assert {"test_accuracy", "label_floor_ssim", "leakage", "strongest", "feature_dcor", "attackers"} <= set(v)
+        assert set(v["attackers"]) == zoo
+        for scores in v["attackers"].values():
+            assert -1.0 <= scores["ssim"] <= 1.0 and 0.0 <= scores["dcor"] <= 1.0 and scores["psnr"] > 0
+        best = max(s["ssim"] for s in v["attackers"].values())
+        assert v["leakage"] == pytest.approx(best - v["label_floor_ssim"]) and v["leakage"] >= 0
+        assert v["label_floor_ssim"] == v["attackers"]["label_floor"]["ssim"]
+    assert results["defended"]["leakage"] == on_disk["defended"]["leakage"]
     grid = Image.open(staged.reports / "privacy_grid.png")
-    assert grid.size[0] > grid.size[1] > 0  # 8 columns, 3 rows
+    assert grid.size[1] > grid.size[0] > 0  # 8 columns; owner images, then one row per variant and attacker
+    from flows.adapters import tracking
+
+    tracking.configure(staged)
+    runs = mlflow.search_runs(experiment_names=["securemark-train"], filter_string="tags.stage = 'privacy_audit' and tags.attacker = 'inversion'")
+    assert set(runs["tags.variant"]) == {"defended", "undefended"}
 
 
 def test_issue_stage_metrics(staged):

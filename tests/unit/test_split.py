@@ -232,3 +232,22 @@ def test_model_init_leaves_the_global_rng_alone():
     state = torch.random.get_rng_state()
     build_model(ModelSpec(), 11)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+# ----------------------------------------------------------------- attacker-aware training
+def test_the_simulated_attacker_changes_what_the_owner_learns():
+    def trained(defence: DefenceConfig):
+        job = synthetic_job((64, 64), batch=16, local_steps=2, epochs=1)
+        return create_transport("inprocess").train(SplitJob(job.spec, job.train, defence, job.owner_sizes, job.load_owner), progress=False).model
+
+    plain, aware = trained(DefenceConfig()), trained(DefenceConfig(adversary=1.0, tau=0.0, simulator_width=4))
+    again = trained(DefenceConfig(adversary=1.0, tau=0.0, simulator_width=4))
+    w = "client.block1.conv.weight"
+    assert not torch.equal(plain.state_dict()[w], aware.state_dict()[w])  # the penalty reached the client
+    assert torch.equal(aware.state_dict()[w], again.state_dict()[w])  # and is a function of the seed
+
+
+@pytest.mark.parametrize("options, key", [({"adversary": -1.0}, "adversary"), ({"tau": 1.0}, "tau"), ({"simulator_width": 2}, "simulator_width")])
+def test_defence_config_rejects_bad_attacker_aware_settings(options, key):
+    with pytest.raises(ConfigError, match=f"defence.{key}"):
+        DefenceConfig(**options)

@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
 
+from securemark.privacy.attackers import StrongDecoder
 from securemark.split.defence import DefenceConfig, add_noise, distance_correlation
 from securemark.split.messages import GradientReply, SmashedBatch, check_smashed
 from securemark.training import Recipe, augment, scoped_rng
@@ -48,8 +51,13 @@ class DataOwner:
         self._order = order_generator(seed, index)
         self._noise = torch.Generator().manual_seed(seed * 2027 + index)
         self._augment = torch.Generator().manual_seed(seed * 4099 + index)
-        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self.dcor_sum, self.steps = 0.0, 0
+        self.simulator: Simulator | None = None
+        if defence.adversary > 0:
+            with scoped_rng(torch.Generator().manual_seed(seed * 8191 + index)), torch.no_grad():
+                client.eval()  # one image through, for the cut's shape (no batch-norm update)
+                self.simulator = Simulator(tuple(client(images[:1]).shape[1:]), defence, recipe.lr)
 
     def epoch_batches(self, batch_size: int) -> list[torch.Tensor]:
         """This epoch's batches as index tensors (shuffled with the owner's own generator)."""
@@ -63,19 +71,26 @@ class DataOwner:
         if self.recipe.augment:  # the owner's own choice of view; only z crosses
             x = augment(x, self._augment)
         z = self.client(x.contiguous(memory_format=torch.channels_last))
-        penalty = distance_correlation(x, z) if self.defence.alpha > 0 else None
+        dcor = distance_correlation(x, z) if self.defence.alpha > 0 else None
+        penalty = None if dcor is None else self.defence.alpha * dcor
         sent = add_noise(z, self.defence.sigma, self._noise)
-        self._pending = (sent, penalty)
+        if self.simulator is not None:  # the owner's own attacker learns first, then the client is pushed away from it
+            labels = self.labels[batch]
+            self.simulator.learn(sent.detach(), labels, x)
+            attacked = self.simulator.penalty(sent, labels, x)
+            penalty = attacked if penalty is None else penalty + attacked
+        self._pending = (sent, penalty, dcor)
         return SmashedBatch(self.index, sent.detach().contiguous(), self.labels[batch].contiguous())
 
     def backward(self, reply: GradientReply) -> None:
         """Back-propagate the vendor's gradient (plus the NoPeek penalty) and step."""
-        sent, penalty = self._pending
+        sent, penalty, dcor = self._pending
         self._pending = None
         self.optimizer.zero_grad(set_to_none=True)
+        if dcor is not None:
+            self.dcor_sum += float(dcor.detach())
         if penalty is not None:
-            torch.autograd.backward([sent, self.defence.alpha * penalty], [reply.grad, None])
-            self.dcor_sum += float(penalty.detach())
+            torch.autograd.backward([sent, penalty], [reply.grad, None])
         else:
             sent.backward(reply.grad)
         self.optimizer.step()
@@ -91,6 +106,34 @@ class DataOwner:
         x = self.images[batch]
         sent = add_noise(self.client(x), self.defence.sigma, self._noise)
         return SmashedBatch(self.index, sent.contiguous(), self.labels[batch].contiguous())
+
+
+class Simulator:
+    """The owner's simulated attacker (attacker-aware training): a label-conditioned
+    decoder trained, one step per client step, to rebuild the owner's images from the
+    features it sends; its SSIM above ``tau`` is the client's penalty."""
+
+    def __init__(self, cut_shape: tuple[int, int, int], defence: DefenceConfig, lr: float) -> None:
+        self.decoder = StrongDecoder(cut_shape, width=defence.simulator_width, blocks=1)
+        self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=lr)
+        self.weight, self.tau = defence.adversary, defence.tau
+
+    def learn(self, z: torch.Tensor, labels: torch.Tensor, x: torch.Tensor) -> None:
+        self.decoder.train()
+        recon = self.decoder(z, labels)
+        loss = F.mse_loss(recon, x) + 0.5 * (1 - structural_similarity_index_measure(recon, x, data_range=1.0))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def penalty(self, z: torch.Tensor, labels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.decoder.eval()  # batch-norm statistics from learning, not from the client's step
+        for p in self.decoder.parameters():
+            p.requires_grad_(False)
+        ssim = structural_similarity_index_measure(self.decoder(z, labels), x, data_range=1.0)
+        for p in self.decoder.parameters():
+            p.requires_grad_(True)
+        return self.weight * F.relu(ssim - self.tau)
 
 
 @dataclass

@@ -1,0 +1,121 @@
+"""The privacy attacker zoo on a slice of the real Fashion-MNIST: every attacker can
+attack (it rebuilds images from an identity-like client far better than the label
+floor), does no better than the floor when the client sends only the label, and the
+floor reads ``aux`` and the labels only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from securemark import data as fmnist
+from securemark.errors import InvalidConfig, UnknownName
+from securemark.privacy import (
+    FLOOR,
+    AuditConfig,
+    VendorView,
+    audit,
+    create_attacker,
+    leakage,
+)
+
+AUX, OWNERS = 1200, 200
+FAST = {"decoder": {"epochs": 10, "lr": 3e-3}, "strong_decoder": {"epochs": 4, "width": 16, "blocks": 1}, "inversion": {"steps": 150}, FLOOR: {}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(raw_dataset):
+    arrays = fmnist.load(raw_dataset)
+    x = arrays.train_images[: AUX + OWNERS].float().div(255).unsqueeze(1)
+    y = arrays.train_labels[: AUX + OWNERS]
+    return (x[:AUX], y[:AUX]), (x[AUX:], y[AUX:])  # the vendor's aux, the owners' images
+
+
+class IdentityLike(nn.Module):
+    """A client that keeps the image (pooled to 14 x 14, twice, as two channels)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(x, 2)
+        return torch.cat([pooled, -pooled], 1)
+
+
+class LabelOnly(nn.Module):
+    """A client that sends only a one-hot class map (here: from a lookup the test owns)."""
+
+    def __init__(self, lookup: dict[bytes, int]) -> None:
+        super().__init__()
+        self.lookup = lookup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        labels = torch.tensor([self.lookup.get(img.detach().numpy().tobytes(), 0) for img in x])
+        return F.one_hot(labels, 10).float()[:, :, None, None].expand(-1, -1, 7, 7).contiguous()
+
+
+def run_zoo(client: nn.Module, images) -> dict[str, dict[str, float]]:
+    (aux, aux_labels), (owned, labels) = images
+    view = VendorView(client, 0.0, aux, aux_labels)
+    with torch.no_grad():
+        received = client(owned)
+    return audit(view, received, labels, owned, AuditConfig(attackers=FAST, seed=0)).scores
+
+
+@pytest.fixture(scope="module")
+def identity_scores(images):
+    return run_zoo(IdentityLike(), images)
+
+
+@pytest.fixture(scope="module")
+def label_only_scores(images):
+    (aux, aux_labels), (owned, labels) = images
+    lookup = {img.numpy().tobytes(): int(c) for img, c in zip(torch.cat([aux, owned]), torch.cat([aux_labels, labels]))}
+    return run_zoo(LabelOnly(lookup), images)
+
+
+@pytest.mark.parametrize("name", ["decoder", "strong_decoder", "inversion"])
+def test_every_attacker_rebuilds_images_from_an_identity_like_client(identity_scores, name):
+    floor = identity_scores[FLOOR]["ssim"]
+    assert identity_scores[name]["ssim"] > floor + 0.15, identity_scores
+    assert identity_scores[name]["psnr"] > identity_scores[FLOOR]["psnr"]
+
+
+@pytest.mark.parametrize("name", ["decoder", "strong_decoder", "inversion"])
+def test_no_attacker_beats_the_floor_by_much_when_only_the_label_crosses(identity_scores, label_only_scores, name):
+    floor = label_only_scores[FLOOR]["ssim"]
+    assert label_only_scores[name]["ssim"] < floor + 0.05, label_only_scores
+    assert label_only_scores[name]["ssim"] < identity_scores[name]["ssim"] - 0.15
+
+
+def test_leakage_is_measured_beyond_the_floor(identity_scores, label_only_scores):
+    assert leakage(identity_scores)[0] > 0.15
+    assert leakage(label_only_scores)[0] < 0.05
+    assert leakage({FLOOR: {"ssim": 0.4}, "decoder": {"ssim": 0.3}}) == (0.0, FLOOR)
+
+
+def test_the_floor_reads_aux_and_labels_only(images):
+    (aux, aux_labels), (owned, labels) = images
+    floor = create_attacker(FLOOR).fit(VendorView(IdentityLike(), 0.0, aux, aux_labels), torch.Generator())
+    garbage = torch.randn(len(labels), 2, 14, 14)
+    out = floor.reconstruct(garbage, labels)
+    assert torch.equal(out, floor.reconstruct(torch.zeros_like(garbage), labels))  # features are ignored
+    for c in labels.unique():
+        assert torch.allclose(out[labels == c][0], aux[aux_labels == c].mean(0))
+
+
+def test_audit_config_checks_the_zoo_before_any_training():
+    assert FLOOR in AuditConfig(attackers={"decoder": {}}).attackers  # the floor is always added
+    with pytest.raises(UnknownName, match="strong_decoder"):
+        AuditConfig(attackers={"gan": {}})
+    with pytest.raises(InvalidConfig, match="epochs"):
+        AuditConfig(attackers={"decoder": {"epochs": 0}})
+    with pytest.raises(InvalidConfig, match="unknown option"):
+        AuditConfig(attackers={"inversion": {"epochs": 3}})
