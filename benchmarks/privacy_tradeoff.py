@@ -81,7 +81,7 @@ def main() -> None:
                "test_accuracy": accuracy(model, test.as_float(), test.labels), "leakage": result.leakage,
                "strongest": result.strongest, "label_floor_ssim": result.floor_ssim, "feature_dcor": result.feature_dcor,
                "attackers": {name: {k: round(v, 4) for k, v in s.items()} for name, s in result.scores.items()},
-               "epochs": recipe.epochs, "train_seconds": round(trained, 1), "seconds": round(time.perf_counter() - start, 1)}
+               "zoo": settings.privacy_audit.attackers, "epochs": recipe.epochs, "train_seconds": round(trained, 1), "seconds": round(time.perf_counter() - start, 1)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     report(rows, args.out, one_line=False)

@@ -102,7 +102,7 @@ def test_leakage_is_measured_beyond_the_floor(identity_scores, label_only_scores
 
 
 def test_the_floor_reads_aux_and_labels_only(images):
-    (aux, aux_labels), (owned, labels) = images
+    (aux, aux_labels), (_, labels) = images
     floor = create_attacker(FLOOR).fit(VendorView(IdentityLike(), 0.0, aux, aux_labels), torch.Generator())
     garbage = torch.randn(len(labels), 2, 14, 14)
     out = floor.reconstruct(garbage, labels)
