@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.datasets import FashionMNIST
-from torchvision.datasets.utils import extract_archive
 
 from securemark.errors import DatasetMissingError
 
@@ -26,7 +24,7 @@ HOW_TO_GET_IT = (
     f"(files land in {DEBIAN_DATASET_DIR}), or run `make data` on a machine with internet "
     "access to let torchvision download it."
 )
-CLASSES = FashionMNIST.classes
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # torchvision's FashionMNIST.classes
 NUM_CLASSES = len(CLASSES)
 IMAGE_SHAPE = (28, 28)
 # Sizes of the extracted IDX files. Debian recompresses the archives, so the .gz MD5
@@ -50,7 +48,7 @@ class FashionMNISTArrays:
 
 
 def _raw_folder(root: Path) -> Path:
-    return Path(root) / FashionMNIST.__name__ / "raw"
+    return Path(root) / "FashionMNIST" / "raw"  # where torchvision's FashionMNIST looks
 
 
 def is_staged(root: Path) -> bool:
@@ -65,6 +63,10 @@ def stage_from_directory(source_dir: Path, root: Path) -> Path:
     source_dir = Path(source_dir)
     raw = _raw_folder(root)
     raw.mkdir(parents=True, exist_ok=True)
+    # torchvision is imported where used: it costs seconds at start-up, and the CLI never needs it
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import extract_archive
+
     for url, _ in FashionMNIST.resources:
         archive = source_dir / Path(url).name
         if not archive.is_file():
@@ -80,6 +82,8 @@ def stage_from_directory(source_dir: Path, root: Path) -> Path:
 
 def download(root: Path) -> Path:
     """Let torchvision download Fashion-MNIST (needs internet)."""
+    from torchvision.datasets import FashionMNIST
+
     for train in (True, False):
         FashionMNIST(str(root), train=train, download=True)
     return _raw_folder(root)
@@ -106,6 +110,8 @@ def load(root: Path) -> FashionMNISTArrays:
     """Read the staged dataset with torchvision (it parses the IDX files)."""
     if not is_staged(root):
         raise DatasetMissingError(f"Fashion-MNIST is not staged under {root}. {HOW_TO_GET_IT}")
+    from torchvision.datasets import FashionMNIST
+
     train = FashionMNIST(os.fspath(root), train=True, download=False)
     test = FashionMNIST(os.fspath(root), train=False, download=False)
     return FashionMNISTArrays(

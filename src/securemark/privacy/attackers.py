@@ -28,12 +28,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from securemark import checks
 from securemark.errors import InvalidInput
 from securemark.model import IMAGE_SIZE, NUM_CLASSES
-from securemark.privacy.scores import smash
+from securemark.privacy.scores import smash, ssim
 from securemark.registry import Registry
 from securemark.split.defence import add_noise
 
@@ -257,7 +256,7 @@ class StrongDecoderAttack(_TrainedDecoder):
         mse = F.mse_loss(recon, images)
         if self.ssim_weight == 0:
             return mse
-        return mse + self.ssim_weight * (1 - structural_similarity_index_measure(recon, images, data_range=1.0))
+        return mse + self.ssim_weight * (1 - ssim(recon, images))
 
     def fresh_noise(self) -> bool:
         return True

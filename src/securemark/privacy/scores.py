@@ -11,15 +11,25 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
 from securemark.errors import InvalidInput
 from securemark.split.defence import add_noise, distance_correlation
 
 FLOOR = "label_floor"
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM of image batches in [0, 1] (differentiable). torchmetrics is imported on
+    first use: it costs seconds at start-up, and the CLI never needs it."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(a, b, data_range=1.0)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return peak_signal_noise_ratio(a, b, data_range=1.0)
 
 
 @torch.no_grad()
@@ -36,8 +46,8 @@ def reconstruction_scores(recon: torch.Tensor, originals: torch.Tensor) -> dict[
         raise InvalidInput(f"reconstructions {tuple(recon.shape)} do not match the originals {tuple(originals.shape)}")
     recon = recon.clamp(0, 1)
     return {
-        "ssim": float(structural_similarity_index_measure(recon, originals, data_range=1.0)),
-        "psnr": float(peak_signal_noise_ratio(recon, originals, data_range=1.0)),
+        "ssim": float(ssim(recon, originals)),
+        "psnr": float(psnr(recon, originals)),
         "dcor": float(distance_correlation(originals.double(), recon.double())),
     }
 

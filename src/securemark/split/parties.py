@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from securemark.privacy.attackers import StrongDecoder
+from securemark.privacy.scores import ssim
 from securemark.split.defence import DefenceConfig, add_noise, distance_correlation
 from securemark.split.messages import GradientReply, SmashedBatch, check_smashed
 from securemark.training import Recipe, augment, scoped_rng
@@ -121,7 +121,7 @@ class Simulator:
     def learn(self, z: torch.Tensor, labels: torch.Tensor, x: torch.Tensor) -> None:
         self.decoder.train()
         recon = self.decoder(z, labels)
-        loss = F.mse_loss(recon, x) + 0.5 * (1 - structural_similarity_index_measure(recon, x, data_range=1.0))
+        loss = F.mse_loss(recon, x) + 0.5 * (1 - ssim(recon, x))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -130,10 +130,10 @@ class Simulator:
         self.decoder.eval()  # batch-norm statistics from learning, not from the client's step
         for p in self.decoder.parameters():
             p.requires_grad_(False)
-        ssim = structural_similarity_index_measure(self.decoder(z, labels), x, data_range=1.0)
+        reached = ssim(self.decoder(z, labels), x)
         for p in self.decoder.parameters():
             p.requires_grad_(True)
-        return self.weight * F.relu(ssim - self.tau)
+        return self.weight * F.relu(reached - self.tau)
 
 
 @dataclass
