@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import flows  # noqa: F401  (sets project-local Prefect/DVC/GX defaults)
@@ -68,6 +69,16 @@ def small_params(**sections) -> dict:
 
 SMALL_PARAMS = small_params()
 SMALL = Settings.from_params(SMALL_PARAMS)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster than two fighting over shared cores
+    (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

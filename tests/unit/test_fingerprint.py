@@ -25,13 +25,7 @@ SECRET = bytes(range(32))
 FAST = dict(lr=3e-3, batch_size=64, check_every=10, accuracy_tolerance=0.05, eval_rows=1000)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def smooth_images(n: int, seed: int) -> torch.Tensor:

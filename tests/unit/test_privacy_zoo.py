@@ -25,12 +25,7 @@ AUX, OWNERS = 1200, 200
 FAST = {"decoder": {"epochs": 10, "lr": 3e-3}, "strong_decoder": {"epochs": 4, "width": 16, "blocks": 1}, "inversion": {"steps": 150}, FLOOR: {}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
