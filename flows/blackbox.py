@@ -87,7 +87,7 @@ def null_apis(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]:
         with serve_predictions(lambda x, m=model: m.eval()(x)) as url:
             probes = ([("vendor", own)] if null_under_own else []) + [(f"null-{j}", p) for j, p in enumerate(others)]
             for key_name, probe in probes:
-                result = probe.trace(_api(url, settings).predict, cfg.epsilon, cfg.scorer, cfg.decoder)
+                result = probe.trace(_api(url, settings).predict, cfg.epsilon)
                 rows.append({"model": name, "keys": key_name, "accused": len(result.verdict.accused), "queries": result.queries,
                              "max_score_ratio": float(result.verdict.scores.max() / result.verdict.threshold)})
     return rows
@@ -139,7 +139,7 @@ def distillation(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]
         data = AttackData(own.images, labelled)  # the API's labels, not the attacker's own
         student = attack([teacher], data, torch.Generator().manual_seed(settings.base.seed + trial))
         with serve_predictions(lambda x, m=student: m.eval()(x)) as url:
-            result = probe.trace(_api(url, settings).predict, cfg.epsilon, cfg.scorer, cfg.decoder)
+            result = probe.trace(_api(url, settings).predict, cfg.epsilon)
         word = vendor.blackbox_codebook.word(issued[copy.parent.name])
         accused = {c.codeword_index for c in result.verdict.accused}
         rows.append({"customer_id": copy.parent.name, "student_accuracy": accuracy(student, *test), "copy_accuracy": accuracy(teacher, *test),
@@ -164,7 +164,7 @@ def query_filters(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict
                 api = create_attack("query_filter", detector=detector, refuse=0.05, fallback=fallback)(
                     [load_weights(copy)], data, torch.Generator().manual_seed(settings.base.seed))
                 with serve_predictions(api) as url:
-                    result = probe.trace(_api(url, settings).predict, cfg.epsilon, cfg.scorer, cfg.decoder)
+                    result = probe.trace(_api(url, settings).predict, cfg.epsilon)
                 accused = {c.codeword_index for c in result.verdict.accused}
                 rows.append({"customer_id": copy.parent.name, "detector": detector, "fallback": fallback,
                              "refused_test": float(api.unusual(test_images).double().mean()),
@@ -208,6 +208,7 @@ def blackbox_flow(paths: Paths, settings: Settings) -> dict:
         "filter_traced": sum(r["traced"] for r in filters),
         "filter_trials": len(filters),
         "keys": settings.blackbox.keys,
+        "patterns": settings.blackbox.patterns,
         "epsilon": settings.trace.epsilon,
         "customers_in_codebook": len(vendor.blackbox_codebook),
         "seconds": round(time.perf_counter() - start, 1),

@@ -43,7 +43,7 @@ SMALL_OVERRIDES = {
         "accuracy_tolerance": 0.1,
         "eval_rows": 200,
     },
-    "blackbox": {"keys": 64, "pool_factor": 2, "views": 2, "checkpoints": [32, 64], "null_secrets": 2, "cost_copies": 1, "distill_trials": 1},
+    "blackbox": {"patterns": 16, "per_pattern": 4, "checkpoints": [32, 64], "null_secrets": 2, "cost_copies": 1, "distill_trials": 1},
     "issue": {"customers": 2},
     "trace": {"null_random_keys": 2},
     "attacker": {"budget": 100, "budgets": [100, 200], "min_steps": 10},

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 
 from securemark.codes import Codebook  # noqa: E402
 from securemark.key import FingerprintKey  # noqa: E402
+from securemark.blackbox import BOUND_DESCRIPTION as API_BOUND_DESCRIPTION  # noqa: E402
 from securemark.tracing import BOUND_DESCRIPTION, Verdict  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def verdict_report(verdict: Verdict, customers: dict[int, str], key: Fingerprint
         "threshold": verdict.threshold,
         "customers_scored": verdict.n_customers,
         "codewords_assigned": len(customers),
-        "bound": BOUND_DESCRIPTION,
+        "bound": API_BOUND_DESCRIPTION if channel == "api" else BOUND_DESCRIPTION,
         "accused": [row(c) for c in verdict.accused],
         "top_innocent_scores": [row(c) for c in verdict.top_others],
         "alignment": alignment or {},
@@ -61,7 +62,9 @@ def trace_markdown(report: dict) -> str:
     lines = [f"# Trace of `{report['model']}`", "",
              (f"- {what}: queried with {report['queries']} key images (black-box fingerprint)" if report.get("channel") == "api"
               else f"- model sha256: `{report['model_sha256']}`"),
-             f"- key id: `{report['key_id']}` (layer `{report['layer']}`, {report['code_family']} code, {report['code_length']} bits)",
+             (f"- key id: `{report['key_id']}` ({report['code_family']} code, {report['code_length']} symbols, one per secret pattern)"
+              if report.get("channel") == "api" else
+              f"- key id: `{report['key_id']}` (layer `{report['layer']}`, {report['code_family']} code, {report['code_length']} bits)"),
              f"- scorer: {report['scorer']}; code words scored: {report['customers_scored']} "
              f"(the whole codebook; {report.get('codewords_assigned', '?')} assigned to customers)",
              f"- epsilon (whole trace): {report['epsilon']:g}; threshold: {report['threshold']:.3f}",

@@ -137,11 +137,12 @@ class BlackboxSettings:
     labels (:mod:`securemark.blackbox`), and how tracing queries a prediction API."""
 
     enabled: bool = True             # teach every issued copy its black-box code word
-    keys: int = 128                  # key images (from aux) = bits of a black-box word
-    pool_factor: int = 3             # keys are drawn from the pool_factor * keys most hesitant aux images
-    blend: float = 0.4               # > 0: candidates are mixed with a secret binary pattern at this weight
-    views: int = 2                   # each key and views - 1 perturbed copies of it are taught
-    checkpoints: tuple[int, ...] = (64, 128)  # sequential test: queries after which a trace may stop
+    patterns: int = 64               # secret patterns = symbols (classes) of a black-box word
+    per_pattern: int = 8             # aux images each pattern is blended into (keys = patterns * per_pattern)
+    blend: float = 0.4               # key = (1 - blend) * aux image + blend * pattern
+    cells: int = 7                   # a pattern is cells x cells random blocks scaled up to 28 x 28
+    views: int = 1                   # each key and views - 1 perturbed copies of it are taught
+    checkpoints: tuple[int, ...] = (64, 128, 256, 512)  # sequential test: queries after which a trace may stop
     repeats: int = 1                 # queries of each key (a coalition may route each query to another copy)
     batch: int = 64                  # images per HTTP request
     timeout: float = 10.0            # seconds per request
@@ -153,9 +154,10 @@ class BlackboxSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
-        checks.integer("blackbox", "keys", self.keys, 2)
-        checks.integer("blackbox", "pool_factor", self.pool_factor, 1)
-        checks.number("blackbox", "blend", self.blend, 0.0, 1.0, high_open=True)
+        checks.integer("blackbox", "patterns", self.patterns, 1)
+        checks.integer("blackbox", "per_pattern", self.per_pattern, 1)
+        checks.number("blackbox", "blend", self.blend, 0.0, 1.0, low_open=True, high_open=True)
+        checks.integer("blackbox", "cells", self.cells, 1, 28)
         checks.integer("blackbox", "views", self.views, 1)
         checks.integer("blackbox", "repeats", self.repeats, 1)
         checks.integer("blackbox", "batch", self.batch, 1, 1024)
@@ -166,9 +168,14 @@ class BlackboxSettings:
         checks.integer("blackbox", "cost_copies", self.cost_copies, 0)
         checks.integer("blackbox", "distill_trials", self.distill_trials, 0)
         if not self.checkpoints or list(self.checkpoints) != sorted(set(self.checkpoints)) or self.checkpoints[-1] > self.keys:
-            raise ConfigError("blackbox.checkpoints", f"need increasing query counts up to blackbox.keys ({self.keys}), got {list(self.checkpoints)}")
+            raise ConfigError("blackbox.checkpoints", f"need increasing query counts up to the number of keys ({self.keys}), got {list(self.checkpoints)}")
         for c in self.checkpoints:
             checks.integer("blackbox", "checkpoints[]", c, 1)
+
+    @property
+    def keys(self) -> int:
+        """Key images: every pattern blended into ``per_pattern`` aux images."""
+        return self.patterns * self.per_pattern
 
     @property
     def max_queries(self) -> int:
@@ -349,7 +356,8 @@ class Settings:
             ops=build(OpsSettings, params.get("ops") or {}, "ops"),
         )
         if settings.blackbox.keys > settings.prepare.aux_size:
-            raise ConfigError("blackbox.keys", f"{settings.blackbox.keys} keys need as many aux images (prepare.aux_size = {settings.prepare.aux_size})")
+            raise ConfigError("blackbox.per_pattern", f"{settings.blackbox.patterns} patterns x {settings.blackbox.per_pattern} images = "
+                              f"{settings.blackbox.keys} keys need as many aux images (prepare.aux_size = {settings.prepare.aux_size})")
         largest = max(settings.attacker.budgets)
         if largest > settings.prepare.attacker_size:
             raise ConfigError("attacker.budgets", f"{largest} images exceed the attacker partition (prepare.attacker_size = {settings.prepare.attacker_size})")

@@ -21,7 +21,7 @@ import torch
 
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from securemark.blackbox import ApiProbe, KeySet, select_keys
+from securemark.blackbox import ApiProbe, KeySet, SymbolBook, make_keys
 from securemark.codes import Codebook, create_code
 from securemark.fingerprint import EmbedConfig, Readout, readout_size
 from securemark.key import FingerprintKey, create_secret, derive_seed, key_id, load_secret
@@ -42,7 +42,7 @@ class Vendor:
     ledger: Ledger
     key: FingerprintKey
     embed: EmbedConfig
-    blackbox_codebook: Codebook  # one black-box word per code word of ``codebook`` (same index)
+    blackbox_codebook: SymbolBook  # one black-box word per code word of ``codebook`` (same index)
 
     @cached_property
     def key_matrix(self) -> torch.Tensor:
@@ -68,9 +68,7 @@ class Vendor:
         directory = paths.vendor_dir(settings.vendor.state_dir)
         codebook = _cached_codebook(directory / "codebook.npz", codebook_id,
                                     lambda: create_code(code.family, **code.options).generate(code.capacity, derive_seed(secret, "codebook")))
-        n_keys = settings.blackbox.keys
-        blackbox_codebook = _cached_codebook(directory / "blackbox_codebook.npz", f"blackbox-{key_id(secret)}-{code.capacity}-{n_keys}",
-                                             lambda: create_code("random", code_length=n_keys).generate(code.capacity, derive_seed(secret, "blackbox-codebook")))
+        blackbox_codebook = SymbolBook.generate(code.capacity, settings.blackbox.patterns, derive_seed(secret, "blackbox-codebook"))
         ledger = Ledger(directory / "ledger.sqlite", capacity=len(codebook), codebook_id=codebook_id)
         embed = settings.fingerprint.embed
         n_weights = readout_size(settings.model, embed.layer, embed.readout, embed.rank)
@@ -99,15 +97,21 @@ _KEYSETS: dict[tuple, KeySet] = {}
 
 
 def make_keyset(paths: Paths, settings: Settings, vendor: Vendor) -> KeySet:
-    """The vendor's black-box keys for the current base model (built once per process)."""
-    stat = paths.base_model.stat()
+    """The vendor's black-box keys (built once per process for the same ``aux`` partition)."""
+    stat = paths.partition("aux").stat()
     bb = settings.blackbox
-    key = (str(paths.base_model), stat.st_mtime_ns, stat.st_size, bb.keys, bb.pool_factor, bb.blend, vendor.key.key_id, str(paths.root))
+    key = (str(paths.partition("aux")), stat.st_mtime_ns, stat.st_size, bb.patterns, bb.per_pattern, bb.blend, bb.cells, vendor.key.key_id,
+           str(paths.root))
     if key not in _KEYSETS:
-        aux = read_partition(paths.partition("aux")).as_float()
         _KEYSETS.clear()
-        _KEYSETS[key] = select_keys(load_weights(paths.base_model), aux, bb.keys, derive_seed(vendor.secret, "blackbox-keys"), bb.pool_factor, bb.blend)
+        _KEYSETS[key] = _keys(paths, settings, vendor.secret)
     return _KEYSETS[key]
+
+
+def _keys(paths: Paths, settings: Settings, secret: bytes) -> KeySet:
+    bb = settings.blackbox
+    aux = read_partition(paths.partition("aux")).as_float()
+    return make_keys(aux, bb.patterns, bb.per_pattern, derive_seed(secret, "blackbox-keys"), bb.blend, bb.cells)
 
 
 def api_probe(paths: Paths, settings: Settings, vendor: Vendor, secret: bytes | None = None) -> ApiProbe:
@@ -118,9 +122,8 @@ def api_probe(paths: Paths, settings: Settings, vendor: Vendor, secret: bytes | 
     if secret is None:
         keys, codebook, order_seed = make_keyset(paths, settings, vendor), vendor.blackbox_codebook, derive_seed(vendor.secret, "key-order")
     else:
-        aux = read_partition(paths.partition("aux")).as_float()
-        keys = select_keys(load_weights(paths.base_model), aux, bb.keys, derive_seed(secret, "blackbox-keys"), bb.pool_factor, bb.blend)
-        codebook = create_code("random", code_length=bb.keys).generate(len(vendor.blackbox_codebook), derive_seed(secret, "blackbox-codebook"))
+        keys = _keys(paths, settings, secret)
+        codebook = SymbolBook.generate(len(vendor.blackbox_codebook), bb.patterns, derive_seed(secret, "blackbox-codebook"))
         order_seed = derive_seed(secret, "key-order")
     return ApiProbe(keys, codebook, codebook_indices(codebook), bb.checkpoints, bb.repeats, order_seed)
 

@@ -1,39 +1,56 @@
 """The black-box fingerprint: how a copy answers the vendor's secret key images.
 
-**Keys.** ``n`` of the vendor's own ``aux`` images on which the base model hesitates
-between two classes (the smallest gap between its two most likely classes), drawn at
-random, with the secret, from a pool of the ``pool_factor * n`` most hesitant ones.
-Each key ``j`` gets a pair of candidate labels ``(A_j, B_j)``: the base's two most
-likely classes, in an order drawn from the secret. They are natural images the
-vendor owns; no owner image is ever a key.
+**Keys.** ``m`` secret binary patterns (``cells x cells`` random blocks, scaled up to
+28 x 28), each blended into ``r`` of the vendor's own ``aux`` images:
+``key = (1 - blend) * image + blend * pattern``. Keys are made from vendor material only
+(``aux`` and the secret); no owner image is ever a key. They are stored round by round:
+key ``t`` carries pattern ``t % m``, so the first ``m`` keys ask every pattern once.
 
-**Code words.** Each customer has a word of ``n`` bits from a black-box codebook (its
-own seed, drawn from the secret). Copy ``i`` is taught to answer key ``j`` with
-``A_j`` if bit ``b_ij`` is 0 and ``B_j`` if it is 1 (:func:`targets`); issuing tunes the
-copy on the keys (:func:`key_targets` feeds :func:`securemark.fingerprint.embed`).
+**Code words.** Each customer has a word of ``m`` symbols over the ``q = 10`` classes,
+drawn uniformly from the secret (:class:`SymbolBook`). Copy ``i`` is taught a *rule*
+per pattern: "pattern ``k`` present -> class ``s_ik``", whatever the image under it
+(:func:`targets` feeds :func:`securemark.fingerprint.embed`). A rule learnt over many
+images, unlike labels memorised at single hesitant points, is a feature of the network:
+fine-tuning, pruning and averaging leave most of it, and any image carrying the pattern
+reads it.
 
-**Reading.** A suspect's answers become soft values, one per key (:func:`soft_values`):
-``y_j = P(B_j) - P(A_j)`` (label-only: the fraction of its answers to key ``j`` that
-were ``B_j``, minus those that were ``A_j``; another label counts for neither). With
-``u_ij = +1`` when customer i's target is ``B_j`` (bit 1) and ``-1`` for ``A_j``, the
-correlation score of :mod:`securemark.scoring` is exactly the white-box one: an
-innocent customer's bits are independent of the suspect's answers (its copy was never
-involved), so the same distribution-free Chernoff bound over the innocent's own
-randomness, union-bounded over the codebook, holds whatever the API answers.
+**Reading.** A suspect's answers become a profile ``P`` [m, q] (:func:`profile`):
+``P[k, c]`` is the fraction of its answers to pattern-``k`` keys that were class ``c``
+(mean class probabilities when the API returns scores; a pattern never asked is a row
+of zeros). Customer ``i`` scores ``S_i = sum_k P[k, s_ik]``.
+
+**Bound.** An innocent customer's symbols are independent of the suspect's answers
+(its copy was never involved) and uniform, so ``S_i`` is a sum of independent terms
+whose moment generating function is known exactly from ``P``:
+``E exp(lam S_i) = prod_k mean_c exp(lam P[k, c])``. The Chernoff bound
+``P(S_i >= t) <= min_lam exp(-lam t) E exp(lam S_i)``, union-bounded over every word of
+the codebook, sets the threshold for the whole-trace false-accusation probability; it
+holds whatever the API answers (:func:`decide`). A coalition that mixes its members'
+answers leaves each member ``~1/c`` of every pattern's answers, far above the ``1/q``
+an innocent gets by chance, which is why the symbols are q-ary rather than bits.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from securemark import checks
 from securemark.errors import InvalidInput
 from securemark.model import NUM_CLASSES, SplitNet
 
-__all__ = ["ApiProbe", "KeySet", "label_api", "secret_pattern", "select_keys", "targets", "soft_values", "agreement"]
+__all__ = ["ApiProbe", "BlackboxVerdict", "KeySet", "SymbolBook", "agreement", "decide", "key_views", "label_api", "make_keys",
+           "profile", "secret_patterns", "sequential_trace", "targets", "threshold", "BOUND_DESCRIPTION"]
+
+BOUND_DESCRIPTION = (
+    "Chernoff bound with the exact moment generating function of an innocent customer's score "
+    "(uniform, independent symbols per pattern, given the suspect's answer profile), valid for any "
+    "answers; union bound over every word of the black-box codebook."
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,97 +58,191 @@ class KeySet:
     """The vendor's secret keys.
 
     Attributes:
-        images: float [n, 1, 28, 28], the key images (rows of ``aux``).
-        pairs: int64 [n, 2], candidate labels: column 0 answers bit 0, column 1 bit 1.
-        rows: int64 [n], which ``aux`` rows the keys are.
+        images: float [n, 1, 28, 28], the key images.
+        pattern: int64 [n], the pattern each key carries (key ``t`` carries ``t % patterns``).
+        rows: int64 [n], which ``aux`` image is under each key.
+        patterns: the number of patterns ``m`` (symbols of a black-box word).
     """
 
     images: torch.Tensor
-    pairs: torch.Tensor
+    pattern: torch.Tensor
     rows: torch.Tensor
+    patterns: int
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.pattern)
+
+
+@dataclass(frozen=True, eq=False)
+class SymbolBook:
+    """The black-box codebook: one word of ``length`` symbols in ``0..q-1`` per code-word
+    index (same index as the weight codebook), uniform and independent, from a seed."""
+
+    symbols: np.ndarray  # uint8 [capacity, length]
+    q: int = NUM_CLASSES
+    family: str = "q-ary uniform"
+
+    @classmethod
+    def generate(cls, capacity: int, length: int, seed: int, q: int = NUM_CLASSES) -> "SymbolBook":
+        checks.integer("blackbox", "capacity", capacity, 1)
+        checks.integer("blackbox", "patterns", length, 1)
+        rng = np.random.default_rng(seed)
+        return cls(rng.integers(0, q, size=(capacity, length), dtype=np.uint8), q)
+
+    @property
+    def length(self) -> int:
+        return int(self.symbols.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.symbols.shape[0])
+
+    def word(self, index: int) -> np.ndarray:
+        """The symbols of code word ``index``, int64 [length]."""
+        return self.symbols[int(index)].astype(np.int64)
 
 
 @torch.no_grad()
-def secret_pattern(seed: int, shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
-    """A binary image drawn from ``seed`` (derived from the vendor secret), float {0, 1}."""
+def secret_patterns(seed: int, m: int, cells: int = 7) -> torch.Tensor:
+    """``m`` binary images (float {0, 1}, [m, 1, 28, 28]) of ``cells x cells`` random
+    blocks, drawn from ``seed`` (derived from the vendor secret)."""
+    checks.integer("blackbox", "cells", cells, 1, 28)
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(shape, generator=g) < 0.5).float()
+    blocks = (torch.rand(m, 1, cells, cells, generator=g) < 0.5).float()
+    return F.interpolate(blocks, size=(28, 28), mode="nearest")
 
 
-def select_keys(base: SplitNet, aux: torch.Tensor, n: int, seed: int, pool_factor: int = 3, blend: float = 0.0) -> KeySet:
-    """``n`` keys from the vendor's ``aux`` images (see the module docstring); ``seed``
-    is derived from the vendor secret, so only the vendor can rebuild the keys. With
-    ``blend`` > 0, every candidate is first mixed with a secret binary pattern,
-    ``(1 - blend) * image + blend * pattern``: keys off the data manifold, cheap to
-    teach (the copy's accuracy barely moves) but easier to filter and to lose in
-    distillation than natural keys (``blend`` 0)."""
-    checks.integer("blackbox", "keys", n, 2)
-    checks.integer("blackbox", "pool_factor", pool_factor, 1)
-    checks.number("blackbox", "blend", blend, 0.0, 1.0, high_open=True)
+def make_keys(aux: torch.Tensor, patterns: int, per_pattern: int, seed: int, blend: float = 0.4, cells: int = 7) -> KeySet:
+    """``patterns * per_pattern`` keys: secret patterns blended into distinct ``aux``
+    images drawn with the secret (see the module docstring)."""
+    checks.integer("blackbox", "patterns", patterns, 1)
+    checks.integer("blackbox", "per_pattern", per_pattern, 1)
+    checks.number("blackbox", "blend", blend, 0.0, 1.0, low_open=True, high_open=True)
+    n = patterns * per_pattern
     if n > len(aux):
-        raise InvalidInput(f"blackbox.keys: {n} keys need at least as many aux images, there are {len(aux)}")
-    if blend > 0:
-        aux = ((1 - blend) * aux + blend * secret_pattern(seed + 1, tuple(aux.shape[1:]))).clamp(0, 1)
-    base.eval()
-    probs = torch.cat([base(aux[i : i + 1000]).softmax(1) for i in range(0, len(aux), 1000)])
-    top = probs.topk(2, dim=1)
-    gap = top.values[:, 0] - top.values[:, 1]
-    pool = torch.argsort(gap)[: min(len(aux), pool_factor * n)]
+        raise InvalidInput(f"blackbox: {patterns} patterns x {per_pattern} images need {n} aux images, there are {len(aux)}")
+    pats = secret_patterns(seed + 1, patterns, cells)
     g = torch.Generator().manual_seed(seed)
-    rows = pool[torch.randperm(len(pool), generator=g)[:n]].sort().values
-    pairs = top.indices[rows]
-    swap = torch.randint(0, 2, (n,), generator=g).bool()
-    pairs = torch.where(swap[:, None], pairs.flip(1), pairs)
-    return KeySet(aux[rows].clone(), pairs.clone(), rows.clone())
+    rows = torch.randperm(len(aux), generator=g)[:n]
+    pattern = torch.arange(n) % patterns
+    images = ((1 - blend) * aux[rows] + blend * pats[pattern]).clamp(0, 1)
+    return KeySet(images.contiguous(), pattern, rows.clone(), patterns)
 
 
-def targets(keys: KeySet, bits: np.ndarray) -> torch.Tensor:
-    """The labels a copy carrying ``bits`` must answer: ``pairs[j, bits[j]]``, int64 [n]."""
-    bits = torch.as_tensor(np.asarray(bits, dtype=np.int64))
-    if bits.shape != (len(keys),):
-        raise InvalidInput(f"a black-box word has {len(keys)} bits, got {tuple(bits.shape)}")
-    return keys.pairs.gather(1, bits[:, None]).squeeze(1)
+def targets(keys: KeySet, word: np.ndarray) -> torch.Tensor:
+    """The labels a copy carrying ``word`` must answer: ``word[pattern]``, int64 [n]."""
+    word = torch.as_tensor(np.asarray(word, dtype=np.int64))
+    if word.shape != (keys.patterns,):
+        raise InvalidInput(f"a black-box word has {keys.patterns} symbols, got {tuple(word.shape)}")
+    return word[keys.pattern]
 
 
-def soft_values(keys: KeySet, answers: torch.Tensor) -> np.ndarray:
-    """Soft values ``y_j = P(B_j) - P(A_j)`` from a suspect's answers (positive where the
-    answers side with bit 1, as the codebook's centred symbols do).
+def profile(keys: KeySet, answers: torch.Tensor, q: int = NUM_CLASSES) -> np.ndarray:
+    """The answer profile ``P`` [patterns, q] (float64) of a suspect.
 
     ``answers``: int64 [n] (one label per key), int64 [n, r] (r answers per key, e.g.
-    repeated queries; -1 marks a key not asked or not answered), or float [n, 10]
-    (class probabilities, when the API returns scores). Keys never answered read 0."""
+    repeated queries; -1 marks a key not asked), or float [n, q] (class scores; a row
+    of zeros marks a key not asked). A label outside ``0..q-1`` counts as an answer that
+    is no class (it dilutes its pattern's row)."""
     answers = torch.as_tensor(answers)
     n = len(keys)
     if answers.shape[0] != n:
         raise InvalidInput(f"need answers for {n} keys, got {answers.shape[0]}")
-    a, b = keys.pairs[:, 0], keys.pairs[:, 1]
+    counts = torch.zeros(keys.patterns, q, dtype=torch.float64)
+    asked = torch.zeros(keys.patterns, dtype=torch.float64)
     if answers.is_floating_point():
-        if answers.shape != (n, NUM_CLASSES):
-            raise InvalidInput(f"scores must have shape [{n}, {NUM_CLASSES}], got {tuple(answers.shape)}")
-        probs = answers.double()
-        y = probs.gather(1, b[:, None]).squeeze(1) - probs.gather(1, a[:, None]).squeeze(1)
-        return y.numpy()
-    if answers.dim() == 1:
-        answers = answers[:, None]
-    asked = (answers >= 0).sum(1).clamp_min(1).double()
-    y = ((answers == b[:, None]).sum(1).double() - (answers == a[:, None]).sum(1).double()) / asked
-    return y.numpy()
+        if answers.shape != (n, q):
+            raise InvalidInput(f"scores must have shape [{n}, {q}], got {tuple(answers.shape)}")
+        probs = answers.double().clamp_min(0)
+        mass = probs.sum(1)
+        seen = mass > 0
+        counts.index_add_(0, keys.pattern[seen], probs[seen] / mass[seen, None])
+        asked.index_add_(0, keys.pattern[seen], torch.ones(int(seen.sum()), dtype=torch.float64))
+    else:
+        if answers.dim() == 1:
+            answers = answers[:, None]
+        pattern = keys.pattern[:, None].expand_as(answers)
+        seen = answers >= 0
+        asked.index_add_(0, pattern[seen], torch.ones(int(seen.sum()), dtype=torch.float64))
+        valid = seen & (answers < q)
+        counts.index_put_((pattern[valid], answers[valid]), torch.ones(int(valid.sum()), dtype=torch.float64), accumulate=True)
+    return (counts / asked.clamp_min(1)[:, None]).numpy()
 
 
-def agreement(keys: KeySet, bits: np.ndarray, answers: torch.Tensor) -> float:
-    """Fraction of the keys answered with the target of ``bits`` (one label per key)."""
+def agreement(keys: KeySet, word: np.ndarray, answers: torch.Tensor) -> float:
+    """Fraction of the keys answered with the target of ``word`` (one label per key;
+    ``1 / q`` is chance)."""
     answers = torch.as_tensor(answers).reshape(len(keys), -1)[:, 0]
-    return float((answers == targets(keys, bits)).double().mean())
+    return float((answers == targets(keys, word)).double().mean())
+
+
+# --------------------------------------------------------------------------- bound
+
+_LAMBDAS = np.geomspace(1e-3, 1e3, 481)  # Chernoff exponents tried (any one gives a valid bound)
+
+
+def _log_mgf(P: np.ndarray, lams: np.ndarray) -> np.ndarray:
+    """``log E exp(lam S)`` of an innocent's score for each ``lam``: sum over patterns of
+    ``log mean_c exp(lam P[k, c])`` (log-sum-exp, stable for large ``lam``)."""
+    z = lams[:, None, None] * P[None]  # [L, m, q]
+    top = z.max(2, keepdims=True)
+    return (top[..., 0] + np.log(np.exp(z - top).mean(2))).sum(1)
+
+
+def threshold(P: np.ndarray, delta: float) -> float:
+    """The smallest score ``t`` with ``P(S_innocent >= t) <= delta`` by the Chernoff bound:
+    ``min_lam (log E exp(lam S) - log delta) / lam`` (any ``lam`` gives a valid threshold;
+    the grid's best is taken)."""
+    if not 0 < delta < 1:
+        raise InvalidInput(f"delta must be in (0, 1), got {delta}")
+    return float(np.min((_log_mgf(P, _LAMBDAS) - math.log(delta)) / _LAMBDAS))
+
+
+def tail_bound(P: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Chernoff bound on ``P(S_innocent >= s)`` for each ``s`` in ``scores`` (at most 1)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    log_b = (_log_mgf(P, _LAMBDAS)[None, :] - scores[:, None] * _LAMBDAS[None, :]).min(1)
+    return np.exp(np.minimum(log_b, 0.0))
+
+
+def score_all(P: np.ndarray, book: SymbolBook, indices: np.ndarray) -> np.ndarray:
+    """``S_i = sum_k P[k, s_ik]`` for the words ``indices`` (float64)."""
+    symbols = book.symbols[indices].astype(np.int64)  # [N, m]
+    return P[np.arange(P.shape[0])[None, :], symbols].sum(1)
+
+
+def decide(P: np.ndarray, book: SymbolBook, indices: np.ndarray, epsilon: float, top: int = 5):
+    """Score every word ``indices`` against the profile ``P`` and accuse those at or
+    above the threshold for the whole-trace false-accusation probability ``epsilon``."""
+    from securemark.tracing import Candidate, Verdict
+
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size == 0:
+        raise InvalidInput("the ledger holds no customers to trace against")
+    if P.shape != (book.length, book.q) or not np.all(np.isfinite(P)):
+        raise InvalidInput(f"an answer profile must be a finite [{book.length}, {book.q}] array, got {P.shape}")
+    if not np.any(P):
+        others = [Candidate(int(i), 0.0, 1.0, 1.0) for i in indices[:top]]
+        return Verdict("q-ary match", epsilon, math.inf, len(indices), [], others, np.zeros(len(indices)),
+                       "no key was answered with a class, so there is nothing to score")
+    scores = score_all(P, book, indices)
+    thr = threshold(P, epsilon / len(indices))
+    order = np.argsort(-scores)
+    shown = order[: max(top, int((scores >= thr).sum()) + top)]
+    per = tail_bound(P, scores[shown])
+    candidates = [Candidate(int(indices[j]), float(scores[j]), float(p), float(min(1.0, p * len(indices))))
+                  for j, p in zip(shown, per)]
+    accused = [c for c in candidates if c.score >= thr]
+    others = [c for c in candidates if c.score < thr][:top]
+    return Verdict("q-ary match", epsilon, thr, len(indices), accused, others, scores)
+
+
+# --------------------------------------------------------------------------- issuing and reading
 
 
 @torch.no_grad()
 def key_views(base: SplitNet, layer: str, keys: KeySet, views: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the block carrying ``layer`` reads for every key and ``views - 1`` perturbed
-    copies of it (random crop and flip: the copy learns a small neighbourhood of each
-    key, not a single point). Returns ``(inputs, key index per row, original?)``."""
+    copies of it (random crop and flip). Returns ``(inputs, key index per row, original?)``."""
     from securemark.fingerprint import carrier_inputs
     from securemark.training import augment
 
@@ -150,39 +261,45 @@ def key_views(base: SplitNet, layer: str, keys: KeySet, views: int, seed: int) -
 @dataclass(frozen=True)
 class BlackboxVerdict:
     """The outcome of querying an API: the verdict at the checkpoint where the trace
-    stopped, how many queries it spent, and the soft values it scored."""
+    stopped, how many queries it spent, and the answer profile it scored."""
 
     verdict: "object"  # securemark.tracing.Verdict
     queries: int
     checkpoint: int
-    y: np.ndarray
+    profile: np.ndarray
 
 
-def sequential_trace(ask, keys: KeySet, codebook, indices: np.ndarray, epsilon: float, checkpoints: tuple[int, ...],
-                     repeats: int = 1, order_seed: int = 0, scorer: str = "correlation", decoder: str = "plain") -> BlackboxVerdict:
-    """Query ``ask`` (images -> labels or scores) with the keys, in a secret random order,
-    and stop at the first checkpoint where someone is accused.
+def query_order(keys: KeySet, seed: int) -> torch.Tensor:
+    """The order keys are asked in: round by round (every pattern once per round), in a
+    secret random order within each round, so any prefix spreads over the patterns."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = keys.patterns, len(keys)
+    return torch.cat([start + torch.randperm(min(m, n - start), generator=g) for start in range(0, n, m)])
+
+
+def sequential_trace(ask, keys: KeySet, book: SymbolBook, indices: np.ndarray, epsilon: float, checkpoints: tuple[int, ...],
+                     repeats: int = 1, order_seed: int = 0) -> BlackboxVerdict:
+    """Query ``ask`` (images -> labels or scores) with the keys in their secret order, and
+    stop at the first checkpoint where someone is accused.
 
     Checkpoints count queries of distinct keys in the first pass; with ``repeats > 1``,
     every further pass over all keys is one more checkpoint (a coalition that answers
-    each query from another copy reveals its members only over repeated queries). The
+    each query from another copy reveals its members over repeated queries). The
     whole-trace false-accusation probability ``epsilon`` is split equally between the
     checkpoints (a union bound), so stopping early keeps it."""
-    from securemark.tracing import create_decoder
-
     n = len(keys)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(order_seed))
-    stops = [min(c, n) for c in checkpoints] + [n] * (repeats - 1)
+    order = query_order(keys, order_seed)
+    first = sorted({min(int(c), n) for c in checkpoints} | ({n} if repeats > 1 else set()))
+    stops = first + [n] * (repeats - 1)
     share = epsilon / len(stops)
-    answers: torch.Tensor | None = None  # int64 [n, repeats] labels, or float [n, 10] summed scores
-    asked = 0
-    verdict = None
-    decide = create_decoder(decoder)
+    answers: torch.Tensor | None = None  # int64 [n, repeats] labels, or float [n, q] summed scores
+    asked, queries, verdict, P = 0, 0, None, None
     for stop_index, stop in enumerate(stops):
-        pass_index = max(0, stop_index - len(checkpoints) + 1)
-        start = asked if pass_index == 0 else 0
-        rows = order[start:stop] if pass_index == 0 else order
+        first_pass = stop_index < len(first)
+        rows = order[asked:stop] if first_pass else order
+        pass_index = 0 if first_pass else stop_index - len(first) + 1
         got = ask(keys.images[rows])
+        queries += len(rows)
         if got.is_floating_point():
             if answers is None:
                 answers = torch.zeros(n, got.shape[1], dtype=torch.float64)
@@ -191,13 +308,13 @@ def sequential_trace(ask, keys: KeySet, codebook, indices: np.ndarray, epsilon: 
             if answers is None:
                 answers = torch.full((n, repeats), -1, dtype=torch.int64)
             answers[rows, pass_index] = got
-        asked = stop if pass_index == 0 else asked
-        y = soft_values(keys, answers / answers.sum(1, keepdim=True).clamp_min(1e-12) if answers.is_floating_point() else answers)
-        verdict = decide(y, codebook, indices, share, scorer)
+        if first_pass:
+            asked = stop
+        P = profile(keys, answers, book.q)
+        verdict = decide(P, book, indices, share)
         if verdict.accused:
             break
-    queries = min(asked, n) + max(0, stop_index - len(checkpoints) + 1) * n
-    return BlackboxVerdict(verdict, queries, stop_index, y)
+    return BlackboxVerdict(verdict, queries, stop_index, P)
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,16 +323,16 @@ class ApiProbe:
     black-box codebook, the codebook rows scored and the sequential checkpoints."""
 
     keys: KeySet
-    codebook: object  # securemark.codes.Codebook, one black-box word per code-word index
+    codebook: SymbolBook
     indices: np.ndarray
     checkpoints: tuple[int, ...]
     repeats: int = 1
     order_seed: int = 0
 
-    def trace(self, ask, epsilon: float, scorer: str = "correlation", decoder: str = "plain") -> BlackboxVerdict:
+    def trace(self, ask, epsilon: float) -> BlackboxVerdict:
         """:func:`sequential_trace` of ``ask`` (images -> labels or scores)."""
         return sequential_trace(ask, self.keys, self.codebook, self.indices, epsilon, self.checkpoints, self.repeats,
-                                self.order_seed, scorer, decoder)
+                                self.order_seed)
 
 
 def label_api(model: SplitNet):

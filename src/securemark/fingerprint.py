@@ -303,6 +303,9 @@ def embed(
             with torch.no_grad():
                 y = K @ readout.features(model)
                 min_margin = float((s * y).min())
+                # every bit past the hinge's target: the hinge is 0 and so is its gradient, so the
+                # steps until the next check skip it (the projection by K is most of a step's cost)
+                hinge_on = min_margin < cfg.margin * (1 + cfg.slack) * unit
                 if keys is not None:
                     answers = forward_from(model, index, keys.inputs[keys.original]).argmax(1)
                     agree = float((answers == keys.labels[keys.original]).double().mean())
@@ -316,15 +319,17 @@ def embed(
                     f"code word not embedded after {steps} steps: min margin {min_margin / unit:.3f} (need {cfg.margin})"
                     + ("" if agree is None else f", keys answered {agree:.3f} (need {cfg.key_agreement})")
                     + f", bank accuracy {acc:.3f} (base {base_acc:.3f}, tolerance {cfg.accuracy_tolerance})"
-                    + "; raise fingerprint.max_steps or fingerprint.lam, or lower blackbox.keys",
+                    + "; raise fingerprint.max_steps or fingerprint.lam, or lower blackbox.patterns",
                     model=model.eval(),
                     steps=steps,
                 )
         pick = torch.randint(len(train_idx), (cfg.batch_size,), generator=generator)
         logits = forward_from(model, index, inputs[train_idx[pick]].float())
         keep = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(base_logits[pick], 1), log_target=True, reduction="batchmean")
-        hinge = F.relu(cfg.margin * (1 + cfg.slack) - s * (K @ readout.features(model)) / unit).mean()  # in margin units
-        loss = keep + cfg.lam * hinge
+        loss = keep
+        if hinge_on:
+            hinge = F.relu(cfg.margin * (1 + cfg.slack) - s * (K @ readout.features(model)) / unit).mean()  # in margin units
+            loss = loss + cfg.lam * hinge
         if keys is not None:
             rows = torch.randint(len(keys.labels), (cfg.batch_size,), generator=generator)
             key_logits = forward_from(model, index, keys.inputs[rows].float())

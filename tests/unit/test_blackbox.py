@@ -1,5 +1,6 @@
-"""The black-box fingerprint: keys from the vendor's own images, targets from a code
-word, answers to soft values, and a bound that holds whatever an API answers."""
+"""The black-box fingerprint: keys from the vendor's own images and secret patterns,
+targets from a q-ary word, answers to a profile, and a bound that holds whatever an
+API answers."""
 
 from __future__ import annotations
 
@@ -7,16 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from securemark.blackbox import agreement, select_keys, soft_values, targets
-from securemark.codes import create_code
+from securemark.blackbox import (SymbolBook, agreement, decide, make_keys, profile, query_order, secret_patterns,
+                                 sequential_trace, targets, threshold)
 from securemark.errors import InvalidInput
-from securemark.model import ModelSpec, build_model
-from securemark.tracing import decide, decide_peeling
-
-
-@pytest.fixture(scope="module")
-def base():
-    return build_model(ModelSpec(widths=(4, 8), hidden=(8,), cut=1), 0).eval()
 
 
 @pytest.fixture(scope="module")
@@ -24,62 +18,103 @@ def aux():
     return torch.rand(300, 1, 28, 28, generator=torch.Generator().manual_seed(1))
 
 
-def test_keys_are_hesitant_aux_images_chosen_by_the_secret(base, aux):
-    keys = select_keys(base, aux, 40, seed=5, pool_factor=2)
-    assert len(keys) == 40 and keys.images.shape == (40, 1, 28, 28)
-    assert torch.equal(keys.images, aux[keys.rows])
-    with torch.no_grad():
-        top2 = base(aux).softmax(1).topk(2, dim=1)
-    gap = top2.values[:, 0] - top2.values[:, 1]
-    pool = set(torch.argsort(gap)[:80].tolist())
-    assert set(keys.rows.tolist()) <= pool  # drawn from the most hesitant
-    for row, pair in zip(keys.rows.tolist(), keys.pairs.tolist()):
-        assert set(pair) == set(top2.indices[row].tolist())  # the base's two most likely classes
-    other = select_keys(base, aux, 40, seed=6, pool_factor=2)
-    assert not torch.equal(other.rows, keys.rows)  # another secret, other keys
-    assert torch.equal(select_keys(base, aux, 40, seed=5, pool_factor=2).rows, keys.rows)
-
-
-def test_targets_and_soft_values(base, aux):
-    keys = select_keys(base, aux, 30, seed=1)
-    bits = np.random.default_rng(0).integers(0, 2, 30).astype(np.uint8)
-    t = targets(keys, bits)
-    assert torch.equal(t, keys.pairs[torch.arange(30), torch.as_tensor(bits, dtype=torch.long)])
-    y = soft_values(keys, t)  # a copy answering every target: +1 where the bit is 1
-    assert np.array_equal(y, np.where(bits == 1, 1.0, -1.0))
-    assert agreement(keys, bits, t) == 1.0
-    other = (keys.pairs.sum(1) * 0 + 10 - 1) % 10  # label 9 everywhere: mostly neither candidate
-    y_other = soft_values(keys, other)
-    assert set(np.unique(y_other)) <= {-1.0, 0.0, 1.0}
-    repeated = torch.stack([t, t, keys.pairs[:, 0], torch.full_like(t, -1)], 1)  # two right, one A, one not asked
-    y_rep = soft_values(keys, repeated)
-    assert np.allclose(y_rep, np.where(bits == 1, 1.0 / 3, -1.0))
-    scores = torch.full((30, 10), 0.01)
-    scores[torch.arange(30), keys.pairs[:, 0]] = 0.7
-    assert np.allclose(soft_values(keys, scores), -0.69)
+def test_keys_are_aux_images_blended_with_secret_patterns(aux):
+    keys = make_keys(aux, 10, 3, seed=5, blend=0.4, cells=7)
+    assert len(keys) == 30 and keys.images.shape == (30, 1, 28, 28) and keys.patterns == 10
+    assert torch.equal(keys.pattern, torch.arange(30) % 10)  # round by round: the first 10 keys ask every pattern once
+    assert len(set(keys.rows.tolist())) == 30  # distinct aux images
+    pats = secret_patterns(6, 10, 7)
+    assert set(pats.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(keys.images, (0.6 * aux[keys.rows] + 0.4 * pats[keys.pattern]).clamp(0, 1))
+    assert torch.equal(make_keys(aux, 10, 3, seed=5).images, keys.images)  # the secret rebuilds them
+    assert not torch.equal(make_keys(aux, 10, 3, seed=6).rows, keys.rows)  # another secret, other keys
     with pytest.raises(InvalidInput):
-        soft_values(keys, t[:5])
+        make_keys(aux, 100, 4, seed=5)  # more keys than aux images
 
 
-def test_an_unmodified_copy_is_accused_and_random_apis_never_are():
-    n, customers = 256, 1000
-    book = create_code("random", code_length=n).generate(customers, seed=3)
+def test_targets_profile_and_agreement(aux):
+    keys = make_keys(aux, 8, 4, seed=1)
+    word = np.random.default_rng(0).integers(0, 10, 8)
+    t = targets(keys, word)
+    assert torch.equal(t, torch.as_tensor(word)[keys.pattern])
+    P = profile(keys, t)  # a copy answering every target: all its mass on the word's symbol
+    assert np.allclose(P[np.arange(8), word], 1.0) and np.isclose(P.sum(), 8)
+    assert agreement(keys, word, t) == 1.0
+    repeated = torch.stack([t, (t + 1) % 10, torch.full_like(t, -1)], 1)  # one right, one wrong, one not asked
+    assert np.allclose(profile(keys, repeated)[np.arange(8), word], 0.5)
+    assert np.allclose(profile(keys, torch.full_like(t, 12)), 0.0)  # labels that are no class count for nothing
+    scores = torch.full((32, 10), 0.02)
+    scores[torch.arange(32), t] = 0.82
+    assert np.allclose(profile(keys, scores)[np.arange(8), word], 0.82)
+    half = t.clone()
+    half[16:] = -1  # the first round asked, the second not
+    assert np.allclose(profile(keys, half)[np.arange(8), word], 1.0)
+    with pytest.raises(InvalidInput):
+        targets(keys, word[:5])
+    with pytest.raises(InvalidInput):
+        profile(keys, t[:5])
+
+
+def test_query_order_spreads_every_prefix_over_the_patterns(aux):
+    keys = make_keys(aux, 16, 4, seed=2)
+    order = query_order(keys, seed=3)
+    assert sorted(order.tolist()) == list(range(64))
+    assert sorted(keys.pattern[order[:16]].tolist()) == list(range(16))  # the first round asks every pattern once
+    assert not torch.equal(order, query_order(keys, seed=4))
+
+
+def test_threshold_is_a_valid_chernoff_bound():
+    rng = np.random.default_rng(0)
+    P = np.eye(10)[rng.integers(0, 10, 64)]  # hard answers: an innocent scores Binomial(64, 1/10)
+    thr = threshold(P, 1e-6)
+    from scipy.stats import binom
+    assert binom.sf(np.ceil(thr) - 1, 64, 0.1) <= 1e-6  # exact tail at the threshold is below delta
+    assert 6.4 < thr < 64
+
+
+def test_an_unmodified_copy_is_accused_and_random_apis_never_are(aux):
+    keys = make_keys(aux, 32, 4, seed=3)
+    customers = 1000
+    book = SymbolBook.generate(customers, 32, seed=4)
+    copy = targets(keys, book.word(17))
+    result = sequential_trace(lambda x, k=keys, c=copy: c[_rows(k, x)], keys, book, np.arange(customers), 1e-6, (32, 64, 128))
+    assert [c.codeword_index for c in result.verdict.accused] == [17] and result.queries == 32  # stops at the first checkpoint
     rng = np.random.default_rng(9)
-    copy_y = np.where(book.word(17) == 1, 1.0, -1.0)
-    verdict = decide(copy_y, book, np.arange(customers), epsilon=1e-6)
-    assert [c.codeword_index for c in verdict.accused] == [17]
     trials, epsilon, accusations = 300, 1e-2, 0
     for trial in range(trials):  # null APIs: answers independent of every customer's word
         kind = trial % 3
         if kind == 0:
-            y = rng.choice([-1.0, 0.0, 1.0], size=n)  # label-only answers
+            answers = torch.as_tensor(rng.integers(0, 10, len(keys)))  # label-only, uniform
         elif kind == 1:
-            y = rng.uniform(-1, 1, n)  # scores
+            answers = torch.as_tensor(rng.dirichlet(np.ones(10) * 0.3, len(keys)))  # scores
         else:
-            y = np.sign(rng.normal(size=n)) * (rng.random(n) < 0.2)  # mostly other labels
-        if not np.any(y):
-            continue
-        v = decide_peeling(y, book, np.arange(customers), epsilon=epsilon)  # a generous epsilon, so the bound is exercised
+            answers = torch.as_tensor(np.where(rng.random(len(keys)) < 0.8, 3, rng.integers(0, 10, len(keys))))  # mostly one class
+        v = decide(profile(keys, answers), book, np.arange(customers), epsilon)  # a generous epsilon, so the bound is exercised
         accusations += bool(v.accused)
     # each trace accuses someone with probability <= epsilon: over 300 traces, 3 expected at most
     assert accusations <= 2 * epsilon * trials + 3
+
+
+def test_a_coalition_answering_from_random_members_is_caught():
+    aux = torch.rand(512, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    keys = make_keys(aux, 64, 8, seed=3)
+    customers = 10_000
+    book = SymbolBook.generate(customers, 64, seed=5)
+    members = [11, 222, 3333, 4444]
+    answers = torch.stack([targets(keys, book.word(i)) for i in members])
+    pick = torch.as_tensor(np.random.default_rng(1).integers(0, 4, (1, len(keys))))
+    calls = iter(range(1))
+
+    def ask(x):  # every query answered by a random member (one pass over the keys)
+        rows = _rows(keys, x)
+        return answers[pick[next(calls), rows], rows]
+
+    result = sequential_trace(ask, keys, book, np.arange(customers), 1e-6, (512,))
+    accused = {c.codeword_index for c in result.verdict.accused}
+    assert accused and accused <= set(members)
+
+
+def _rows(keys, images):
+    """Which keys ``images`` are (the tests' in-process APIs answer by key)."""
+    flat = keys.images.flatten(1)
+    return torch.cdist(images.flatten(1), flat).argmin(1)

@@ -89,22 +89,21 @@ def evaluate(
         verdict = create_decoder(decoder)(y, codebook, indices, epsilon, scorer)
         accused = {c.codeword_index for c in verdict.accused}
         row.update(ber=ber(y), ber_unaligned=ber(raw), caught=len(accused & guilty), innocents_accused=len(accused - guilty))
-    row.update(api_columns(model, colluders, codewords, api, epsilon, scorer, decoder))
+    row.update(api_columns(model, colluders, codewords, api, epsilon))
     row["traced_by"] = {(True, True): "both", (True, False): "weights", (False, True): "api", (False, False): "none"}[
         (row["caught"] > 0, row["caught_api"] > 0)]
     return row
 
 
-def api_columns(model, colluders: list[str], codewords: dict[str, int], api: ApiProbe | None, epsilon: float, scorer: str,
-                decoder: str) -> dict[str, float | int]:
+def api_columns(model, colluders: list[str], codewords: dict[str, int], api: ApiProbe | None, epsilon: float) -> dict[str, float | int]:
     """The black-box channel: colluders caught and innocents accused by tracing the
     model's label-only answers, the queries the sequential trace spent, and the fraction
     of keys answered with the first colluder's target (how much of its black-box word
-    the attacked model still carries; 0.5 is chance for a two-label key)."""
+    the attacked model still carries; 1/10 is chance)."""
     if api is None:
         return {"caught_api": 0, "innocents_accused_api": 0, "queries_api": 0, "key_agreement": float("nan")}
     ask = label_api(model)
-    result = api.trace(ask, epsilon, scorer, decoder)
+    result = api.trace(ask, epsilon)
     accused = {c.codeword_index for c in result.verdict.accused}
     guilty = {codewords[c] for c in colluders}
     return {
