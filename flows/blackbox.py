@@ -87,9 +87,11 @@ def null_apis(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]:
         with serve_predictions(lambda x, m=model: m.eval()(x)) as url:
             probes = ([("vendor", own)] if null_under_own else []) + [(f"null-{j}", p) for j, p in enumerate(others)]
             for key_name, probe in probes:
+                start = time.perf_counter()
                 result = probe.trace(_api(url, settings).predict, cfg.epsilon)
                 rows.append({"model": name, "keys": key_name, "accused": len(result.verdict.accused), "queries": result.queries,
-                             "max_score_ratio": float(result.verdict.scores.max() / result.verdict.threshold)})
+                             "max_score_ratio": float(result.verdict.scores.max() / result.verdict.threshold),
+                             "seconds": round(time.perf_counter() - start, 3)})
     return rows
 
 
@@ -195,6 +197,8 @@ def blackbox_flow(paths: Paths, settings: Settings) -> dict:
         "null_apis": len(nulls),
         "null_accusations": sum(r["accused"] for r in nulls),
         "max_null_score_ratio": max((r["max_score_ratio"] for r in nulls), default=0.0),
+        "null_queries_max": max((r["queries"] for r in nulls), default=0),
+        "null_read_seconds_max": max((r["seconds"] for r in nulls), default=0.0),  # a full read over HTTP, no MLflow run
         "accuracy_cost_max": max((r["cost_points"] for r in cost), default=0.0),
         "accuracy_cost_mean": statistics.fmean(r["cost_points"] for r in cost) if cost else 0.0,
         "distillation_trials": len(students),

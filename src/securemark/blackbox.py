@@ -111,9 +111,11 @@ def secret_patterns(seed: int, m: int, cells: int = 7) -> torch.Tensor:
     return F.interpolate(blocks, size=(28, 28), mode="nearest")
 
 
-def make_keys(aux: torch.Tensor, patterns: int, per_pattern: int, seed: int, blend: float = 0.4, cells: int = 7) -> KeySet:
+def make_keys(aux: torch.Tensor, patterns: int, per_pattern: int, seed: int, blend: float = 0.4, cells: int = 7,
+              image_seed: int | None = None) -> KeySet:
     """``patterns * per_pattern`` keys: secret patterns blended into distinct ``aux``
-    images drawn with the secret (see the module docstring)."""
+    images drawn with the secret (see the module docstring). ``image_seed`` draws other
+    images under the same patterns (what a rule, unlike memorised points, still reads)."""
     checks.integer("blackbox", "patterns", patterns, 1)
     checks.integer("blackbox", "per_pattern", per_pattern, 1)
     checks.number("blackbox", "blend", blend, 0.0, 1.0, low_open=True, high_open=True)
@@ -121,7 +123,7 @@ def make_keys(aux: torch.Tensor, patterns: int, per_pattern: int, seed: int, ble
     if n > len(aux):
         raise InvalidInput(f"blackbox: {patterns} patterns x {per_pattern} images need {n} aux images, there are {len(aux)}")
     pats = secret_patterns(seed + 1, patterns, cells)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed if image_seed is None else image_seed)
     rows = torch.randperm(len(aux), generator=g)[:n]
     pattern = torch.arange(n) % patterns
     images = ((1 - blend) * aux[rows] + blend * pats[pattern]).clamp(0, 1)

@@ -118,3 +118,11 @@ def _rows(keys, images):
     """Which keys ``images`` are (the tests' in-process APIs answer by key)."""
     flat = keys.images.flatten(1)
     return torch.cdist(images.flatten(1), flat).argmin(1)
+
+
+def test_other_images_under_the_same_patterns(aux):
+    keys = make_keys(aux, 10, 3, seed=5)
+    fresh = make_keys(aux, 10, 3, seed=5, image_seed=8)
+    assert not torch.equal(fresh.rows, keys.rows)
+    pats = secret_patterns(6, 10, 7)
+    assert torch.allclose(fresh.images, (0.6 * aux[fresh.rows] + 0.4 * pats[fresh.pattern]).clamp(0, 1))

@@ -10,8 +10,8 @@
   of the attacker's images; the threshold refuses a fraction ``refuse`` of the
   attacker's own images. A flagged query is answered by ``fallback``: ``"alone"``, a
   network the attacker trains on its own images (a base-like label, what an unmarked
-  model would say), or ``"second"``, the copy's runner-up label (for a key whose two
-  candidate labels are the copy's top two, this answers the opposite bit).
+  model would say), or ``"second"``, the copy's runner-up label (for a key the copy
+  answers with its customer's symbol, anything but that symbol).
 
 The result is an ``nn.Module`` that answers images with logits, with ``spec = None``:
 it has no weights a white-box trace could read (:func:`securemark.attacks.grid.evaluate`
