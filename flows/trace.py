@@ -100,7 +100,7 @@ def trace_endpoint(paths: Paths, settings: Settings, url: str, budget: int | Non
     repeats = max(1, min(bb.repeats, limit // len(keys))) if limit >= len(keys) else 1
     indices = np.arange(len(vendor.blackbox_codebook), dtype=np.int64)  # every word: the bound covers the whole codebook
     result = sequential_trace(api.predict, keys, vendor.blackbox_codebook, indices, cfg.epsilon, checkpoints, repeats,
-                              order_seed=derive_seed(vendor.secret, "key-order"))
+                              order_seed=derive_seed(vendor.secret, "key-order"), explain=bb.explain)
     report = reports.verdict_report(result.verdict, vendor.customers_by_index(), vendor.key, vendor.blackbox_codebook, url, "",
                                     {}, channel="api", queries=api.queries)
     return log_trace(paths, report, result.verdict, indices, cfg, vendor, tags={"endpoint": url[:250], "channel": "api"})

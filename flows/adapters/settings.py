@@ -144,6 +144,7 @@ class BlackboxSettings:
     views: int = 1                   # each key and views - 1 perturbed copies of it are taught
     checkpoints: tuple[int, ...] = (64, 128, 256, 512)  # sequential test: queries after which a trace may stop
     repeats: int = 1                 # queries of each key (a coalition may route each query to another copy)
+    explain: float = 0.0             # > 0: read on after an accusation until the accused explain this share of the answers
     batch: int = 64                  # images per HTTP request
     timeout: float = 10.0            # seconds per request
     retries: int = 3                 # per request, with exponential back-off (and Retry-After on 429)
@@ -160,6 +161,7 @@ class BlackboxSettings:
         checks.integer("blackbox", "cells", self.cells, 1, 28)
         checks.integer("blackbox", "views", self.views, 1)
         checks.integer("blackbox", "repeats", self.repeats, 1)
+        checks.number("blackbox", "explain", self.explain, 0.0, 1.0)
         checks.integer("blackbox", "batch", self.batch, 1, 1024)
         checks.number("blackbox", "timeout", self.timeout, 0.0, low_open=True)
         checks.integer("blackbox", "retries", self.retries, 0, 10)

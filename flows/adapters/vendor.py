@@ -125,7 +125,7 @@ def api_probe(paths: Paths, settings: Settings, vendor: Vendor, secret: bytes | 
         keys = _keys(paths, settings, secret)
         codebook = SymbolBook.generate(len(vendor.blackbox_codebook), bb.patterns, derive_seed(secret, "blackbox-codebook"))
         order_seed = derive_seed(secret, "key-order")
-    return ApiProbe(keys, codebook, codebook_indices(codebook), bb.checkpoints, bb.repeats, order_seed)
+    return ApiProbe(keys, codebook, codebook_indices(codebook), bb.checkpoints, bb.repeats, order_seed, bb.explain)
 
 
 def probe_images(paths: Paths, settings: Settings):

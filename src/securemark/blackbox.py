@@ -32,6 +32,7 @@ an innocent gets by chance, which is why the symbols are q-ary rather than bits.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -279,16 +280,33 @@ def query_order(keys: KeySet, seed: int) -> torch.Tensor:
     return torch.cat([start + torch.randperm(min(m, n - start), generator=g) for start in range(0, n, m)])
 
 
+def explained(P: np.ndarray, book: SymbolBook, accused: list[int]) -> float:
+    """Share of the answer mass in ``P`` that the ``accused`` words' symbols account for
+    (1.0: the accused explain every answer; a coalition with members still unknown
+    leaves the rest)."""
+    if not accused:
+        return 0.0
+    mask = np.zeros_like(P, dtype=bool)
+    rows = np.arange(P.shape[0])
+    for index in accused:
+        mask[rows, book.symbols[index].astype(np.int64)] = True
+    total = P.sum()
+    return float(P[mask].sum() / total) if total > 0 else 0.0
+
+
 def sequential_trace(ask, keys: KeySet, book: SymbolBook, indices: np.ndarray, epsilon: float, checkpoints: tuple[int, ...],
-                     repeats: int = 1, order_seed: int = 0) -> BlackboxVerdict:
+                     repeats: int = 1, order_seed: int = 0, explain: float = 0.0) -> BlackboxVerdict:
     """Query ``ask`` (images -> labels or scores) with the keys in their secret order, and
-    stop at the first checkpoint where someone is accused.
+    stop at the first checkpoint where someone is accused and the accused explain at
+    least ``explain`` of the answers (:func:`explained`; 0: stop at the first accusation).
 
     Checkpoints count queries of distinct keys in the first pass; with ``repeats > 1``,
     every further pass over all keys is one more checkpoint (a coalition that answers
     each query from another copy reveals its members over repeated queries). The
     whole-trace false-accusation probability ``epsilon`` is split equally between the
-    checkpoints (a union bound), so stopping early keeps it."""
+    checkpoints (a union bound over every checkpoint visited), so stopping early keeps
+    it, and so does reading on after an accusation to find further colluders: whoever
+    was accused at any checkpoint stays accused."""
     n = len(keys)
     order = query_order(keys, order_seed)
     first = sorted({min(int(c), n) for c in checkpoints} | ({n} if repeats > 1 else set()))
@@ -296,6 +314,7 @@ def sequential_trace(ask, keys: KeySet, book: SymbolBook, indices: np.ndarray, e
     share = epsilon / len(stops)
     answers: torch.Tensor | None = None  # int64 [n, repeats] labels, or float [n, q] summed scores
     asked, queries, verdict, P = 0, 0, None, None
+    found: dict[int, object] = {}  # code-word index -> its Candidate when first accused
     for stop_index, stop in enumerate(stops):
         first_pass = stop_index < len(first)
         rows = order[asked:stop] if first_pass else order
@@ -314,8 +333,13 @@ def sequential_trace(ask, keys: KeySet, book: SymbolBook, indices: np.ndarray, e
             asked = stop
         P = profile(keys, answers, book.q)
         verdict = decide(P, book, indices, share)
-        if verdict.accused:
+        for candidate in verdict.accused:
+            found[candidate.codeword_index] = candidate  # the latest (most evidence) wins
+        if found and explained(P, book, list(found)) >= explain:
             break
+    if found and len(found) > len(verdict.accused):  # someone accused at an earlier checkpoint stays accused
+        verdict = dataclasses.replace(verdict, accused=sorted(found.values(), key=lambda c: -c.score),
+                                      top_others=[c for c in verdict.top_others if c.codeword_index not in found])
     return BlackboxVerdict(verdict, queries, stop_index, P)
 
 
@@ -330,11 +354,12 @@ class ApiProbe:
     checkpoints: tuple[int, ...]
     repeats: int = 1
     order_seed: int = 0
+    explain: float = 0.0
 
     def trace(self, ask, epsilon: float) -> BlackboxVerdict:
         """:func:`sequential_trace` of ``ask`` (images -> labels or scores)."""
         return sequential_trace(ask, self.keys, self.codebook, self.indices, epsilon, self.checkpoints, self.repeats,
-                                self.order_seed)
+                                self.order_seed, self.explain)
 
 
 def label_api(model: SplitNet):

@@ -126,3 +126,24 @@ def test_other_images_under_the_same_patterns(aux):
     assert not torch.equal(fresh.rows, keys.rows)
     pats = secret_patterns(6, 10, 7)
     assert torch.allclose(fresh.images, (0.6 * aux[fresh.rows] + 0.4 * pats[fresh.pattern]).clamp(0, 1))
+
+
+def test_reading_on_until_the_accused_explain_the_answers_finds_both_colluders():
+    aux = torch.rand(512, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    keys = make_keys(aux, 64, 8, seed=3)
+    book = SymbolBook.generate(10_000, 64, seed=6)
+    members = [21, 4321]
+    answers = torch.stack([targets(keys, book.word(i)) for i in members])
+    pick = torch.as_tensor(np.random.default_rng(2).integers(0, 2, len(keys)))
+    copy = answers[pick, torch.arange(len(keys))]  # every key answered by one of the two members
+
+    def ask(x):
+        return copy[_rows(keys, x)]
+
+    first = sequential_trace(ask, keys, book, np.arange(10_000), 1e-6, (64, 128, 256, 512))
+    both = sequential_trace(ask, keys, book, np.arange(10_000), 1e-6, (64, 128, 256, 512), explain=0.8)
+    assert {c.codeword_index for c in first.verdict.accused} <= set(members)
+    assert {c.codeword_index for c in both.verdict.accused} == set(members)
+    assert both.queries >= first.queries
+    single = sequential_trace(lambda x: answers[0][_rows(keys, x)], keys, book, np.arange(10_000), 1e-6, (64, 128, 256, 512), explain=0.8)
+    assert single.queries == 64 and [c.codeword_index for c in single.verdict.accused] == [21]  # one copy explains all: stop early
