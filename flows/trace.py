@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
@@ -98,7 +97,7 @@ def trace_endpoint(paths: Paths, settings: Settings, url: str, budget: int | Non
     api = PredictionAPI(url, protocol, bb.batch, bb.timeout, bb.retries, bb.max_response_bytes, budget=limit)
     checkpoints = tuple(c for c in bb.checkpoints if c <= limit) or (limit,)
     repeats = max(1, min(bb.repeats, limit // len(keys))) if limit >= len(keys) else 1
-    indices = np.arange(len(vendor.blackbox_codebook), dtype=np.int64)  # every word: the bound covers the whole codebook
+    indices = codebook_indices(vendor.blackbox_codebook)
     result = sequential_trace(api.predict, keys, vendor.blackbox_codebook, indices, cfg.epsilon, checkpoints, repeats,
                               order_seed=derive_seed(vendor.secret, "key-order"), explain=bb.explain)
     report = reports.verdict_report(result.verdict, vendor.customers_by_index(), vendor.key, vendor.blackbox_codebook, url, "",
