@@ -8,6 +8,7 @@ model through pyfunc: it downloads the artifacts and reads the weights file as t
 from __future__ import annotations
 
 import shutil
+import threading
 from datetime import datetime, timezone
 import tempfile
 from pathlib import Path
@@ -43,6 +44,52 @@ def log_classifier(weights: Path, registered_name: str | None = None, tags: dict
         return info
     version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
     return version
+
+
+_TEMPLATES: dict[str, Path] = {}
+_TEMPLATE_LOCK = threading.Lock()
+
+
+def _template() -> Path:
+    """A pyfunc model folder (MLmodel, environment, the loader's code) without weights,
+    written once per process by ``mlflow.pyfunc.save_model``: every copy's model is this
+    folder plus its own weights file, so registering a copy writes no new model code."""
+    with _TEMPLATE_LOCK:
+        folder = _TEMPLATES.get("pyfunc")
+        if folder is None or not folder.is_dir():
+            root = Path(tempfile.mkdtemp(prefix="securemark-pyfunc-"))
+            placeholder = root / WEIGHTS_ARTIFACT
+            placeholder.write_bytes(b"")
+            folder = root / "model"
+            mlflow.pyfunc.save_model(path=str(folder), python_model=str(_CODE), artifacts={"weights": str(placeholder)},
+                                     pip_requirements=_REQUIREMENTS)
+            placeholder.unlink()
+            _TEMPLATES["pyfunc"] = folder
+        return folder
+
+
+def register_weights(weights: Path, registered_name: str, tags: dict[str, str]):
+    """Register ``weights`` as a new version of ``registered_name`` from the active run:
+    the run's artifacts get the pyfunc folder (the shared template with this file as
+    its weights), and the version points at it. Same model as :func:`log_classifier`
+    logs, at a fraction of the cost (no model code is re-packaged per copy)."""
+    client = MlflowClient()
+    template = _template()
+    with tempfile.TemporaryDirectory(prefix="securemark-version-") as tmp:
+        folder = Path(tmp) / "model"
+        shutil.copytree(template, folder)
+        found = [p for p in folder.rglob(WEIGHTS_ARTIFACT)]
+        target = found[0] if found else folder / "artifacts" / WEIGHTS_ARTIFACT
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights, target)
+        mlflow.log_artifacts(str(folder), "model")
+    run = mlflow.active_run()
+    try:
+        client.create_registered_model(registered_name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return client.create_model_version(registered_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags)
 
 
 def set_alias(name: str, alias: str, version: str | int) -> None:

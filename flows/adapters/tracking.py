@@ -68,6 +68,13 @@ def child_run(parent: mlflow.ActiveRun, name: str, tags: dict[str, str], params:
     return run_id
 
 
+def log_batch(active: mlflow.ActiveRun, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Params and metrics of ``active`` in one store write (one transaction, not one per value)."""
+    now = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(active.info.run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                                    params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+
+
 def write_json(obj: Any, path: Path) -> None:
     """Write a metrics/report JSON file (sorted keys, newline at the end)."""
     path.parent.mkdir(parents=True, exist_ok=True)

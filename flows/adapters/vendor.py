@@ -13,11 +13,13 @@ vendor and by no one else.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
@@ -155,3 +157,50 @@ def _extractor(paths: Paths, spec, base_file: str, mtime: int, size: int, probe_
         _EXTRACTORS.clear()  # one base model at a time
         _EXTRACTORS[key] = Extractor(spec, Readout.build(readout, base, layer, probe, rank), vendor.key_matrix, base, probe, align)
     return _EXTRACTORS[key]
+
+
+_SPACES: dict[tuple, tuple] = {}
+_SPACE_LOCK = threading.Lock()
+
+
+def carrier_space(paths: Paths, settings: Settings, vendor: Vendor, base_file: Path | None = None):
+    """What every customer's embedding shares (:class:`securemark.embedding.CarrierSpace`)
+    and the test set projected into it, built once per process for the same base model,
+    bank, key and black-box keys (a thread pool's tasks or a Dask worker's share it).
+    Returns ``(space, test_rows, test_labels)``."""
+    from securemark.blackbox import key_views
+    from securemark.embedding import CarrierSpace
+    from securemark.fingerprint import carrier_inputs
+
+    base_file = Path(base_file or paths.base_model)
+    stat, bank_stat = base_file.stat(), paths.bank("defended").stat()
+    embed = settings.fingerprint.embed
+    cache_key = (str(base_file), stat.st_mtime_ns, stat.st_size, bank_stat.st_mtime_ns, vendor.key.key_id, repr(embed),
+                 repr(settings.blackbox), str(paths.root))
+    with _SPACE_LOCK:
+        if cache_key not in _SPACES:
+            base = load_weights(base_file).eval()
+            bank = load_file(str(paths.bank("defended")))
+            rows = embed.eval_rows + embed.train_rows
+            pick = torch.randperm(len(bank["labels"]), generator=torch.Generator().manual_seed(0))[:rows]  # a fixed sample of the bank
+            inputs = carrier_inputs(base, embed.layer, bank["features"][pick])
+            keys = {}
+            if settings.blackbox.enabled:
+                keyset = make_keyset(paths, settings, vendor)
+                key_inputs, key_index, original = key_views(base, embed.layer, keyset, settings.blackbox.views,
+                                                            derive_seed(vendor.secret, "key-views"))
+                keys = dict(key_inputs=key_inputs, key_index=key_index, key_original=original)
+            aux = read_partition(paths.partition("aux"))  # the vendor's own clean images: checked and kept, like the bank
+            with torch.no_grad():
+                aux_features = torch.cat([base.client(aux.as_float()[i : i + 1000]) for i in range(0, len(aux.labels), 1000)])
+            natural = dict(natural_inputs=carrier_inputs(base, embed.layer, aux_features), natural_labels=aux.labels)
+            readout = make_extractor(paths, settings, vendor).readout
+            space = CarrierSpace.build(base, readout, vendor.key_matrix, inputs, bank["labels"][pick], embed,
+                                       derive_seed(vendor.secret, "embed-split"), **keys, **natural)
+            test = read_partition(paths.partition("test"))
+            with torch.no_grad():
+                features = torch.cat([base.client(test.as_float()[i : i + 1000]) for i in range(0, len(test.labels), 1000)])
+            test_rows = space.project(carrier_inputs(base, embed.layer, features))
+            _SPACES.clear()  # one base model at a time
+            _SPACES[cache_key] = (space, test_rows, test.labels)
+        return _SPACES[cache_key]

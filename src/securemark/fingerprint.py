@@ -66,20 +66,25 @@ class EmbedConfig:
     key_weight: float = 0.3     # weight of the black-box term (cross-entropy on the key images' targets)
     key_agreement: float = 0.95  # fraction of the keys the copy must answer with their targets
     key_confidence: float = 0.6  # a key view answered with its target at this probability stops pulling
+    restore_weight: float = 1.0  # once marked: weight of the bank labels' cross-entropy (the accuracy the stop criterion checks)
+    natural_check: float = 0.5  # batched issuing: share of the vendor's aux images that checks accuracy (the rest is trained on)
+    subspace: int = 256         # batched issuing: input directions of the carrying dense layer a copy may change (>= rank)
 
     def __post_init__(self) -> None:
         for key in ("lam", "margin", "lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"fingerprint.{key}", f"must be > 0, got {getattr(self, key)}")
-        for key in ("max_steps", "check_every", "batch_size", "eval_rows", "train_rows", "rank"):
+        for key in ("max_steps", "check_every", "batch_size", "eval_rows", "train_rows", "rank", "subspace"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"fingerprint.{key}", f"must be a positive integer, got {getattr(self, key)}")
         for key in ("key_agreement", "key_confidence"):
             if not 0.0 < getattr(self, key) <= 1.0:
                 raise ConfigError(f"fingerprint.{key}", f"must be in (0, 1], got {getattr(self, key)}")
-        for key in ("accuracy_tolerance", "slack", "key_weight"):
+        for key in ("accuracy_tolerance", "slack", "key_weight", "restore_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"fingerprint.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.natural_check < 1.0:
+            raise ConfigError("fingerprint.natural_check", f"must be in [0, 1), got {self.natural_check}")
         if self.readout not in READOUTS:
             raise ConfigError("fingerprint.readout", f"must be one of {list(READOUTS)}, got {self.readout!r}")
         if not self.layer.startswith("server."):
@@ -297,7 +302,8 @@ def embed(
     with torch.no_grad():  # what the base answers on the training rows: the copy must keep answering it
         base_logits = torch.cat([forward_from(model, index, inputs[train_idx[i : i + 2048]].float()) for i in range(0, len(train_idx), 2048)])
     optimizer = torch.optim.Adam(trained, lr=cfg.lr)
-    steps, acc, agree = 0, base_acc, None
+    steps, acc, agree, restoring = 0, base_acc, None, False
+    train_y = labels[train_idx]
     while True:
         if steps % cfg.check_every == 0 or steps >= cfg.max_steps:
             with torch.no_grad():
@@ -310,6 +316,7 @@ def embed(
                     answers = forward_from(model, index, keys.inputs[keys.original]).argmax(1)
                     agree = float((answers == keys.labels[keys.original]).double().mean())
             if min_margin >= margin and (agree is None or agree >= cfg.key_agreement):
+                restoring = True  # marked: from now on the objective is the bank's accuracy, the constraints stay (README)
                 acc = tail_accuracy(model, index, eval_x, eval_y)
                 if acc >= base_acc - cfg.accuracy_tolerance:
                     break
@@ -327,6 +334,8 @@ def embed(
         logits = forward_from(model, index, inputs[train_idx[pick]].float())
         keep = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(base_logits[pick], 1), log_target=True, reduction="batchmean")
         loss = keep
+        if restoring:
+            loss = loss + cfg.restore_weight * F.cross_entropy(logits, train_y[pick])
         if hinge_on:
             hinge = F.relu(cfg.margin * (1 + cfg.slack) - s * (K @ readout.features(model)) / unit).mean()  # in margin units
             loss = loss + cfg.lam * hinge

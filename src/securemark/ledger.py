@@ -195,32 +195,45 @@ class Ledger:
         crash) returns the first record unchanged, pending or issued.
         Raises :class:`LedgerFull` when all ``capacity`` code words are taken.
         """
-        validate_customer_id(customer_id)
+        return self.assign_many([customer_id], key_id)[0]
+
+    def assign_many(self, customer_ids: list[str], key_id: str) -> list[LedgerRecord]:
+        """:meth:`assign` for each of ``customer_ids``, in order, in one transaction (all
+        or none: a full ledger assigns nothing). One write for a whole batch of customers."""
+        for customer_id in customer_ids:
+            validate_customer_id(customer_id)
         if not isinstance(key_id, str) or not key_id:
             raise LedgerError(f"key_id must be a non-empty string, got {key_id!r}")
+        out, new = [], []
         with self._write() as conn:
-            row = conn.execute(f"SELECT {_COLUMNS} FROM customers WHERE customer_id = ?", (customer_id,)).fetchone()
-            if row is not None:
-                existing = _record(row)
-                if existing.key_id != key_id:
-                    log.warning(
-                        "customer %s was assigned under key %s; returning that record (asked with key %s)",
-                        customer_id, existing.key_id, key_id,
-                    )
-                return existing
             (index,) = conn.execute("SELECT COALESCE(MAX(codeword_index), -1) + 1 FROM customers").fetchone()
-            if index >= self.capacity:
-                raise LedgerFull(
-                    f"ledger {self.path} is full: all {self.capacity} code words of codebook "
-                    f"{self.codebook_id!r} are assigned; cannot assign customer {customer_id!r}"
+            for customer_id in customer_ids:
+                row = conn.execute(f"SELECT {_COLUMNS} FROM customers WHERE customer_id = ?", (customer_id,)).fetchone()
+                if row is not None:
+                    existing = _record(row)
+                    if existing.key_id != key_id:
+                        log.warning(
+                            "customer %s was assigned under key %s; returning that record (asked with key %s)",
+                            customer_id, existing.key_id, key_id,
+                        )
+                    out.append(existing)
+                    continue
+                if index >= self.capacity:
+                    raise LedgerFull(
+                        f"ledger {self.path} is full: all {self.capacity} code words of codebook "
+                        f"{self.codebook_id!r} are assigned; cannot assign customer {customer_id!r}"
+                    )
+                record = LedgerRecord(customer_id, index, key_id, PENDING, None, None, _now(), None)
+                conn.execute(
+                    f"INSERT INTO customers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    tuple(record.to_dict().values()),
                 )
-            record = LedgerRecord(customer_id, index, key_id, PENDING, None, None, _now(), None)
-            conn.execute(
-                f"INSERT INTO customers ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                tuple(record.to_dict().values()),
-            )
-        log.info("assigned code word %d to customer %s", index, customer_id)
-        return record
+                out.append(record)
+                new.append(record)
+                index += 1
+        for record in new:
+            log.info("assigned code word %d to customer %s", record.codeword_index, record.customer_id)
+        return out
 
     def complete(self, customer_id: str, model_version: str, weights_sha256: str, reissue: bool = False) -> LedgerRecord:
         """Mark ``customer_id``'s copy as issued: model version and sha256 of its weights.

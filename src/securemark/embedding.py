@@ -1,0 +1,431 @@
+"""Issuing many copies at once: every customer's code word embedded in one batched run.
+
+Everything before the carrying block is the same for every customer, and so is most of
+what the block computes. :class:`CarrierSpace` computes it once per base model:
+
+- the carrying dense layer ``W0`` ([H, F]) is updated only inside a fixed subspace of
+  its inputs, ``W = W0 + D Q^T`` with ``Q`` ([F, r], orthonormal) spanning the
+  readout's directions (what tracing reads, :class:`~securemark.fingerprint.Readout`)
+  and the directions the bank and the key images excite most. A customer's copy is
+  then ``D`` ([H, r]), the block's batch-norm affine and the head: a few small matrices;
+- the bank rows, the key views and the test images are projected once:
+  ``x W0^T`` ([N, H]) and ``x Q`` ([N, r]), so one step for one customer costs a few
+  ``[128, r] x [r, H]`` products instead of ``[128, F] x [F, H]`` ones;
+- the readout is ``(W0 M + D Q^T M)``: ``W0 M`` and ``Q^T M`` are fixed.
+
+:func:`embed_batch` trains many customers' ``(D, gamma, beta, head)`` as stacked tensors
+(one Adam state per customer, each customer drawing its batches from its own generator),
+so one customer's copy does not depend on which others share its batch.
+
+Why it converges (the constraints are kept as constraints, not traded against
+accuracy): each customer runs two phases.
+
+1. *mark*: keep the base's answers on the bank (KL to the base's logits) while the
+   hinge pushes every bit past ``margin * (1 + slack)`` and the key images are taught
+   their symbols, until every bit clears ``margin`` and the keys are answered;
+2. *restore*: the objective becomes the accuracy the stop criterion measures, cross
+   entropy on the bank's labels (plus the KL term), while the hinge and the key term
+   stay in the loss. Both are zero while their constraint holds with its slack, so they
+   pull only when a step would break one. Bank accuracy then climbs to (and past) the
+   base's, instead of random-walking around it as the KL term alone lets it: the base
+   was trained with the defence's noise on the client, the bank rows are what the
+   server actually sees, so the copy can fit them at least as well as the base does.
+
+The step cap (``max_steps``) stays as a guard; hitting it raises
+:class:`~securemark.fingerprint.EmbeddingFailed` naming what was short.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from securemark.errors import InvalidConfig, InvalidInput
+from securemark.fingerprint import EmbedConfig, EmbeddingFailed, EmbedResult, Readout, bit_error_rate, extract, fingerprint_unit, margin_scale, signs
+from securemark.model import DenseBlock, SplitNet, unit_index, units
+
+
+def supports(model: SplitNet, layer: str) -> bool:
+    """Whether ``layer`` can be embedded in batches: the weight of the last dense block
+    (followed by the head alone) with a batch norm, the default carrying layer."""
+    block = fingerprint_unit(model, layer)
+    path = layer.rsplit(".", 2)[0]
+    paths = [p for p, _ in units(model)]
+    return isinstance(block, DenseBlock) and hasattr(block, "bn") and paths[-1] == path
+
+
+@dataclass(frozen=True, eq=False)
+class Projected:
+    """Rows of what the carrying block reads, projected once: ``x W0^T`` and ``x Q``."""
+
+    base: torch.Tensor   # [N, H]
+    sub: torch.Tensor    # [N, r]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+@dataclass(frozen=True, eq=False)
+class KeyRows:
+    """The key views projected once, and which rows are the keys themselves."""
+
+    rows: Projected
+    key_of_row: torch.Tensor   # int64 [rows]: the key each row is a view of
+    original: torch.Tensor     # bool [rows]
+
+
+@dataclass(frozen=True, eq=False)
+class CarrierSpace:
+    """What every customer's embedding shares (one base model, one key, one bank)."""
+
+    base: SplitNet
+    layer: str
+    index: int
+    basis: torch.Tensor        # Q [F, r]
+    w0: torch.Tensor           # [H, F]
+    mean: torch.Tensor         # batch norm running mean [H]
+    std: torch.Tensor          # sqrt(running_var + eps) [H]
+    gamma0: torch.Tensor
+    beta0: torch.Tensor
+    head_w0: torch.Tensor      # [10, H]
+    head_b0: torch.Tensor      # [10]
+    w0m: torch.Tensor          # W0 M [H, rank]
+    qtm: torch.Tensor          # Q^T M [r, rank]
+    readout: Readout           # what tracing reads (the base's row norms and origin inside)
+    key_matrix: torch.Tensor   # K [m, H * rank] float32
+    unit: float                # margin unit: the base's RMS of K phi
+    train: Projected
+    train_labels: torch.Tensor
+    train_logits: torch.Tensor  # the base's logits on the train rows (what the copy keeps answering)
+    check: Projected
+    check_labels: torch.Tensor
+    base_accuracy: float       # the base's accuracy on the check rows
+    keys: KeyRows | None
+
+    @classmethod
+    def build(cls, base: SplitNet, readout: Readout, key_matrix: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
+              cfg: EmbedConfig, split_seed: int, key_inputs: torch.Tensor | None = None, key_index: torch.Tensor | None = None,
+              key_original: torch.Tensor | None = None, natural_inputs: torch.Tensor | None = None,
+              natural_labels: torch.Tensor | None = None) -> "CarrierSpace":
+        """Build the shared space. ``inputs`` [N, F] / ``labels`` [N]: what the carrying
+        block reads for the feature bank (:func:`~securemark.fingerprint.carrier_inputs`);
+        the first ``cfg.eval_rows`` of a permutation drawn from ``split_seed`` check
+        accuracy, the next ``cfg.train_rows`` are trained on. ``key_inputs`` (optional):
+        what the block reads for every key view, ``key_index`` the key of each view."""
+        base = copy.deepcopy(base).eval()
+        if not supports(base, cfg.layer):
+            raise InvalidConfig(f"batched embedding needs the last dense block's weight as fingerprint.layer, got {cfg.layer!r}")
+        if readout.metric is None or readout.origin is None:
+            raise InvalidConfig("batched embedding needs the response readout (fingerprint.readout: response)")
+        block = fingerprint_unit(base, cfg.layer)
+        index = unit_index(base, cfg.layer.rsplit(".", 2)[0])
+        w0 = block.linear.weight.detach().clone()
+        if inputs.shape[1] != w0.shape[1]:
+            raise InvalidInput(f"carrier inputs have {inputs.shape[1]} values per row, {cfg.layer} reads {w0.shape[1]}")
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
+        check_idx, train_idx = order[: cfg.eval_rows], order[cfg.eval_rows : cfg.eval_rows + cfg.train_rows]
+        if len(train_idx) == 0:
+            train_idx = check_idx
+        train_x, check_x = inputs[train_idx].float(), inputs[check_idx].float()
+        train_y, check_y = labels[train_idx], labels[check_idx]
+        if natural_inputs is not None:  # the vendor's own clean images (aux): half checks accuracy, half is trained on
+            split = torch.randperm(len(natural_labels), generator=torch.Generator().manual_seed(split_seed + 1))
+            n_check = int(len(split) * cfg.natural_check)
+            check_x = torch.cat([check_x, natural_inputs[split[:n_check]].float()])
+            check_y = torch.cat([check_y, natural_labels[split[:n_check]]])
+            train_x = torch.cat([train_x, natural_inputs[split[n_check:]].float()])
+            train_y = torch.cat([train_y, natural_labels[split[n_check:]]])
+        key_x = None if key_inputs is None else key_inputs.float()
+        basis = subspace_basis(readout.metric, torch.cat([train_x] + ([key_x] if key_x is not None else [])), cfg.subspace,
+                               split_seed)
+        bn = block.bn
+        space = dict(
+            base=base, layer=cfg.layer, index=index, basis=basis, w0=w0,
+            mean=bn.running_mean.detach().clone(), std=torch.sqrt(bn.running_var + bn.eps).detach(),
+            gamma0=bn.weight.detach().clone(), beta0=bn.bias.detach().clone(),
+            head_w0=base.server.fc.weight.detach().clone(), head_b0=base.server.fc.bias.detach().clone(),
+            w0m=w0 @ readout.metric, qtm=basis.T @ readout.metric, readout=readout,
+            key_matrix=key_matrix.to(torch.float32), unit=margin_scale(base, readout, key_matrix),
+        )
+        project = lambda x: Projected(x @ w0.T, x @ basis)  # noqa: E731
+        train = project(train_x)
+        with torch.no_grad():
+            train_logits = _logits_one(space, train, None)
+            check = project(check_x)
+            check_labels = check_y
+            base_accuracy = float((_logits_one(space, check, None).argmax(1) == check_labels).double().mean())
+        keys = None
+        if key_x is not None:
+            keys = KeyRows(project(key_x), key_index, key_original)
+        return cls(**space, train=train, train_labels=train_y, train_logits=train_logits, check=check,
+                   check_labels=check_labels, base_accuracy=base_accuracy, keys=keys)
+
+    def project(self, inputs: torch.Tensor) -> Projected:
+        """Other rows (e.g. the test set's carrier inputs) projected like the bank's."""
+        x = inputs.float()
+        return Projected(x @ self.w0.T, x @ self.basis)
+
+
+def subspace_basis(metric: torch.Tensor, rows: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """An orthonormal ``[F, size]`` basis: the readout's directions first (the span of
+    ``metric``'s columns), then the directions ``rows`` excite most beyond them."""
+    fan_in, rank = metric.shape
+    if not rank <= size <= fan_in:
+        raise InvalidConfig(f"fingerprint.subspace must be between the readout rank {rank} and the layer's {fan_in} inputs, got {size}")
+    readout_basis, _ = torch.linalg.qr(metric.double())
+    centred = rows.double() - rows.double().mean(0)
+    residual = centred - (centred @ readout_basis) @ readout_basis.T
+    extra = size - rank
+    if extra == 0:
+        return readout_basis.float()
+    with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global RNG: seed it, leave the caller's stream alone
+        torch.manual_seed(seed)
+        _, _, v = torch.svd_lowrank(residual, q=min(extra + 10, fan_in - rank), niter=3)
+    basis, _ = torch.linalg.qr(torch.cat([readout_basis, v[:, :extra]], dim=1))
+    return basis.float()
+
+
+@dataclass
+class _Params:
+    """One customer per leading row: the trained part of the copies, stacked."""
+
+    d: torch.Tensor      # [B, H, r]
+    gamma: torch.Tensor  # [B, H]
+    beta: torch.Tensor   # [B, H]
+    head_w: torch.Tensor  # [B, 10, H]
+    head_b: torch.Tensor  # [B, 10]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.d, self.gamma, self.beta, self.head_w, self.head_b]
+
+
+def _logits(space: CarrierSpace, p: _Params, base: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+    """Logits [B, n, 10] of each customer's copy for its own rows (``base`` [B, n, H],
+    ``sub`` [B, n, r]); the block runs in evaluation mode (running statistics, no dropout)."""
+    pre = base + torch.bmm(sub, p.d.transpose(1, 2))
+    hidden = torch.relu((pre - space.mean) / space.std * p.gamma[:, None] + p.beta[:, None])
+    return torch.baddbmm(p.head_b[:, None], hidden, p.head_w.transpose(1, 2))
+
+
+def _logits_one(space: dict | CarrierSpace, rows: Projected, p: _Params | None, i: int = 0, batch: int = 4096) -> torch.Tensor:
+    """Logits [n, 10] of one copy (the base's when ``p`` is None) for all of ``rows``."""
+    get = space.__getitem__ if isinstance(space, dict) else lambda k: getattr(space, k)
+    d = None if p is None else p.d[i]
+    gamma, beta = (get("gamma0"), get("beta0")) if p is None else (p.gamma[i], p.beta[i])
+    head_w, head_b = (get("head_w0"), get("head_b0")) if p is None else (p.head_w[i], p.head_b[i])
+    out = []
+    for s in range(0, len(rows), batch):
+        pre = rows.base[s : s + batch] + (0 if d is None else rows.sub[s : s + batch] @ d.T)
+        hidden = torch.relu((pre - get("mean")) / get("std") * gamma + beta)
+        out.append(hidden @ head_w.T + head_b)
+    return torch.cat(out)
+
+
+def _soft_values(space: CarrierSpace, p: _Params) -> torch.Tensor:
+    """``y = K phi`` [B, m] for each customer's copy (differentiable): the readout of
+    ``W0 + D Q^T`` with the batch norm's scale, rows brought to the base's norms."""
+    rows = (space.w0m + torch.matmul(p.d, space.qtm)) * (p.gamma / space.std)[:, :, None]
+    rows = rows * (space.readout.norms / rows.norm(dim=2).clamp_min(1e-12))[:, :, None]
+    phi = rows.flatten(1) - space.readout.origin
+    return phi @ space.key_matrix.T
+
+
+@dataclass
+class _Adam:
+    """Adam over stacked per-customer tensors, with a step count per customer, so that
+    customers can join and leave the batch without changing each other's updates."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def init(self, params: _Params) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.zeros_like(t), torch.zeros_like(t)) for t in params.tensors()]
+
+    @torch.no_grad()
+    def step(self, params: _Params, state: list, rows: torch.Tensor, grads: tuple, count: torch.Tensor) -> None:
+        """Update the customers ``rows`` (their gradients ``grads``, their step counts ``count``)."""
+        b1, b2 = self.betas
+        for t, g, (m, v) in zip(params.tensors(), grads, state):
+            shape = (-1,) + (1,) * (t.dim() - 1)
+            c = count.double().view(shape)
+            m[rows] = m[rows] * b1 + g * (1 - b1)
+            v[rows] = v[rows] * b2 + g * g * (1 - b2)
+            m_hat = m[rows] / (1 - b1 ** c).float()
+            v_hat = v[rows] / (1 - b2 ** c).float()
+            t[rows] = t[rows] - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One customer's embedding: its code word, its black-box targets (one label per key,
+    or None) and the seed of its batch draws."""
+
+    name: str
+    bits: np.ndarray
+    key_labels: torch.Tensor | None
+    seed: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished embedding: the copy (or the failure) and its numbers."""
+
+    name: str
+    result: EmbedResult | None
+    error: EmbeddingFailed | None = None
+
+
+def embed_batch(space: CarrierSpace, jobs: list[Job], cfg: EmbedConfig, progress=None) -> list[Outcome]:
+    """Embed every job's code word into its own copy of ``space.base``, all in one batched
+    optimisation; one :class:`Outcome` per job, in order. A job that hits ``max_steps``
+    comes back with ``error`` set (naming what was short); the others are unaffected.
+    ``progress(n)`` (optional) is called with the number of jobs that just finished."""
+    start = time.perf_counter()
+    if not jobs:
+        return []
+    if (space.keys is None) != all(j.key_labels is None for j in jobs) or any((j.key_labels is None) != (jobs[0].key_labels is None) for j in jobs):
+        raise InvalidInput("either every job carries black-box targets (and the space has key rows) or none does")
+    m = space.key_matrix.shape[0]
+    for j in jobs:
+        if np.asarray(j.bits).size != m:
+            raise InvalidInput(f"{j.name}: code word has {np.asarray(j.bits).size} bits, key has {m} rows")
+    n, h, r = len(jobs), space.w0.shape[0], space.basis.shape[1]
+    params = _Params(torch.zeros(n, h, r), space.gamma0.repeat(n, 1), space.beta0.repeat(n, 1),
+                     space.head_w0.repeat(n, 1, 1), space.head_b0.repeat(n, 1))
+    for t in params.tensors():
+        t.requires_grad_(True)
+    adam = _Adam(cfg.lr)
+    state = adam.init(params)
+    s = torch.stack([signs(j.bits) for j in jobs])                              # [B, m]
+    key_labels = None if space.keys is None else torch.stack([j.key_labels[space.keys.key_of_row] for j in jobs])  # [B, rows]
+    generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
+    steps = torch.zeros(n, dtype=torch.long)
+    restoring = torch.zeros(n, dtype=torch.bool)
+    hinge_on = torch.ones(n, dtype=torch.bool)
+    done: dict[int, Outcome] = {}
+    target = cfg.margin * (1 + cfg.slack)
+    last: dict[int, tuple[float, float | None, float]] = {}
+    while len(done) < n:
+        active = [i for i in range(n) if i not in done]
+        # checks: every check_every steps (all active customers step together, so they share the clock)
+        if int(steps[active[0]]) % cfg.check_every == 0 or int(steps[active[0]]) >= cfg.max_steps:
+            with torch.no_grad():
+                y = _soft_values(space, _select(params, active))
+                margins = (s[active] * y).min(1).values / space.unit
+                agree = _key_agreement(space, params, active, key_labels)
+            for k, i in enumerate(active):
+                margin, agreement = float(margins[k]), (None if agree is None else float(agree[k]))
+                hinge_on[i] = margin < target
+                marked = margin >= cfg.margin and (agreement is None or agreement >= cfg.key_agreement)
+                if marked and not restoring[i]:
+                    restoring[i] = True  # phase 2: the objective becomes the bank's accuracy, constraints kept
+                if marked:
+                    accuracy = _accuracy(space, params, i, space.check, space.check_labels)
+                    if accuracy >= space.base_accuracy - cfg.accuracy_tolerance:
+                        done[i] = Outcome(jobs[i].name, _result(space, params, i, jobs[i], int(steps[i]), margin, agreement, accuracy, start))
+                        continue
+                if int(steps[i]) >= cfg.max_steps:
+                    accuracy = _accuracy(space, params, i, space.check, space.check_labels)
+                    done[i] = Outcome(jobs[i].name, None, EmbeddingFailed(
+                        f"{jobs[i].name}: code word not embedded after {int(steps[i])} steps: min margin {margin:.3f} (need {cfg.margin})"
+                        + ("" if agreement is None else f", keys answered {agreement:.3f} (need {cfg.key_agreement})")
+                        + f", bank accuracy {accuracy:.4f} (base {space.base_accuracy:.4f}, tolerance {cfg.accuracy_tolerance})",
+                        steps=int(steps[i])))
+            finished = [i for i in active if i in done]
+            if finished and progress is not None:
+                progress(len(finished))
+            active = [i for i in active if i not in done]
+            if not active:
+                break
+        _step(space, params, state, adam, active, jobs, generators, s, key_labels, restoring, hinge_on, steps, cfg, target)
+    return [done[i] for i in range(n)]
+
+
+def _select(p: _Params, rows: list[int]) -> _Params:
+    return _Params(*(t[rows] for t in p.tensors()))
+
+
+def _key_agreement(space: CarrierSpace, p: _Params, active: list[int], key_labels: torch.Tensor | None) -> torch.Tensor | None:
+    if space.keys is None:
+        return None
+    rows = space.keys.original
+    sub = _select(p, active)
+    base = space.keys.rows.base[rows].expand(len(active), -1, -1)
+    proj = space.keys.rows.sub[rows].expand(len(active), -1, -1)
+    answers = _logits(space, sub, base, proj).argmax(2)
+    return (answers == key_labels[active][:, rows]).double().mean(1)
+
+
+def _accuracy(space: CarrierSpace, p: _Params, i: int, rows: Projected, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((_logits_one(space, rows, p, i).argmax(1) == labels).double().mean())
+
+
+def _step(space: CarrierSpace, params: _Params, state: list, adam: _Adam, active: list[int], jobs: list[Job], generators: list,
+          s: torch.Tensor, key_labels: torch.Tensor | None, restoring: torch.Tensor, hinge_on: torch.Tensor, steps: torch.Tensor,
+          cfg: EmbedConfig, target: float) -> None:
+    """One Adam step for every active customer (each on its own random batch)."""
+    idx = torch.as_tensor(active)
+    picks = torch.stack([torch.randint(len(space.train), (cfg.batch_size,), generator=generators[i]) for i in active])
+    key_picks = None
+    if key_labels is not None:
+        key_picks = torch.stack([torch.randint(key_labels.shape[1], (cfg.batch_size,), generator=generators[i]) for i in active])
+    view = _Params(*(t[idx] for t in params.tensors()))  # indexing copies: gradients flow back to the stacked tensors
+    logits = _logits(space, view, space.train.base[picks], space.train.sub[picks])
+    base_logp = F.log_softmax(space.train_logits[picks], 2)
+    logp = F.log_softmax(logits, 2)
+    keep = (base_logp.exp() * (base_logp - logp)).sum(2).mean(1)  # KL(base || copy) per customer
+    ce = F.cross_entropy(logits.transpose(1, 2), space.train_labels[picks], reduction="none").mean(1)
+    loss = keep + cfg.restore_weight * restoring[idx].float() * ce
+    on = hinge_on[idx]
+    if bool(on.any()):
+        rows = torch.nonzero(on).squeeze(1)
+        y = _soft_values(space, _Params(*(t[rows] for t in view.tensors())))
+        hinge = F.relu(target - s[idx[rows]] * y / space.unit).mean(1)
+        loss = loss.index_add(0, rows, cfg.lam * hinge)
+    if key_picks is not None:
+        labels = torch.gather(key_labels[idx], 1, key_picks)
+        key_logits = _logits(space, view, space.keys.rows.base[key_picks], space.keys.rows.sub[key_picks])
+        unsure = key_logits.softmax(2).gather(2, labels[:, :, None]).squeeze(2) < cfg.key_confidence
+        key_ce = F.cross_entropy(key_logits.transpose(1, 2), labels, reduction="none")
+        loss = loss + cfg.key_weight * (key_ce * unsure).mean(1)
+    grads = torch.autograd.grad(loss.sum(), view.tensors())
+    steps[idx] += 1
+    adam.step(params, state, idx, grads, steps[idx])
+
+
+def _result(space: CarrierSpace, p: _Params, i: int, job: Job, steps: int, margin: float, agreement: float | None, accuracy: float,
+            start: float) -> EmbedResult:
+    model = copy_model(space, p, i)
+    y = extract(model, space.readout, space.key_matrix)
+    return EmbedResult(model, steps, bit_error_rate(y, job.bits), margin, accuracy, space.base_accuracy,
+                       time.perf_counter() - start, agreement)
+
+
+@torch.no_grad()
+def copy_model(space: CarrierSpace, p: _Params, i: int) -> SplitNet:
+    """Customer ``i``'s copy as a full model: the base with the carrying block and head replaced."""
+    model = copy.deepcopy(space.base)
+    block = fingerprint_unit(model, space.layer)
+    block.linear.weight.copy_(space.w0 + p.d[i] @ space.basis.T)
+    block.bn.weight.copy_(p.gamma[i])
+    block.bn.bias.copy_(p.beta[i])
+    model.server.fc.weight.copy_(p.head_w[i])
+    model.server.fc.bias.copy_(p.head_b[i])
+    return model.eval()
+
+
+def copy_accuracy(space: CarrierSpace, model: SplitNet, rows: Projected, labels: torch.Tensor) -> float:
+    """A copy's accuracy on projected rows (e.g. the test set's): exact, since issuing
+    changes only the carrying block inside the basis and the layers after it."""
+    block = fingerprint_unit(model, space.layer)
+    d = (block.linear.weight.detach() - space.w0) @ space.basis
+    p = _Params(d[None], block.bn.weight.detach()[None], block.bn.bias.detach()[None],
+                model.server.fc.weight.detach()[None], model.server.fc.bias.detach()[None])
+    return _accuracy(space, p, 0, rows, labels)
