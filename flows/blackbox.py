@@ -26,6 +26,7 @@ Writes ``metrics/blackbox.json`` and logs one MLflow run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -33,7 +34,6 @@ import time
 import mlflow
 import torch
 from prefect import flow, get_run_logger
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from flows.adapters import tracking
@@ -42,12 +42,12 @@ from flows.adapters.endpoint import PredictionAPI
 from flows.adapters.partitions import attacker_data, test_set
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import Vendor, api_probe, make_extractor, make_keyset
+from flows.adapters.vendor import Vendor, api_probe, carrier_space
 from flows.entry.stage import stage_main
 from flows.trace import TRACE_EXPERIMENT, trace_endpoint
 from securemark.attacks import AttackData, create_attack
-from securemark.blackbox import agreement, key_views, label_api, targets
-from securemark.fingerprint import KeyTargets, carrier_inputs, embed
+from securemark.blackbox import agreement, label_api
+from securemark.embedding import Job, embed_batch
 from securemark.key import derive_seed, null_secret
 from securemark.model import SplitNet, accuracy
 from securemark.weights import load_weights
@@ -96,30 +96,25 @@ def null_apis(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]:
 
 
 def accuracy_cost(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]:
-    """Test accuracy of ``cost_copies`` issued copies and of the same copies embedded
-    with the weight fingerprint only: the black-box marks' own cost, in points."""
-    base = load_weights(paths.base_model)
-    bank = load_file(str(paths.bank("defended")))
-    layer = vendor.embed.layer
-    rows_n = vendor.embed.eval_rows + vendor.embed.train_rows
-    pick = torch.randperm(len(bank["labels"]), generator=torch.Generator().manual_seed(0))[:rows_n]  # the issue stage's sample
-    inputs, labels = carrier_inputs(base, layer, bank["features"][pick]), bank["labels"][pick]
+    """Test accuracy of ``cost_copies`` issued copies (both marks) and of the same code
+    words embedded the same way (batched, same seeds) with the weight fingerprint only:
+    the black-box marks' own cost, in points."""
+    weights_only = dataclasses.replace(settings, blackbox=dataclasses.replace(settings.blackbox, enabled=False))
+    space, _, _ = carrier_space(paths, weights_only, vendor)
     test = test_set(paths)
-    readout = make_extractor(paths, settings, vendor).readout
-    keyset = make_keyset(paths, settings, vendor)
-    key_inputs, key_index, original = key_views(base, layer, keyset, settings.blackbox.views, derive_seed(vendor.secret, "key-views"))
-    rows = []
     chosen = list(sorted(vendor.issued_codewords().items()))[: settings.blackbox.cost_copies]
-    for customer_id, index in tqdm(chosen, desc="accuracy cost of the black-box marks", unit="copy"):
-        seed = derive_seed(vendor.secret, f"embed|{customer_id}")
-        both = embed(base, vendor.codebook.word(index), vendor.key_matrix, readout, inputs, labels, vendor.embed,
-                     torch.Generator().manual_seed(seed),
-                     KeyTargets(key_inputs, targets(keyset, vendor.blackbox_codebook.word(index))[key_index], original))
-        weights_only = embed(base, vendor.codebook.word(index), vendor.key_matrix, readout, inputs, labels, vendor.embed,
-                             torch.Generator().manual_seed(seed))
-        a_both, a_weights = accuracy(both.model, *test), accuracy(weights_only.model, *test)
+    jobs = [Job(customer_id, vendor.codebook.word(index), None, derive_seed(vendor.secret, f"embed|{customer_id}")) for customer_id, index in chosen]
+    start = time.perf_counter()
+    outcomes = embed_batch(space, jobs, vendor.embed)
+    seconds = (time.perf_counter() - start) / max(len(jobs), 1)
+    rows = []
+    for (customer_id, _), outcome in zip(chosen, outcomes):
+        if outcome.error is not None:
+            raise outcome.error
+        a_both = accuracy(load_weights(paths.customer_copy(customer_id)), *test)
+        a_weights = accuracy(outcome.result.model, *test)
         rows.append({"customer_id": customer_id, "accuracy": a_both, "accuracy_weights_only": a_weights,
-                     "cost_points": (a_weights - a_both) * 100, "seconds_both": both.seconds, "seconds_weights_only": weights_only.seconds})
+                     "cost_points": (a_weights - a_both) * 100, "seconds_weights_only": seconds})
     return rows
 
 

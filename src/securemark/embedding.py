@@ -207,9 +207,33 @@ class _Params:
 def _logits(space: CarrierSpace, p: _Params, base: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
     """Logits [B, n, 10] of each customer's copy for its own rows (``base`` [B, n, H],
     ``sub`` [B, n, r]); the block runs in evaluation mode (running statistics, no dropout)."""
-    pre = base + torch.bmm(sub, p.d.transpose(1, 2))
+    pre = base + _each(sub, p.d.transpose(1, 2))
     hidden = torch.relu((pre - space.mean) / space.std * p.gamma[:, None] + p.beta[:, None])
-    return torch.baddbmm(p.head_b[:, None], hidden, p.head_w.transpose(1, 2))
+    return _each(hidden, p.head_w.transpose(1, 2)) + p.head_b[:, None]
+
+
+def _each(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a[i] @ b[i]`` for every customer i, one product each: the same kernel whatever
+    the batch holds, so a customer's copy does not depend on who shares its batch (a
+    batched product may pick another kernel, and another rounding, for another size)."""
+    return torch.stack([x @ y for x, y in zip(a, b)])
+
+
+PROJECTION_ROWS = 20  # customers per product with the key matrix (padded): its rounding never depends on the batch
+
+
+def _project(phi: torch.Tensor, key_matrix: torch.Tensor) -> torch.Tensor:
+    """``phi @ K^T`` in products of exactly PROJECTION_ROWS rows (the last one padded with
+    zeros): one large product reads K once for several customers, and each row's result
+    is the same as if the customer were alone."""
+    out = []
+    for s in range(0, len(phi), PROJECTION_ROWS):
+        chunk = phi[s : s + PROJECTION_ROWS]
+        pad = PROJECTION_ROWS - len(chunk)
+        if pad:
+            chunk = torch.cat([chunk, chunk.new_zeros(pad, chunk.shape[1])])
+        out.append((chunk @ key_matrix.T)[: PROJECTION_ROWS - pad])
+    return torch.cat(out)
 
 
 def _logits_one(space: dict | CarrierSpace, rows: Projected, p: _Params | None, i: int = 0, batch: int = 4096) -> torch.Tensor:
@@ -229,10 +253,10 @@ def _logits_one(space: dict | CarrierSpace, rows: Projected, p: _Params | None, 
 def _soft_values(space: CarrierSpace, p: _Params) -> torch.Tensor:
     """``y = K phi`` [B, m] for each customer's copy (differentiable): the readout of
     ``W0 + D Q^T`` with the batch norm's scale, rows brought to the base's norms."""
-    rows = (space.w0m + torch.matmul(p.d, space.qtm)) * (p.gamma / space.std)[:, :, None]
+    rows = (space.w0m + torch.stack([d @ space.qtm for d in p.d])) * (p.gamma / space.std)[:, :, None]
     rows = rows * (space.readout.norms / rows.norm(dim=2).clamp_min(1e-12))[:, :, None]
     phi = rows.flatten(1) - space.readout.origin
-    return phi @ space.key_matrix.T
+    return _project(phi, space.key_matrix)
 
 
 @dataclass

@@ -146,11 +146,16 @@ def test_delivered_file_holds_weights_only(issued):
 
 def test_issuing_again_returns_the_same_word_and_registers_nothing_new(issued):
     from flows.issue import issue_flow
+    from securemark.weights import sha256_file
 
     client = issued.client()
     query = f"name='{CUSTOMER_MODEL}' and tags.customer_id='alice'"
     before = client.search_model_versions(query)
     index = issued.vendor().ledger.get("alice").codeword_index
+    assert issue_flow(issued.paths, SMALL, customers=["alice"]) == []  # issued, copy intact: nothing to do
+    copy = issued.delivered("alice")
+    sha = sha256_file(copy)
+    copy.unlink()  # a lost deliverable is issued again, alone this time (it was embedded in a batch with bob)
     (row,) = issue_flow(issued.paths, SMALL, customers=["alice"])  # `issued` keeps the env set
     after = client.search_model_versions(query)
     record = issued.vendor().ledger.get("alice")
@@ -159,8 +164,9 @@ def test_issuing_again_returns_the_same_word_and_registers_nothing_new(issued):
     hashes = [v.tags.get("weights_sha256") for v in after]
     assert len(hashes) == len(set(hashes)), hashes  # no copy registered twice
     assert row["ber"] == 0.0
-    # the embedding is seeded from the secret and the customer: the same copy, so the
-    # same registered version and no new one
+    # the embedding is seeded from the secret and the customer, and a customer's copy does
+    # not depend on who shared its batch: the same bytes, so the same registered version
+    assert sha256_file(copy) == sha
     assert row["model_version"] == issued.rows[0]["model_version"] == record.model_version
     assert sorted(v.version for v in after) == sorted(v.version for v in before)
 

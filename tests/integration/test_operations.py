@@ -77,6 +77,40 @@ def test_issuing_fans_out_on_a_dask_cluster(prepared_project, prefect_harness, t
         assert paths.customer_copy(r["customer_id"]).is_file()
 
 
+def test_a_failed_issue_keeps_the_words_and_a_rerun_issues_exactly_the_missing_copies(prepared_project, prefect_harness, tmp_path):
+    from flows.adapters.vendor import Vendor
+    from flows.issue import IssuingFailed, run_issue
+    from securemark.ledger import ISSUED, PENDING
+    from securemark.weights import sha256_file
+
+    starved = Settings.from_params(small_params(fingerprint={"max_steps": 1}))  # an injected failure: no step budget
+    customers = ["rerun-a", "rerun-b"]
+    with operated_project(prepared_project, tmp_path / "project", customers=[]) as (paths, _):
+        with pytest.raises(IssuingFailed) as failed:
+            run_issue(paths, starved, customers)
+        message = str(failed.value)
+        assert all(c in message for c in customers) and "min margin" in message and "re-run" in message
+        ledger = Vendor.open(paths, SMALL).ledger
+        reserved = {r.customer_id: r for r in ledger.records()}
+        assert {c: reserved[c].status for c in customers} == {c: PENDING for c in customers}
+        assert not any(paths.customer_copy(c).exists() for c in customers)
+
+        rows = run_issue(paths, SMALL, customers)  # the re-run: the same words, now delivered
+        assert [r["customer_id"] for r in rows] == customers
+        after = {r.customer_id: r for r in ledger.records()}
+        assert {c: after[c].codeword_index for c in customers} == {c: reserved[c].codeword_index for c in customers}
+        assert all(after[c].status == ISSUED for c in customers) and len(ledger) == 2
+        kept = sha256_file(paths.customer_copy("rerun-b"))
+
+        paths.customer_copy("rerun-a").unlink()  # a lost deliverable
+        rows = run_issue(paths, SMALL, customers)
+        assert [r["customer_id"] for r in rows] == ["rerun-a"]  # only the missing copy, with its own word
+        final = {r.customer_id: r for r in ledger.records()}
+        assert final["rerun-a"].codeword_index == reserved["rerun-a"].codeword_index and len(ledger) == 2
+        assert sha256_file(paths.customer_copy("rerun-b")) == kept and final["rerun-b"] == after["rerun-b"]
+        assert run_issue(paths, SMALL, customers) == []  # nothing missing: nothing issued
+
+
 def _wait_for_deployment(client, name: str, timeout: float = 180.0):
     deadline = time.monotonic() + timeout
     while True:

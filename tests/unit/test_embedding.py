@@ -1,0 +1,177 @@
+"""Batched issuing (securemark.embedding) on a tiny model and a synthetic feature bank:
+every word embeds, a batch gives the copies one-at-a-time embedding gives, the restore
+phase is what makes a strict accuracy tolerance reachable, failures name the customer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from securemark.embedding import CarrierSpace, Job, copy_accuracy, embed_batch, supports
+from securemark.errors import InvalidConfig
+from securemark.fingerprint import EmbedConfig, Readout, bit_error_rate, carrier_inputs, extract
+from securemark.key import projection
+from securemark.model import ModelSpec, SplitNet, build_model, forward_from, unit_index
+
+SPEC = ModelSpec(widths=(4, 8), hidden=(32,), cut=1)
+LAYER = "server.dense1.linear.weight"
+CODE_LENGTH = 64
+SECRET = bytes(range(32))
+KEYS = 16
+CFG = EmbedConfig(layer=LAYER, rank=16, subspace=48, margin=0.5, lr=3e-3, batch_size=64, check_every=10, max_steps=1500,
+                  accuracy_tolerance=0.02, eval_rows=500, train_rows=1500, key_weight=0.5, key_agreement=0.9, key_confidence=0.6,
+                  natural_check=0.5)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
+
+
+def smooth_images(n: int, seed: int) -> torch.Tensor:
+    coarse = torch.rand(n, 1, 7, 7, generator=torch.Generator().manual_seed(seed))
+    return F.interpolate(coarse, size=28, mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A base model trained a little on a teacher's labels, its bank (client outputs),
+    clean "aux" rows, key views, a readout and a key: what a CarrierSpace is built from."""
+    client_model = build_model(SPEC, 2).eval()
+    teacher = build_model(SPEC, 1).eval()
+    images = smooth_images(2600, 0)
+    with torch.no_grad():
+        features = client_model.client(images)
+        logits = teacher.server(features)
+        labels = (logits - logits.mean(0)).argmax(1)
+    model = build_model(SPEC, 2)
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)  # dropout: the base must not depend on earlier tests
+    optimizer = torch.optim.Adam(model.server.parameters(), lr=1e-2)
+    for _ in range(300):
+        idx = torch.randint(2000, (128,), generator=g)
+        loss = F.cross_entropy(model.server(features[idx]), labels[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    base = model.eval()
+    bank_x = carrier_inputs(base, LAYER, features[:2000])
+    aux_x = carrier_inputs(base, LAYER, features[2000:2400])
+    test_x, test_y = carrier_inputs(base, LAYER, features[2400:]), labels[2400:]
+    with torch.no_grad():
+        key_x = carrier_inputs(base, LAYER, base.client(0.6 * smooth_images(KEYS, 5) + 0.4 * (smooth_images(1, 6) > 0.5).float()))
+    readout = Readout.build("response", base, LAYER, smooth_images(256, 9), rank=CFG.rank)
+    key_matrix = projection(SECRET, LAYER, CODE_LENGTH, readout.features(base).numel())
+    return dict(base=base, bank=(bank_x, labels[:2000]), aux=(aux_x, labels[2000:2400]), test=(test_x, test_y), keys=key_x,
+                readout=readout, key_matrix=key_matrix)
+
+
+def space_for(world, cfg: EmbedConfig = CFG, keys: bool = True) -> CarrierSpace:
+    extra = dict(key_inputs=world["keys"], key_index=torch.arange(KEYS), key_original=torch.ones(KEYS, dtype=torch.bool)) if keys else {}
+    return CarrierSpace.build(world["base"], world["readout"], world["key_matrix"], *world["bank"], cfg, split_seed=11,
+                              natural_inputs=world["aux"][0], natural_labels=world["aux"][1], **extra)
+
+
+def jobs(count: int, keys: bool = True, start: int = 0) -> list[Job]:
+    rng = np.random.default_rng(0)
+    words = [(rng.integers(0, 2, CODE_LENGTH).astype(np.uint8), torch.as_tensor(rng.integers(0, 10, KEYS))) for _ in range(start + count)]
+    return [Job(f"customer-{i}", bits, labels if keys else None, seed=100 + i) for i, (bits, labels) in enumerate(words)][start:]
+
+
+@pytest.fixture(scope="module")
+def space(world) -> CarrierSpace:
+    return space_for(world)
+
+
+@pytest.fixture(scope="module")
+def batch(space):
+    return jobs(4), embed_batch(space, jobs(4), CFG)
+
+
+def test_every_word_is_embedded_with_both_marks(batch, space, world):
+    todo, outcomes = batch
+    assert [o.name for o in outcomes] == [j.name for j in todo]
+    for job, outcome in zip(todo, outcomes):
+        assert outcome.error is None, outcome.error
+        result = outcome.result
+        y = extract(result.model, world["readout"], world["key_matrix"])  # the trace's own reading of the full model
+        assert bit_error_rate(y, job.bits) == 0.0
+        assert result.min_margin >= CFG.margin
+        assert result.key_agreement >= CFG.key_agreement
+        assert result.bank_accuracy >= space.base_accuracy - CFG.accuracy_tolerance
+        index = unit_index(result.model, "server.dense1")
+        answers = forward_from(result.model, index, world["keys"]).argmax(1)
+        assert float((answers == job.key_labels).double().mean()) >= CFG.key_agreement
+
+
+def test_copies_differ_and_the_base_is_untouched(batch, space, world):
+    _, outcomes = batch
+    weights = [o.result.model.server.dense1.linear.weight for o in outcomes]
+    assert not torch.allclose(weights[0], weights[1])
+    assert torch.equal(world["base"].server.dense1.linear.weight, space.base.server.dense1.linear.weight)
+    changed = weights[0] - space.w0
+    inside = changed @ space.basis @ space.basis.T
+    assert torch.allclose(changed, inside, atol=1e-5)  # a copy changes the layer only inside the shared subspace
+
+
+def test_a_batch_gives_the_copies_one_at_a_time_gives(batch, space):
+    todo, outcomes = batch
+    for job, together in list(zip(todo, outcomes))[:2]:
+        (alone,) = embed_batch(space, [job], CFG)
+        assert alone.result.steps == together.result.steps
+        for (name, a), b in zip(alone.result.model.state_dict().items(), together.result.model.state_dict().values()):
+            assert torch.allclose(a, b, atol=1e-4), name
+
+
+def test_copy_accuracy_is_the_full_models_accuracy(batch, space, world):
+    _, outcomes = batch
+    model = outcomes[0].result.model
+    test_x, test_y = world["test"]
+    direct = float((forward_from(model, unit_index(model, "server.dense1"), test_x).argmax(1) == test_y).double().mean())
+    assert copy_accuracy(space, model, space.project(test_x), test_y) == pytest.approx(direct, abs=1e-9)
+    base_direct = float((forward_from(space.base, unit_index(space.base, "server.dense1"), test_x).argmax(1) == test_y).double().mean())
+    assert copy_accuracy(space, space.base, space.project(test_x), test_y) == pytest.approx(base_direct, abs=1e-9)
+
+
+def test_restore_phase_reaches_a_strict_tolerance_that_keeping_the_base_alone_misses(world):
+    """Once both marks hold, keeping the base's answers (KL, the mark phase's objective)
+    random-walks around the base's accuracy and often misses the tolerance within the
+    budget (what failed customer-0016 on main); the restore phase optimises the
+    accuracy itself and gets every word there, well within the same budget."""
+    capped = dataclasses.replace(CFG, max_steps=600)
+    restored = embed_batch(space_for(world, capped), jobs(6), capped)
+    assert all(o.error is None for o in restored), [str(o.error) for o in restored if o.error]
+    assert max(o.result.steps for o in restored) <= 400
+    kl_only = embed_batch(space_for(world, capped), jobs(6), dataclasses.replace(capped, restore_weight=0.0))
+    assert sum(o.error is not None for o in kl_only) >= 2
+
+
+def test_a_word_that_cannot_be_embedded_is_named_with_what_was_short(space):
+    capped = dataclasses.replace(CFG, max_steps=1)
+    outcomes = embed_batch(space, jobs(2), capped)
+    for outcome in outcomes:
+        assert outcome.result is None
+        message = str(outcome.error)
+        assert message.startswith(outcome.name) and "min margin" in message and "keys answered" in message and "accuracy" in message
+
+
+def test_weights_only_batches_work_without_keys(world):
+    space = space_for(world, keys=False)
+    outcomes = embed_batch(space, jobs(2, keys=False), CFG)
+    assert all(o.error is None and o.result.key_agreement is None and o.result.ber == 0.0 for o in outcomes)
+
+
+def test_mixed_or_mismatched_jobs_are_refused(space, world):
+    with pytest.raises(Exception, match="black-box"):
+        embed_batch(space, jobs(1, keys=False), CFG)
+    short = Job("x", np.zeros(CODE_LENGTH - 1, dtype=np.uint8), torch.zeros(KEYS, dtype=torch.long), 1)
+    with pytest.raises(Exception, match="bits"):
+        embed_batch(space, [short], CFG)
+
+
+def test_only_the_last_dense_layer_with_a_norm_is_batched(world):
+    assert supports(world["base"], LAYER)
+    assert not supports(world["base"], "server.block2.conv.weight")
+    with pytest.raises(InvalidConfig, match="last dense block"):
+        space_for(world, dataclasses.replace(CFG, layer="server.block2.conv.weight"))
