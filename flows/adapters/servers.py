@@ -19,11 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from securemark.errors import ServerFailed
+
 HOST = "127.0.0.1"
-
-
-class ServerFailed(RuntimeError):
-    """A server exited early or did not become healthy in time (its log is attached)."""
 
 
 def free_port() -> int:
@@ -55,9 +53,9 @@ def _child(cmd: list[str], health_url: str, log: Path, env: dict[str, str], time
         deadline = time.monotonic() + timeout
         while not healthy(health_url):
             if proc.poll() is not None:
-                raise ServerFailed(f"{cmd[0]} exited with {proc.returncode}; log {log}:\n{_tail(log)}")
+                raise ServerFailed(f"{cmd[0]} exited with {proc.returncode} (its log: {log}): {_last_line(log)}")
             if time.monotonic() > deadline:
-                raise ServerFailed(f"{' '.join(cmd[:3])} not healthy at {health_url} after {timeout:.0f} s; log {log}:\n{_tail(log)}")
+                raise ServerFailed(f"{' '.join(cmd[:3])} not healthy at {health_url} after {timeout:.0f} s (its log: {log}): {_last_line(log)}")
             time.sleep(0.5)
         yield
     finally:
@@ -67,6 +65,12 @@ def _child(cmd: list[str], health_url: str, log: Path, env: dict[str, str], time
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def _last_line(log: Path) -> str:
+    """The last non-empty line of a server's log: the reason, most of the time."""
+    lines = [line.strip() for line in _tail(log).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(empty log)"
 
 
 def _tail(log: Path, chars: int = 3000) -> str:

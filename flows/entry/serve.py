@@ -25,7 +25,8 @@ import sys
 from flows.adapters.paths import Paths
 from flows.adapters.servers import HOST, healthy, prefect_server
 from flows.adapters.settings import Settings
-from securemark.errors import SecureMarkError
+from flows.entry.stage import exit_invalid
+from securemark.errors import SecureMarkError, ServerFailed
 
 DEPLOYMENTS = ("issue-fingerprint", "trace-suspicious-model", "robustness-audit", "retrain")
 
@@ -48,37 +49,41 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--start-server", action="store_true", help="start `prefect server start` when none answers at PREFECT_API_URL")
     ap.add_argument("--port", type=int, default=4200, help="port of the server started with --start-server")
     args = ap.parse_args(argv)
+    try:
+        sys.exit(_serve(args))
+    except SecureMarkError as exc:  # bad params, a server that will not start: one line, exit 2
+        exit_invalid(exc)
+
+
+def _serve(args: argparse.Namespace) -> int:
     paths = Paths.from_env()
     os.chdir(paths.root)
-    try:
-        settings = Settings.load(paths.params)
-    except SecureMarkError as exc:
-        sys.exit(f"securemark: {exc}")
+    settings = Settings.load(paths.params)
     from prefect import serve
 
     api = os.environ.get("PREFECT_API_URL")
     if api and healthy(api.rstrip("/") + "/health"):
         serve(*deployments(settings))
-    elif args.start_server:
-        # Prefect reads PREFECT_API_URL when it is imported: serve from a child process
-        # that starts with the new server's URL in its environment. SIGTERM unwinds like
-        # Ctrl-C, so the child and the server are always stopped with this process.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        code = 0
-        with prefect_server(args.port, paths.root / ".prefect") as url:
-            print(f"Prefect server: http://{HOST}:{args.port} (UI), API {url}", flush=True)
-            child = subprocess.Popen([sys.executable, "-m", "flows.entry.serve"], env={**os.environ, "PREFECT_API_URL": url})
-            try:
-                code = child.wait()
-            except KeyboardInterrupt:
-                pass
-            finally:
-                if child.poll() is None:
-                    child.terminate()
-                    child.wait(timeout=30)
-        sys.exit(code)
-    else:
-        sys.exit(f"securemark: no Prefect server answers at PREFECT_API_URL={api!r}; start one (`prefect server start`) or pass --start-server")
+        return 0
+    if not args.start_server:
+        raise ServerFailed(f"no Prefect server answers at PREFECT_API_URL={api!r}; start one (`prefect server start`) or pass --start-server")
+    # Prefect reads PREFECT_API_URL when it is imported: serve from a child process that
+    # starts with the new server's URL in its environment. SIGTERM unwinds like Ctrl-C,
+    # so the child and the server are always stopped with this process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    code = 0
+    with prefect_server(args.port, paths.root / ".prefect") as url:
+        print(f"Prefect server: http://{HOST}:{args.port} (UI), API {url}", flush=True)
+        child = subprocess.Popen([sys.executable, "-m", "flows.entry.serve"], env={**os.environ, "PREFECT_API_URL": url})
+        try:
+            code = child.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if child.poll() is None:
+                child.terminate()
+                child.wait(timeout=30)
+    return code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ from securemark.errors import SecureMarkError
 EXIT_INVALID = 2
 
 
+def exit_invalid(exc: SecureMarkError | str) -> None:
+    """The one way an entry point ends on a project error: one line on stderr, exit 2."""
+    sys.stderr.write(f"securemark: {exc}\n")
+    sys.exit(EXIT_INVALID)
+
+
 def stage_main(body: Callable[[Paths, Settings], Any]) -> None:
     """Build the settings from the project's ``params.yaml`` and run ``body(paths, settings)``.
 
@@ -30,5 +36,4 @@ def stage_main(body: Callable[[Paths, Settings], Any]) -> None:
     try:
         body(paths, Settings.load(paths.params))
     except SecureMarkError as exc:
-        sys.stderr.write(f"securemark: {exc}\n")
-        sys.exit(EXIT_INVALID)
+        exit_invalid(exc)

@@ -73,3 +73,9 @@ class InsecureSecret(SecretError, PermissionError):
 
 class InvalidModel(SecureMarkError):
     """A suspicious model file that cannot be examined (not a model, wrong shapes, NaN...)."""
+
+
+class ServerFailed(SecureMarkError, RuntimeError):
+    """A server the project starts exited early or did not become healthy in time
+    (the message names its log)."""
+

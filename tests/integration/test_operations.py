@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -224,7 +225,30 @@ def test_serve_without_a_server_says_how_to_start_one(tmp_path):
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api", "SECUREMARK_ROOT": str(tmp_path)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()))
     done = subprocess.run([sys.executable, "-m", "flows.entry.serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "no Prefect server answers" in done.stderr and "--start-server" in done.stderr
+    assert done.returncode == 2 and "no Prefect server answers" in done.stderr and "--start-server" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_serve_with_bad_params_exits_2_with_one_line(tmp_path):
+    env = {**os.environ, "SECUREMARK_ROOT": str(tmp_path)}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params(base={"seed": "not a number"})))
+    done = subprocess.run([sys.executable, "-m", "flows.entry.serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "base" in done.stderr and "seed" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_server_that_cannot_start_is_a_project_error(tmp_path):
+    from flows.adapters.servers import prefect_server
+    from securemark.errors import SecureMarkError, ServerFailed
+
+    with socket.socket() as taken:  # the port is held: the server cannot bind it, exits, and says so
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerFailed) as failed:
+            with prefect_server(port, tmp_path / ".prefect", timeout=60):
+                pass
+    assert isinstance(failed.value, SecureMarkError) and "log" in str(failed.value) and "\n" not in str(failed.value)
 
 
 # ----------------------------------------------------------------------------- black-box tracing of prediction APIs
