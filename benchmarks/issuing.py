@@ -21,6 +21,7 @@ from the repository root:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -91,7 +92,7 @@ def linked_project(root: Path, into: Path) -> Path:
 def registered(root: Path, customers: int) -> dict:
     """Part 2: the issue flow for ``customers`` customers (fresh secret, store, ledger)."""
     from flows.adapters import tracking
-    from flows.adapters.model_registry import BASE_MODEL, log_classifier, set_alias
+    from flows.adapters.model_registry import BASE_MODEL, log_classifier
     from flows.adapters.paths import Paths
     from flows.adapters.settings import Settings
     from flows.issue import fingerprint_metrics, run_issue
@@ -102,9 +103,8 @@ def registered(root: Path, customers: int) -> dict:
                           SECUREMARK_VENDOR_DIR=str(Path(tmp) / "vendor"))
         paths = Paths(project)
         settings = Settings.load(paths.params)
-        with tracking.run("base", tracking.TRAIN_EXPERIMENT, paths):  # the flow issues from the registered base
-            version = log_classifier(paths.base_model, BASE_MODEL)
-        set_alias(BASE_MODEL, "latest", version.version)
+        with tracking.run("base", tracking.TRAIN_EXPERIMENT, paths):  # the flow issues from the registered base (@latest)
+            log_classifier(paths.base_model, BASE_MODEL)
         ids = [f"bench-{i:05d}" for i in range(customers)]
         start = time.perf_counter()
         rows = run_issue(paths, settings, ids)
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=20, help="copies embedded together")
     ap.add_argument("--registered", type=int, default=50, help="customers issued through the flow with registration (0: skip)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--merge", action="store_true", help="keep part 1's numbers already in --out (run part 2 alone with --secrets 0)")
     args = ap.parse_args()
     root = Path.cwd().resolve()
     per_secret = []
@@ -130,13 +131,16 @@ def main() -> None:
             print(f"secret {k + 1}/{args.secrets}", flush=True)
             per_secret.append(embed_words(root, args.words, args.batch, seed=k))
             print(f"  {per_secret[-1]}", flush=True)
-    result = {
+    result = json.loads(args.out.read_text()) if args.merge and args.out.exists() else {}
+    if per_secret:
+        result = {
         "words": sum(r["words"] for r in per_secret), "secrets": len(per_secret), "failures": sum(r["failures"] for r in per_secret),
         "seconds_per_copy": statistics.fmean(r["seconds_per_copy"] for r in per_secret) if per_secret else None,
         "accuracy_drop_max": max((r["accuracy_drop_max"] for r in per_secret if r["accuracy_drop_max"] is not None), default=None),
         "accuracy_drop_mean": statistics.fmean(r["accuracy_drop_mean"] for r in per_secret if r["accuracy_drop_mean"] is not None) if per_secret else None,
         "per_secret": per_secret, "batch": args.batch,
-    }
+        }
+        report(result, args.out, one_line=False)  # part 1 is saved before part 2 runs
     if args.registered:
         flow = registered(root, args.registered)
         result.update(registered_copies=flow["copies"], seconds_per_copy_with_registration=flow["seconds_per_copy_with_registration"],
