@@ -60,7 +60,7 @@ def main() -> None:
     from mlflow import MlflowClient
 
     from flows.adapters import tracking
-    from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, log_classifier, set_alias
+    from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, log_classifier
     from flows.adapters.paths import Paths
     from flows.adapters.settings import Settings
     from flows.adapters.vendor import Vendor
@@ -73,9 +73,8 @@ def main() -> None:
                           SECUREMARK_VENDOR_DIR=str(Path(tmp) / "vendor"), SECUREMARK_ROOT=str(project))
         paths = Paths(project)
         settings = Settings.load(paths.params)
-        with tracking.run("base", tracking.TRAIN_EXPERIMENT, paths):
-            version = log_classifier(paths.base_model, BASE_MODEL)
-        set_alias(BASE_MODEL, "latest", version.version)
+        with tracking.run("base", tracking.TRAIN_EXPERIMENT, paths):  # the flow issues from the registered base (@latest)
+            log_classifier(paths.base_model, BASE_MODEL)
         ids = [f"dask-{i:05d}" for i in range(args.copies)]
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, \
                 Client(cluster) as client:
