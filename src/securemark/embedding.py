@@ -183,11 +183,22 @@ def subspace_basis(metric: torch.Tensor, rows: torch.Tensor, size: int, seed: in
     extra = size - rank
     if extra == 0:
         return readout_basis.float()
-    with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global RNG: seed it, leave the caller's stream alone
-        torch.manual_seed(seed)
-        _, _, v = torch.svd_lowrank(residual, q=min(extra + 10, fan_in - rank), niter=3)
+    v = _top_right_singular_vectors(residual, min(extra + 10, fan_in - rank), torch.Generator().manual_seed(seed))
     basis, _ = torch.linalg.qr(torch.cat([readout_basis, v[:, :extra]], dim=1))
     return basis.float()
+
+
+def _top_right_singular_vectors(a: torch.Tensor, q: int, generator: torch.Generator, niter: int = 3) -> torch.Tensor:
+    """The ``q`` leading right singular vectors of ``a`` ([rows, n] -> [n, q]) by a randomized
+    range finder with power iterations (Halko et al. 2009; what ``torch.svd_lowrank`` does),
+    its random start drawn from ``generator``, never from the global RNG."""
+    x = a @ torch.randn(a.shape[1], q, dtype=a.dtype, generator=generator)
+    basis = torch.linalg.qr(x).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.mH @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    _, _, vh = torch.linalg.svd(basis.mH @ a, full_matrices=False)
+    return vh.mH
 
 
 @dataclass
