@@ -38,7 +38,7 @@ from securemark.blackbox import sequential_trace
 from securemark.key import derive_seed, draw_key, null_secret
 from securemark.model import SplitNet
 from securemark.suspect import examine, expected_shapes
-from securemark.tracing import codebook_indices, create_decoder, degeneracy, no_verdict, suspect_outputs_finite
+from securemark.tracing import codebook_indices, decide_readings, degeneracy, no_verdict, suspect_outputs_finite
 from securemark.weights import load_weights
 
 TRACE_EXPERIMENT = "securemark-trace"
@@ -68,8 +68,8 @@ def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceSettin
     if not suspect_outputs_finite(suspect, extractor.probe):
         verdict, alignment = no_verdict(cfg, indices, note), {}
     else:
-        y, alignment = extractor(suspect)
-        verdict = create_decoder(cfg.decoder)(y, vendor.codebook, indices, cfg.epsilon, cfg.scorer)
+        aligned, alignment = extractor.aligned(suspect)
+        verdict = decide_readings(extractor.readings(aligned), vendor.codebook, indices, cfg.epsilon, cfg.scorer, cfg.decoder)
         if note:
             verdict = dataclasses.replace(verdict, note=" ".join(filter(None, (note, verdict.note))))
     report = reports.verdict_report(verdict, vendor.customers_by_index(), vendor.key, vendor.codebook, model, sha, alignment)
@@ -143,7 +143,9 @@ def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> l
     """Verdicts for models that carry none of the codebook's words.
 
     - the base model, and the models the attacker trained alone (``attacker_baseline``:
-      the vendor's architecture and recipe, other initial weights, other data);
+      the vendor's architecture and recipe, other initial weights, other data): trained
+      independently, each examined under the vendor's key and ``trace.null_random_keys``
+      other keys (``null_scores_independent`` counts the code words scored against them);
     - every issued copy examined under ``trace.null_random_keys`` other keys, derived
       from ``base.seed`` so the stage is reproducible (the copy's fingerprint is
       invisible under a key it was not embedded with).
@@ -155,9 +157,11 @@ def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> l
     extractor = make_extractor(paths, settings, vendor)
     nulls: list[tuple[str, SplitNet, bytes | None]] = []  # (name, aligned model, the secret of another key; None: the vendor's)
     nulls.append(("base", extractor.aligned(load_weights(paths.base_model))[0], None))
-    for budget in settings.attacker.budgets:  # trained independently, never fingerprinted
-        model = load_weights(paths.attacker_alone_model(budget))
-        nulls.append((f"attacker-alone-{budget}", extractor.aligned(model)[0], None))
+    for budget in settings.attacker.budgets:  # trained independently, never fingerprinted: under the vendor's key and others
+        aligned = extractor.aligned(load_weights(paths.attacker_alone_model(budget)))[0]
+        nulls.append((f"attacker-alone-{budget}", aligned, None))
+        for j in range(cfg.null_random_keys):
+            nulls.append((f"attacker-alone-{budget}@random-key-{j}", aligned, null_secret(settings.base.seed, f"attacker-alone-{budget}", j)))
     for copy in copies:
         aligned = extractor.aligned(load_weights(copy))[0]
         for j in range(cfg.null_random_keys):
@@ -166,8 +170,10 @@ def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> l
     for name, aligned, other in tqdm(nulls, desc="null models", unit="model"):
         # another key is drawn when it is used (a 1024-bit key over the readout is ~130 MB: never hold them all)
         K = vendor.key_matrix if other is None else draw_key(other, layer, m, vendor.key.n_weights)
-        verdict = create_decoder(cfg.decoder)(extractor.project(aligned, K), vendor.codebook, indices, cfg.epsilon, cfg.scorer)
-        rows.append({"model": name, "accused": len(verdict.accused), "max_score": float(verdict.scores.max()), "threshold": verdict.threshold})
+        verdict = decide_readings(extractor.readings(aligned, K), vendor.codebook, indices, cfg.epsilon, cfg.scorer, cfg.decoder)
+        rows.append({"model": name, "independent": not name.startswith(("base", "customer-")), "accused": len(verdict.accused),
+                     "scores": len(indices) * max(1, len(verdict.readings)), "max_score": float(verdict.scores.max()),
+                     "threshold": verdict.threshold})
     return rows
 
 
@@ -190,6 +196,9 @@ def trace_stage_flow(paths: Paths, settings: Settings) -> dict:
         "copies_correct": correct,
         "null_models": len(nulls),
         "null_accusations": sum(n["accused"] for n in nulls),
+        "null_scores": sum(n["scores"] for n in nulls),  # code words scored against null models (every reading counted)
+        "null_scores_independent": sum(n["scores"] for n in nulls if n["independent"]),  # ... against independently trained models
+        "null_accusations_independent": sum(n["accused"] for n in nulls if n["independent"]),
         "max_null_score_ratio": max(n["max_score"] / n["threshold"] for n in nulls),
         "seconds": round(time.perf_counter() - start, 1),
     }

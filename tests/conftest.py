@@ -45,7 +45,7 @@ SMALL_OVERRIDES = {
     },
     "blackbox": {"patterns": 16, "per_pattern": 4, "checkpoints": [32, 64], "null_secrets": 2, "cost_copies": 1, "distill_trials": 1},
     "issue": {"customers": 2},
-    "trace": {"null_random_keys": 2},
+    "trace": {"null_random_keys": 2, "drift_samples": 6},
     "attacker": {"budget": 100, "budgets": [100, 200], "min_steps": 10},
     "attack": {"targets": 1, "trials": 1, "coalition_sizes": [2], "grid": [{"attack": "fine_tune", "epochs": 1}]},
 }

@@ -52,6 +52,8 @@ def verdict_report(verdict: Verdict, customers: dict[int, str], key: Fingerprint
         "accused": [row(c) for c in verdict.accused],
         "top_innocent_scores": [row(c) for c in verdict.top_others],
         "alignment": alignment or {},
+        "readings": dict(getattr(verdict, "readings", {}) or {}),  # reading -> customers it accused (epsilon split between them)
+        "reading_shown": getattr(verdict, "shown", ""),
         "note": verdict.note,
     }
 
@@ -67,7 +69,9 @@ def trace_markdown(report: dict) -> str:
               f"- key id: `{report['key_id']}` (layer `{report['layer']}`, {report['code_family']} code, {report['code_length']} bits)"),
              f"- scorer: {report['scorer']}; code words scored: {report['customers_scored']} "
              f"(the whole codebook; {report.get('codewords_assigned', '?')} assigned to customers)",
-             f"- epsilon (whole trace): {report['epsilon']:g}; threshold: {report['threshold']:.3f}",
+             f"- epsilon (whole trace): {report['epsilon']:g}; threshold: {report['threshold']:.3f}"
+             + (f" (reading `{report['reading_shown']}`; readings decided with epsilon split {len(report['readings'])} ways: "
+                + ", ".join(f"{k} accused {v}" for k, v in report["readings"].items()) + ")" if report.get("readings") else ""),
              f"- bound: {report['bound']}", ""]
     if report["accused"]:
         lines += ["## Accused", "", "| customer | code word | score | p-value bound | family-wise p |", "|---|---|---|---|---|"]

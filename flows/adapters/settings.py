@@ -206,8 +206,22 @@ class TraceSettings:
     null_random_keys: int = 10     # per issued copy: examined under this many other keys
     align: bool = True             # re-align suspects to the base model before extracting
     probe_size: int = 512          # aux images run through both models to match channels
+    drift_samples: int = 40        # the vendor's simulated updates of its base model the drift-whitened reading is fitted to (0: plain reading only)
+    drift_shrink: float = 0.1      # shrinkage of the drift covariances towards a scaled identity
+    drift_recipes: tuple = ()      # attack configs (the attacks registry) the simulated updates cycle through
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "drift_recipes", tuple(dict(r) for r in self.drift_recipes))
+        checks.integer("trace", "drift_samples", self.drift_samples, 0)
+        checks.number("trace", "drift_shrink", self.drift_shrink, 0.0, 1.0, low_open=True)
+        if self.drift_samples == 1:
+            raise ConfigError("trace.drift_samples", "must be 0 (off) or >= 2: a covariance needs at least two updates")
+        if self.drift_samples and not self.drift_recipes:
+            raise ConfigError("trace.drift_recipes", "must list at least one update (e.g. {attack: fine_tune, epochs: 1}) when drift_samples > 0")
+        for recipe in self.drift_recipes:
+            if "attack" not in recipe:
+                raise ConfigError("trace.drift_recipes", f"every entry needs an 'attack' name, got {recipe}")
+            create_attack(recipe["attack"], **attack_options(recipe))  # a bad option fails here, naming it
         checks.number("trace", "epsilon", self.epsilon, 0.0, 1.0, low_open=True, high_open=True)
         checks.choice("trace", "scorer", self.scorer, available_scorers())
         checks.choice("trace", "decoder", self.decoder, available_decoders())

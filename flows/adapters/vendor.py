@@ -12,6 +12,8 @@ vendor and by no one else.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from dataclasses import dataclass, replace
@@ -19,17 +21,20 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
 
 from flows.adapters.paths import Paths
-from flows.adapters.settings import Settings
+from flows.adapters.settings import Settings, attack_options
+from securemark.attacks import AttackData, create_attack
 from securemark.blackbox import ApiProbe, KeySet, SymbolBook, make_keys
 from securemark.codes import Codebook, create_code
-from securemark.fingerprint import EmbedConfig, Readout, readout_size
+from securemark.fingerprint import EmbedConfig, Readout, effective_weight, readout_size
 from securemark.key import FingerprintKey, create_secret, derive_seed, key_id, load_secret
 from securemark.ledger import Ledger
+from securemark.private_files import write_private
 from securemark.storage import read_partition
-from securemark.tracing import Extractor, codebook_indices
+from securemark.tracing import DriftModel, Extractor, codebook_indices, fit_drift
 from securemark.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -135,28 +140,76 @@ def probe_images(paths: Paths, settings: Settings):
     return read_partition(paths.partition("aux")).as_float()[: settings.trace.probe_size]
 
 
-def make_extractor(paths: Paths, settings: Settings, vendor: Vendor) -> Extractor:
-    """The vendor's extractor: its key, its base model, and its probe images (alignment
-    and the response readout). Built once per process for the same base model file,
-    probe and key (building costs a few eigendecompositions), then reused."""
+def make_extractor(paths: Paths, settings: Settings, vendor: Vendor, drift: bool = True) -> Extractor:
+    """The vendor's extractor: its key, its base model, its probe images (alignment and
+    the response readout) and, with ``trace.drift_samples > 0``, its drift model (the
+    drift-whitened reading; see :func:`drift_model`; ``drift=False``: without it, for
+    callers that only need the readout). Built once per process for the same base model
+    file, probe, key and trace settings, then reused."""
     stat = paths.base_model.stat()
-    embed = settings.fingerprint.embed
-    return _extractor(paths, settings.model, str(paths.base_model), stat.st_mtime_ns, stat.st_size, settings.trace.probe_size,
-                      settings.trace.align, embed.layer, embed.readout, embed.rank, vendor)
+    embed, trace = settings.fingerprint.embed, settings.trace
+    key = (str(paths.base_model), stat.st_mtime_ns, stat.st_size, trace.probe_size, trace.align, embed.layer, embed.readout, embed.rank,
+           vendor.key.key_id, vendor.key.code_length, str(paths.root), drift and trace.drift_samples, trace.drift_shrink, repr(trace.drift_recipes))
+    with _EXTRACTOR_LOCK:
+        if key not in _EXTRACTORS:
+            base = load_weights(paths.base_model)
+            probe = read_partition(paths.partition("aux")).as_float()[: trace.probe_size]
+            extractor = Extractor(settings.model, Readout.build(embed.readout, base, embed.layer, probe, embed.rank), vendor.key_matrix,
+                                  base, probe, trace.align)
+            if drift and trace.drift_samples:
+                extractor = replace(extractor, drift=drift_model(paths, settings, extractor))
+            if len(_EXTRACTORS) >= 2:
+                _EXTRACTORS.clear()  # one base model at a time (with and without its drift model)
+            _EXTRACTORS[key] = extractor
+        return _EXTRACTORS[key]
 
 
 _EXTRACTORS: dict[tuple, Extractor] = {}
+_EXTRACTOR_LOCK = threading.Lock()
 
 
-def _extractor(paths: Paths, spec, base_file: str, mtime: int, size: int, probe_size: int, align: bool, layer: str, readout: str,
-               rank: int, vendor: Vendor) -> Extractor:
-    key = (base_file, mtime, size, probe_size, align, layer, readout, rank, vendor.key.key_id, vendor.key.code_length, str(paths.root))
-    if key not in _EXTRACTORS:
-        base = load_weights(paths.base_model)
-        probe = read_partition(paths.partition("aux")).as_float()[:probe_size]
-        _EXTRACTORS.clear()  # one base model at a time
-        _EXTRACTORS[key] = Extractor(spec, Readout.build(readout, base, layer, probe, rank), vendor.key_matrix, base, probe, align)
-    return _EXTRACTORS[key]
+def drift_model(paths: Paths, settings: Settings, extractor: Extractor) -> DriftModel:
+    """Where the leakers' natural updates move the readout, fitted once per base model and
+    cached in the vendor state (``drift-<digest>.safetensors``; the digest covers the base
+    model's bytes, the readout, the aux partition and the trace's drift settings).
+
+    The vendor updates its own base model ``trace.drift_samples`` times, cycling through
+    ``trace.drift_recipes`` (attacks from the registry), each on a random subset of its
+    ``aux`` images as large as the attacker's budget, reads every updated model the way a
+    suspect is read (aligned to the base, then the readout) and fits
+    :func:`securemark.tracing.fit_drift`. No copy and no code word is involved, so the
+    reading it whitens keeps the distribution-free bound."""
+    trace, embed = settings.trace, settings.fingerprint.embed
+    digest = hashlib.sha256()
+    digest.update(paths.base_model.read_bytes())
+    for part in sorted(paths.partition("aux").rglob("*")):
+        if part.is_file():
+            digest.update(part.name.encode() + part.read_bytes())
+    digest.update(json.dumps([embed.layer, embed.readout, embed.rank, trace.probe_size, trace.align, trace.drift_samples, trace.drift_shrink,
+                              list(trace.drift_recipes), settings.attacker.budget, settings.base.seed], sort_keys=True, default=str).encode())
+    cache = paths.vendor_dir(settings.vendor.state_dir) / f"drift-{digest.hexdigest()[:16]}.safetensors"
+    if cache.is_file():
+        try:
+            return DriftModel.from_tensors(load_file(str(cache)))
+        except Exception as exc:  # a damaged cache: fit it again
+            log.warning("the drift model cache %s is unreadable (%s); fitting it again", cache, exc)
+    aux = read_partition(paths.partition("aux"))
+    images, labels = aux.as_float(), aux.labels
+    size = min(settings.attacker.budget, len(labels))
+    generator = torch.Generator().manual_seed(settings.base.seed)
+    updates = []
+    for i in tqdm(range(trace.drift_samples), desc="drift model: updating the base model", unit="update"):
+        recipe = trace.drift_recipes[i % len(trace.drift_recipes)]
+        pick = torch.randperm(len(labels), generator=generator)[:size]
+        updated = create_attack(recipe["attack"], **attack_options(recipe))([extractor.reference], AttackData(images[pick], labels[pick]), generator)
+        aligned, _ = extractor.aligned(updated)
+        with torch.no_grad():
+            updates.append(extractor.readout.features(aligned).detach().to(torch.float64))
+    rows = int(effective_weight(extractor.reference, embed.layer).shape[0])
+    model = fit_drift(torch.stack(updates), rows, trace.drift_shrink)
+    write_private(cache, lambda handle: handle.write(save(model.tensors())))
+    log.info("drift model fitted to %d updates of the base model; cached in %s", len(updates), cache)
+    return model
 
 
 _SPACES: dict[tuple, tuple] = {}
@@ -194,7 +247,7 @@ def carrier_space(paths: Paths, settings: Settings, vendor: Vendor, base_file: P
             with torch.no_grad():
                 aux_features = torch.cat([base.client(aux.as_float()[i : i + 1000]) for i in range(0, len(aux.labels), 1000)])
             natural = dict(natural_inputs=carrier_inputs(base, embed.layer, aux_features), natural_labels=aux.labels)
-            readout = make_extractor(paths, settings, vendor).readout
+            readout = make_extractor(paths, settings, vendor, drift=False).readout
             space = CarrierSpace.build(base, readout, vendor.key_matrix, inputs, bank["labels"][pick], embed,
                                        derive_seed(vendor.secret, "embed-split"), **keys, **natural)
             test = read_partition(paths.partition("test"))

@@ -17,7 +17,7 @@ from securemark.blackbox import ApiProbe, agreement, label_api
 from securemark.codes import Codebook
 from securemark.fingerprint import bit_error_rate
 from securemark.model import accuracy
-from securemark.tracing import Extractor, create_decoder
+from securemark.tracing import Extractor, decide_readings
 
 __all__ = ["expand_grid", "is_coalition", "draw_coalitions", "evaluate", "api_columns", "traced", "innocents", "worth_it", "tracing_summary", "tradeoff", "compare_audits"]
 
@@ -80,13 +80,15 @@ def evaluate(
     if model.spec != extractor.spec:
         row.update(ber=float("nan"), ber_unaligned=float("nan"), caught=0, innocents_accused=0)
     else:
-        y, _ = extractor(model)
+        aligned, _ = extractor.aligned(model)
+        readings = extractor.readings(aligned)
+        y = readings["plain"]
         raw = extractor.raw(model)
 
         def ber(values: np.ndarray) -> float:
             return float(np.mean([bit_error_rate(torch.as_tensor(values), codebook.word(codewords[c])) for c in colluders]))
 
-        verdict = create_decoder(decoder)(y, codebook, indices, epsilon, scorer)
+        verdict = decide_readings(readings, codebook, indices, epsilon, scorer, decoder)
         accused = {c.codeword_index for c in verdict.accused}
         row.update(ber=ber(y), ber_unaligned=ber(raw), caught=len(accused & guilty), innocents_accused=len(accused - guilty))
     row.update(api_columns(model, colluders, codewords, api, epsilon))

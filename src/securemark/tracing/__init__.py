@@ -3,7 +3,9 @@
 - :mod:`~securemark.tracing.extractor`: soft values ``y`` read out of a suspect after
   re-aligning it to the base model;
 - :mod:`~securemark.tracing.decoders`: scoring every code word against ``y`` and
-  accusing at a whole-trace false-accusation probability (a registry of decoders).
+  accusing at a whole-trace false-accusation probability (a registry of decoders);
+- :mod:`~securemark.tracing.drift`: the drift-whitened reading (where leakers' updates
+  move the readout least), decided beside the plain one with epsilon split.
 """
 
 import numpy as np
@@ -17,8 +19,10 @@ from securemark.tracing.decoders import (
     create_decoder,
     decide,
     decide_peeling,
+    decide_readings,
     register_decoder,
 )
+from securemark.tracing.drift import DriftModel, fit_drift
 from securemark.tracing.extractor import Extractor
 
 
@@ -39,6 +43,9 @@ __all__ = [
     "create_decoder",
     "decide",
     "decide_peeling",
+    "decide_readings",
+    "DriftModel",
+    "fit_drift",
     "register_decoder",
 ]
 

@@ -10,7 +10,7 @@ bound on its p-value.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -44,6 +44,8 @@ class Verdict:
     top_others: list[Candidate] = field(default_factory=list)  # highest non-accused scores
     scores: np.ndarray | None = None  # all ledger customers' scores (same order as indices)
     note: str = ""  # what the trace could not conclude, when something stood in its way
+    readings: dict[str, int] = field(default_factory=dict)  # reading -> customers it accused (empty: one reading)
+    shown: str = ""  # the reading whose threshold and scores this verdict shows
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -167,3 +169,50 @@ def decide_peeling(
     per, fam = p_values(scores[order], create_scorer(scorer).weights(residual), p, len(indices))
     others = [Candidate(int(indices[j]), float(scores[j]), float(a), float(b)) for j, a, b in zip(order, per, fam)]
     return Verdict(f"{scorer}+peeling", epsilon, float(thr), len(indices), accused, others, scores)
+
+
+def decide_readings(
+    readings: dict[str, np.ndarray],
+    codebook: Codebook,
+    indices: np.ndarray,
+    epsilon: float = 1e-6,
+    scorer: str = "correlation",
+    decoder: str = "peeling",
+) -> Verdict:
+    """Decide on several readings of one suspect (e.g. ``plain`` and ``drift``), each with
+    the decoder at ``epsilon / len(readings)``; a customer is accused when any reading
+    accuses it.
+
+    Why the bound holds: each reading depends only on the suspect and the vendor's own data
+    and key, never on an innocent's code word, so each decision accuses an innocent with
+    probability at most its share; the union bound adds the shares up to ``epsilon``.
+    Reported per customer: the best p-value over the readings, and a family p-value scaled
+    by the number of readings. The verdict's threshold and scores are those of the reading
+    whose best score stands highest above its own threshold (``shown`` names it).
+    """
+    if not readings:
+        raise InvalidInput("no reading of the suspect to decide on")
+    share = epsilon / len(readings)
+    verdicts = {name: create_decoder(decoder)(y, codebook, indices, share, scorer) for name, y in readings.items()}
+    if len(verdicts) == 1:
+        (name, verdict), = verdicts.items()
+        return replace(verdict, epsilon=epsilon)
+
+    def strength(v: Verdict) -> float:
+        if v.scores is None or not math.isfinite(v.threshold) or v.threshold <= 0:
+            return -math.inf
+        return float(np.max(v.scores)) / v.threshold
+
+    lead_name, lead = max(verdicts.items(), key=lambda item: strength(item[1]))
+    accused: dict[int, Candidate] = {}
+    for v in verdicts.values():
+        for c in v.accused:
+            scaled = Candidate(c.codeword_index, c.score, c.p_value, min(1.0, c.family_p * len(verdicts)))
+            best = accused.get(c.codeword_index)
+            if best is None or scaled.p_value < best.p_value:
+                accused[c.codeword_index] = scaled
+    ordered = sorted(accused.values(), key=lambda c: c.p_value)
+    others = [c for c in lead.top_others if c.codeword_index not in accused]
+    note = " ".join(dict.fromkeys(v.note for v in verdicts.values() if v.note))
+    return Verdict(lead.scorer, epsilon, lead.threshold, lead.n_customers, ordered, others, lead.scores, note,
+                   {name: len(v.accused) for name, v in verdicts.items()}, lead_name)

@@ -18,6 +18,7 @@ import torch
 from securemark.alignment import Aligner
 from securemark.fingerprint import Readout, extract
 from securemark.model import ModelSpec, SplitNet, fold_batchnorm
+from securemark.tracing.drift import DriftModel
 
 __all__ = ["Extractor"]
 
@@ -34,6 +35,8 @@ class Extractor:
         reference: the vendor's base model (what suspects are aligned to).
         probe: float [N, 1, 28, 28], a fixed batch of the vendor's ``aux`` images.
         align: False reads the weights as they are (batch norms folded, no re-alignment).
+        drift: the vendor's drift model (:mod:`~securemark.tracing.drift`): with it, a
+            suspect is also read drift-whitened (:meth:`readings`).
     """
 
     spec: ModelSpec
@@ -42,6 +45,7 @@ class Extractor:
     reference: SplitNet
     probe: torch.Tensor
     align: bool = True
+    drift: DriftModel | None = None
 
     @property
     def layer(self) -> str:
@@ -75,6 +79,17 @@ class Extractor:
     def project(self, aligned_model: SplitNet, key_matrix: torch.Tensor | None = None) -> np.ndarray:
         """``y`` of an already aligned model under the key (or ``key_matrix``)."""
         return extract(aligned_model, self.readout, self.key_matrix if key_matrix is None else key_matrix).numpy()
+
+    def readings(self, aligned_model: SplitNet, key_matrix: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """Every reading of an aligned model a trace decides on: ``plain`` (``y = K phi``)
+        and, with a drift model, ``drift`` (``y = K whiten(phi)``)."""
+        out = {"plain": self.project(aligned_model, key_matrix)}
+        if self.drift is not None:
+            K = self.key_matrix if key_matrix is None else key_matrix
+            with torch.no_grad():
+                phi = self.readout.features(aligned_model).detach()
+            out["drift"] = (K.to(torch.float64) @ self.drift.whiten(phi)).numpy()
+        return out
 
     def raw(self, state_or_model) -> np.ndarray:
         """``y`` of the weights as they are, not re-aligned (what an extractor without
