@@ -18,14 +18,18 @@ import logging
 import os
 import sys
 
+from typing import TYPE_CHECKING
+
 from flows.adapters.logs import quiet_expected_errors
 from flows.adapters.paths import Paths
-from flows.adapters.settings import Settings
-from flows.entry.stage import EXIT_INVALID
 from securemark.errors import SecureMarkError
+
+if TYPE_CHECKING:  # imported when a command runs: `securemark --help` must not load torch
+    from flows.adapters.settings import Settings
 
 EXIT_NONE_ACCUSED = 0
 EXIT_ACCUSED = 10
+EXIT_INVALID = 2  # the stages' exit code for invalid input (flows.entry.stage.EXIT_INVALID)
 
 
 def _issue(args, paths: Paths, settings: Settings) -> int:
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     paths = Paths.from_env()
     try:
+        from flows.adapters.settings import Settings
+
         code = args.run(args, paths, Settings.load(paths.params))
     except SecureMarkError as exc:
         sys.stderr.write(f"securemark: {exc}\n")

@@ -50,3 +50,15 @@ def test_issue_stage_bogus_code_family(tmp_path):
     params = small_params(fingerprint={"code": {"family": "hamming", "capacity": 10}})
     proc = _run(["-m", "flows.issue"], tmp_path, params)
     _assert_one_line_exit_2(proc, "hamming")
+
+
+def test_the_cli_exits_with_the_stages_code_and_help_loads_no_torch():
+    """The CLI's exit code for invalid input is the stages' one, and ``--help`` answers
+    without importing torch (it must be fast: lazy imports on the CLI path)."""
+    from flows.entry import cli, stage
+
+    assert cli.EXIT_INVALID == stage.EXIT_INVALID == 2
+    proc = subprocess.run([sys.executable, "-c", "import sys, flows.entry.cli as c\n"
+                           "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "False", proc.stdout + proc.stderr
