@@ -4,9 +4,10 @@ A model trained without any fingerprint carries none of the code words, so every
 customer's score against it is an innocent score. This trains ``--models`` such models
 (fresh initial weights, ``--epochs`` on the attacker partition, as a customer who never
 bought a copy would), re-aligns each to the base model as tracing does, extracts ``y``
-with the vendor's key and scores all code words of the vendor's codebook (1,000 by
-default): ``models x capacity`` innocent scores. Each model is also read under
-``--random-keys`` other keys, which multiplies the count.
+with the vendor's key and scores all code words of the vendor's codebook: ``models x
+capacity`` innocent scores per reading (the plain and the drift-whitened reading, each
+against its threshold at ``epsilon / 2``, as a trace decides). Each model is also read
+under ``--random-keys`` other keys, which multiplies the count.
 
 Reports the count, the maximum and the upper quantiles against the distribution-free
 threshold of the trace (and, for comparison, the threshold a Gaussian model of scores
@@ -62,14 +63,17 @@ def main() -> None:
     keys = [vendor.key_matrix] + [projection(random_secret(), vendor.key.layer, codebook.length, vendor.key.n_weights) for _ in range(args.random_keys)]
 
     start = time.perf_counter()
-    scores, thresholds = [], []
+    scores, thresholds, readings = [], [], []
     for i in tqdm(range(args.models), desc="independent models", unit="model"):
         model = train_epochs(build_model(spec, 50_000 + i), attacker.as_float(), attacker.labels, args.epochs, torch.Generator().manual_seed(50_000 + i))
         aligned, _ = extractor.aligned(model)
         for K in keys:
-            w = scorer.weights(extractor.project(aligned, K))
-            scores.append(score_all(codebook, w))
-            thresholds.append(threshold(w, codebook.biases, cfg.epsilon, n))
+            ys = extractor.readings(aligned, K)
+            for name, y in ys.items():
+                w = scorer.weights(y)
+                scores.append(score_all(codebook, w))
+                thresholds.append(threshold(w, codebook.biases, cfg.epsilon / len(ys), n))
+                readings.append(name)
     all_scores = np.concatenate(scores)
     per_model_ratio = [float(s.max() / t) for s, t in zip(scores, thresholds)]
     gaussian = float(norm.isf(cfg.epsilon / n))  # what a Gaussian model of scores would use
@@ -77,6 +81,9 @@ def main() -> None:
         "innocent_scores": int(all_scores.size),
         "models": args.models,
         "keys_per_model": len(keys),
+        "readings": sorted(set(readings)),
+        "max_ratio_to_threshold_by_reading": {r: max(float(s.max() / t) for s, t, q in zip(scores, thresholds, readings) if q == r)
+                                              for r in sorted(set(readings))},
         "customers": n,
         "epsilon": cfg.epsilon,
         "aligned": cfg.align,
