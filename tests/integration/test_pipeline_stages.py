@@ -106,8 +106,13 @@ def test_trace_stage_accuses_each_copy_and_no_null_model(staged):
 
     metrics = trace_stage_flow(staged, SETTINGS)
     assert metrics["copies_traced"] == metrics["copies_correct"] == 2
-    assert metrics["null_models"] == 1 + len(SETTINGS.attacker.budgets) + 2 * SETTINGS.trace.null_random_keys
+    keys = SETTINGS.trace.null_random_keys
+    independent = len(SETTINGS.attacker.budgets) * (1 + keys)  # attacker-alone models, under the vendor's key and others
+    assert metrics["null_models"] == 1 + independent + 2 * keys
     assert metrics["null_accusations"] == 0 and metrics["max_null_score_ratio"] < 1.0
+    readings = 2 if SETTINGS.trace.drift_samples else 1  # plain and drift-whitened
+    assert metrics["null_scores_independent"] == independent * SETTINGS.fingerprint.code.capacity * readings
+    assert metrics["null_accusations_independent"] == 0
 
 
 def test_blackbox_stage_traces_copies_through_their_apis_and_no_null_api(staged):
