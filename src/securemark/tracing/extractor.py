@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from securemark.alignment import Aligner
+from securemark.errors import InvalidInput
 from securemark.fingerprint import Readout, extract
 from securemark.model import ModelSpec, SplitNet, fold_batchnorm
 from securemark.tracing.drift import DriftModel
@@ -83,13 +84,14 @@ class Extractor:
     def readings(self, aligned_model: SplitNet, key_matrix: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """Every reading of an aligned model a trace decides on: ``plain`` (``y = K phi``)
         and, with a drift model, ``drift`` (``y = K whiten(phi)``)."""
-        out = {"plain": self.project(aligned_model, key_matrix)}
-        if self.drift is not None:
-            K = self.key_matrix if key_matrix is None else key_matrix
-            with torch.no_grad():
-                phi = self.readout.features(aligned_model).detach()
-            out["drift"] = (K.to(torch.float64) @ self.drift.whiten(phi)).numpy()
-        return out
+        if self.drift is None:
+            return {"plain": self.project(aligned_model, key_matrix)}
+        K = (self.key_matrix if key_matrix is None else key_matrix).to(torch.float64)  # converted once for both readings
+        with torch.no_grad():
+            phi = self.readout.features(aligned_model).detach().to(torch.float64)
+        if phi.numel() != K.shape[1]:
+            raise InvalidInput(f"layer {self.readout.layer!r} gives {phi.numel()} values, key expects {K.shape[1]}")
+        return {"plain": (K @ phi).numpy(), "drift": (K @ self.drift.whiten(phi)).numpy()}
 
     def raw(self, state_or_model) -> np.ndarray:
         """``y`` of the weights as they are, not re-aligned (what an extractor without
