@@ -216,13 +216,18 @@ def readout_size(spec: ModelSpec, layer: str, kind: str, rank: int) -> int:
     return int(weight.shape[0] * rank) if kind == "response" else int(weight.numel())
 
 
-def extract(model: SplitNet, readout: Readout, key_matrix: torch.Tensor) -> torch.Tensor:
-    """Soft values ``y = K phi(model)`` (float64 [code_length])."""
+def extract(model: SplitNet, readout: Readout, key_matrix: torch.Tensor, whiten=None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Soft values ``y = K phi(model)`` (float64 [code_length]). With ``whiten`` (a map of
+    the flat readout, e.g. a drift model's), both readings from one readout pass and one
+    float64 copy of the key: ``{"plain": K phi, "drift": K whiten(phi)}``."""
     with torch.no_grad():
         phi = readout.features(model).detach().to(torch.float64)
     if phi.numel() != key_matrix.shape[1]:
         raise InvalidInput(f"layer {readout.layer!r} gives {phi.numel()} values, key expects {key_matrix.shape[1]}")
-    return key_matrix.to(torch.float64) @ phi
+    K = key_matrix.to(torch.float64)
+    if whiten is None:
+        return K @ phi
+    return {"plain": K @ phi, "drift": K @ whiten(phi)}
 
 
 def signs(bits: np.ndarray) -> torch.Tensor:

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from securemark.alignment import Aligner
-from securemark.errors import InvalidInput
 from securemark.fingerprint import Readout, extract
 from securemark.model import ModelSpec, SplitNet, fold_batchnorm
 from securemark.tracing.drift import DriftModel
@@ -86,12 +85,8 @@ class Extractor:
         and, with a drift model, ``drift`` (``y = K whiten(phi)``)."""
         if self.drift is None:
             return {"plain": self.project(aligned_model, key_matrix)}
-        K = (self.key_matrix if key_matrix is None else key_matrix).to(torch.float64)  # converted once for both readings
-        with torch.no_grad():
-            phi = self.readout.features(aligned_model).detach().to(torch.float64)
-        if phi.numel() != K.shape[1]:
-            raise InvalidInput(f"layer {self.readout.layer!r} gives {phi.numel()} values, key expects {K.shape[1]}")
-        return {"plain": (K @ phi).numpy(), "drift": (K @ self.drift.whiten(phi)).numpy()}
+        ys = extract(aligned_model, self.readout, self.key_matrix if key_matrix is None else key_matrix, self.drift.whiten)
+        return {name: y.numpy() for name, y in ys.items()}
 
     def raw(self, state_or_model) -> np.ndarray:
         """``y`` of the weights as they are, not re-aligned (what an extractor without
