@@ -33,9 +33,11 @@ data: $(DATA_STAMP)
 $(DATA_STAMP): | $(STAMP)
 	bash scripts/ensure_dataset.sh $(BIN)/python
 
-# One Prefect server for the whole run (flows/entry/pipeline.py), then dvc repro.
+# One Prefect server for the whole run (flows/entry/pipeline.py), then dvc repro, in the
+# profile PROFILE (default | full; README "Profiles").
+PROFILE ?= default
 run: setup
-	$(BIN)/python -m flows.entry.pipeline
+	$(BIN)/python -m flows.entry.pipeline --profile $(PROFILE)
 
 test: setup
 	$(BIN)/python -m pytest tests

@@ -33,11 +33,12 @@ from securemark.errors import InvalidConfig
 AUDIT_EXPERIMENT = "securemark-audit"
 
 
-def project() -> tuple[Paths, Settings]:
+def project(profile: str | None = None) -> tuple[Paths, Settings]:
     """The project these deployments serve (``SECUREMARK_ROOT`` or the working
-    directory) and its settings, built once per run."""
+    directory) and its settings, built once per run (``profile``: that profile's, else
+    the one params.yaml selects)."""
     paths = Paths.from_env()
-    return paths, Settings.load(paths.params)
+    return paths, Settings.load(paths.params, profile)
 
 
 @flow(name="issue-fingerprint")
@@ -73,11 +74,12 @@ def previous_audit(client: MlflowClient | None = None) -> dict | None:
 
 
 @flow(name="robustness-audit")
-def robustness_audit() -> dict:
-    """Re-run the attack grid against the registry's customer copies and compare with
-    the last audit; logs the audit to MLflow (experiment ``securemark-audit``)."""
+def robustness_audit(profile: str = "full") -> dict:
+    """Re-run the attack grid of ``profile`` (the whole grid by default: README
+    "Profiles") against the registry's customer copies and compare with the last audit;
+    logs the audit to MLflow (experiment ``securemark-audit``)."""
     logger = get_run_logger()
-    paths, settings = project()
+    paths, settings = project(profile)
     tracking.configure(paths)
     previous = previous_audit()
     result = run_attacks(paths, settings, source="registry")

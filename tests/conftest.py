@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A tiny profile of every stage (seconds per stage on 2 cores): the committed
 # params.yaml with these keys overridden, so the tests follow the real schema.
 SMALL_OVERRIDES = {
-    "base": {"seed": 7, "profile": "test"},
+    "base": {"seed": 7, "profile": "default"},  # the sections below replace the default profile's values
     "prepare": {"owners": 2, "owner_size": 300, "aux_size": 200, "attacker_size": 200, "test_size": 500},
     "model": {"widths": [8, 16], "hidden": [32], "cut": 1},
     "train": {"epochs": 2, "batch_size": 64, "lr": 0.004, "local_steps": 3, "transport": "inprocess"},
@@ -48,6 +48,9 @@ SMALL_OVERRIDES = {
     "trace": {"null_random_keys": 2, "drift_samples": 6},
     "attacker": {"budget": 100, "budgets": [100, 200], "min_steps": 10},
     "attack": {"targets": 1, "trials": 1, "coalition_sizes": [2], "grid": [{"attack": "fine_tune", "epochs": 1}]},
+    # the `full` profile, tiny too (what the robustness-audit deployment runs)
+    "profiles": {"full": {"trace": {"null_random_keys": 2}, "blackbox": {"null_secrets": 2, "cost_copies": 1, "distill_trials": 1},
+                          "attack": {"targets": 1, "trials": 1, "coalition_sizes": [2], "grid": [{"attack": "quantize", "bits": 8}]}}},
 }
 
 

@@ -33,7 +33,9 @@ from securemark.split.protocol import TrainConfig
 from securemark.split.transport import transport_names
 from securemark.tracing import available_decoders
 
-__all__ = ["Settings", "load_params", "build"]
+__all__ = ["Settings", "load_params", "build", "apply_profile", "DEFAULT_PROFILE"]
+
+DEFAULT_PROFILE = "default"  # the sections as written; any other profile overlays ``profiles.<name>``
 
 
 def load_params(path: Path) -> dict[str, Any]:
@@ -44,6 +46,36 @@ def load_params(path: Path) -> dict[str, Any]:
     params = yaml.safe_load(path.read_text()) or {}
     if not isinstance(params, dict):
         raise ConfigError(str(path), "top level must be a mapping of sections")
+    return params
+
+
+def _overlay(base: Any, over: Any) -> Any:
+    """``over`` laid onto ``base``: mappings merge key by key, anything else (lists included) replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _overlay(base.get(k), v) for k, v in over.items()}}
+    return over
+
+
+def apply_profile(params: dict[str, Any], profile: str | None = None) -> dict[str, Any]:
+    """The params of one profile (README "Profiles"): the sections as written are the
+    ``default`` profile; ``profiles.<name>`` overlays sections onto them (mappings merge,
+    lists and values replace). ``profile`` None: the one ``base.profile`` names. The
+    result has ``base.profile`` set to the profile applied and no ``profiles`` section."""
+    params = dict(params)
+    profiles = params.pop("profiles", None) or {}
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise ConfigError("profiles", "must map each profile name to a mapping of sections to overlay")
+    if DEFAULT_PROFILE in profiles:
+        raise ConfigError(f"profiles.{DEFAULT_PROFILE}", "the default profile is the sections as written; it takes no overlay")
+    name = (params.get("base") or {}).get("profile", DEFAULT_PROFILE) if profile is None else profile
+    if name != DEFAULT_PROFILE and name not in profiles:
+        raise ConfigError("base.profile", f"unknown profile {name!r}; valid profiles: {[DEFAULT_PROFILE, *sorted(profiles)]}")
+    overlay = profiles.get(name, {})
+    unknown = sorted(set(overlay) - set(params))
+    if unknown:
+        raise ConfigError(f"profiles.{name}.{unknown[0]}", f"overlays a section params.yaml does not have; sections: {sorted(params)}")
+    params = {section: _overlay(params[section], overlay[section]) if section in overlay else params[section] for section in params}
+    params["base"] = {**(params.get("base") or {}), "profile": name}
     return params
 
 
@@ -340,11 +372,13 @@ class Settings:
     ops: OpsSettings
 
     @classmethod
-    def load(cls, path: Path) -> "Settings":
-        return cls.from_params(load_params(path))
+    def load(cls, path: Path, profile: str | None = None) -> "Settings":
+        """The settings of ``path`` under ``profile`` (None: the one ``base.profile`` names)."""
+        return cls.from_params(load_params(path), profile)
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "Settings":
+    def from_params(cls, params: dict[str, Any], profile: str | None = None) -> "Settings":
+        params = apply_profile(params, profile)
         unknown = sorted(set(params) - {f.name for f in fields(cls)})
         if unknown:
             raise ConfigError(unknown[0], f"unknown section; valid sections: {[f.name for f in fields(cls)]}")

@@ -207,8 +207,9 @@ def test_robustness_audit_runs_against_the_registry_and_compares(prepared_projec
     from flows.attacker_baseline import attacker_baseline_flow
     from flows.ops import robustness_audit
 
-    params = small_params(attack={"targets": 1, "trials": 1, "coalition_sizes": [2],
-                                  "grid": [{"attack": "quantize", "bits": 8}, {"attack": "permute"}]})
+    # the audit runs the `full` profile's grid, not the default one
+    params = small_params(attack={"grid": [{"attack": "prune", "rate": 0.3}]},
+                          profiles={"full": {"attack": {"grid": [{"attack": "quantize", "bits": 8}, {"attack": "permute"}]}}})
     with operated_project(prepared_project, tmp_path / "project", Settings.from_params(params)) as (paths, mp):
         (paths.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # this project's own params
         mp.setenv("SECUREMARK_ROOT", str(paths.root))
@@ -216,6 +217,7 @@ def test_robustness_audit_runs_against_the_registry_and_compares(prepared_projec
         first = robustness_audit()
         second = robustness_audit()
     assert {r["status"] for r in first["comparison"]} == {"new"}
+    assert {t["attack"] for t in first["summary"]["tradeoff"]} == {"quantize", "permute"}
     assert first["summary"]["innocents_accused_total"] == 0
     assert all(t["traced_fraction_overall"] == 1.0 for t in first["summary"]["tradeoff"])
     assert {r["status"] for r in second["comparison"]} == {"same"}

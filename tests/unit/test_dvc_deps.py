@@ -4,6 +4,7 @@ command imports (transitively, lazy imports included) is covered by the stage's 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,58 @@ def test_a_stages_deps_cover_the_code_it_runs(name):
 def test_the_check_sees_lazy_imports():
     assert module_file("securemark.embedding") in closure("flows.issue")
     assert module_file("securemark.blackbox") in closure("flows.issue")  # imported inside a function of the adapters
+
+
+# ----------------------------------------------------------------------------- params
+SETTINGS_READ = re.compile(r"\bsettings\.([a-z_]+)\b")
+SECTIONS = set(yaml.safe_load((REPO / "params.yaml").read_text())) - {"profiles"}
+
+
+def sections_read(module: str) -> set[str]:
+    """params.yaml sections the code a stage runs reads (``settings.<section>`` anywhere in
+    its closure; the settings parser's cross-section checks excepted, as for the deps)."""
+    found = set()
+    for path in closure(module):
+        if path.relative_to(REPO).as_posix() in NOT_FOLLOWED:
+            continue
+        found.update(m for m in SETTINGS_READ.findall(path.read_text()) if m in SECTIONS)
+    return found
+
+
+def params_of(stage: dict) -> list[str]:
+    return [p for entry in stage.get("params", []) for p in ([entry] if isinstance(entry, str) else list(entry))]
+
+
+def covers(params: list[str], key: str) -> bool:
+    """``key`` (``section`` or ``section.sub``) is tracked: listed itself, or a parent or child of it."""
+    return any(p == key or key.startswith(p + ".") or p.startswith(key + ".") for p in params)
+
+
+# Sections a stage's closure mentions in code the stage does not run (the scan is by file).
+NOT_READ_BY = {
+    "issue": {"attacker"},             # attacker.budget sizes the drift model (flows/adapters/vendor.py), fitted by trace, not issue
+    "train_undefended": {"defence"},   # the undefended variant trains with DefenceConfig() (flows/adapters/jobs.py)
+}
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_a_stages_params_cover_the_sections_it_reads(name):
+    stage = stages()[name]
+    module = stage["cmd"].split("python -m ", 1)[1].split()[0]
+    params = params_of(stage)
+    read = sections_read(module) - {"base", "ops"} - NOT_READ_BY.get(name, set())
+    missing = sorted(s for s in read if not covers(params, s))
+    assert not missing, f"stage {name} reads params sections its dvc.yaml params do not list: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_a_stage_reading_a_section_a_profile_overlays_tracks_that_overlay(name):
+    """A profile that changes a section a stage reads must re-run the stage when it (or the
+    profile chosen) changes: the stage lists ``base.profile`` and ``profiles.<name>.<section>``."""
+    profiles = yaml.safe_load((REPO / "params.yaml").read_text()).get("profiles") or {}
+    params = params_of(stages()[name])
+    needed = sorted({f"profiles.{p}.{section}" for p, overlay in profiles.items() for section, values in overlay.items()
+                     for key in (values if isinstance(values, dict) else [None])
+                     if covers(params, section if key is None else f"{section}.{key}")})
+    missing = [k for k in needed if not covers(params, k)] + (["base.profile"] if needed and not covers(params, "base.profile") else [])
+    assert not missing, f"stage {name} reads sections a profile overlays but does not track: {missing}"

@@ -19,7 +19,7 @@ from tests.conftest import REPO, SMALL_PARAMS
 def test_committed_params_build_every_section():
     params = load_params(REPO / "params.yaml")
     settings = Settings.from_params(params)
-    assert {f.name for f in fields(Settings)} == set(params)  # no section unused, none missing
+    assert {f.name for f in fields(Settings)} == set(params) - {"profiles"}  # no section unused, none missing
     assert isinstance(settings.model, ModelSpec) and isinstance(settings.train.config, TrainConfig)
     assert settings.train.config.seed == settings.base.seed == params["base"]["seed"]
     assert settings.privacy_audit.seed == params["base"]["seed"]
@@ -31,7 +31,58 @@ def test_committed_params_build_every_section():
 
 def test_the_test_profile_builds_from_the_same_schema():
     settings = Settings.from_params(SMALL_PARAMS)
-    assert settings.prepare.owners == 2 and settings.base.profile == "test"
+    assert settings.prepare.owners == 2 and settings.base.profile == "default"
+
+
+def test_the_full_profile_overlays_only_evaluation_sizes():
+    params = load_params(REPO / "params.yaml")
+    default, full = Settings.from_params(params, "default"), Settings.from_params(params, "full")
+    assert default == Settings.from_params(params) and default.base.profile == "default" and full.base.profile == "full"
+    assert len(full.attack.configs()) > len(default.attack.configs()) and full.attack.trials >= 5
+    assert full.trace.null_random_keys > default.trace.null_random_keys and full.blackbox.null_secrets > default.blackbox.null_secrets
+    for same in ("data", "prepare", "model", "train", "defence", "vendor", "fingerprint", "issue", "attacker"):
+        assert getattr(full, same) == getattr(default, same), same  # the data, the models and the copies are shared
+    assert full.trace.drift_recipes == default.trace.drift_recipes and full.blackbox.patterns == default.blackbox.patterns
+
+
+def test_profiles_merge_mappings_and_replace_lists():
+    params = copy.deepcopy(SMALL_PARAMS)
+    params["profiles"] = {"wide": {"attack": {"coalition_sizes": [2, 3]}, "trace": {"null_random_keys": 5}}}
+    wide = Settings.from_params(params, "wide")
+    assert wide.attack.coalition_sizes == (2, 3) and wide.trace.null_random_keys == 5
+    assert wide.attack.grid == Settings.from_params(params).attack.grid  # keys the overlay does not name stay
+    params["base"]["profile"] = "wide"
+    assert Settings.from_params(params).trace.null_random_keys == 5  # base.profile selects it
+
+
+@pytest.mark.parametrize("profiles, profile, fragment", [
+    ({}, "nightly", "unknown profile 'nightly'"),
+    ({"x": {"nosuch": {"a": 1}}}, "x", "profiles.x.nosuch"),
+    ({"x": {"trace": {"nosuch": 1}}}, "x", "trace.nosuch"),
+    ({"default": {"trace": {"null_random_keys": 1}}}, "default", "profiles.default"),
+    ({"x": 3}, "x", "profiles"),
+])
+def test_bad_profiles_are_refused_naming_the_key(profiles, profile, fragment):
+    params = copy.deepcopy(SMALL_PARAMS)
+    params["profiles"] = profiles
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        Settings.from_params(params, profile)
+
+
+def test_the_pipeline_sets_the_profile_keeping_the_rest_of_params_yaml(tmp_path):
+    from flows.entry.pipeline import set_profile
+
+    path = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text()
+    path.write_text(text)
+    assert set_profile(path, "full") is True
+    changed = path.read_text()
+    assert Settings.load(path).base.profile == "full"
+    assert [a for a, b in zip(text.splitlines(), changed.splitlines()) if a != b] == [next(l for l in text.splitlines() if "  profile:" in l)]
+    assert set_profile(path, "full") is False and set_profile(path, "default") is True and path.read_text() == text
+    with pytest.raises(ConfigError, match="unknown profile"):
+        set_profile(path, "nightly")
+    assert path.read_text() == text  # refused before anything is written
 
 
 def _with(section: str, key: str, value) -> dict:
