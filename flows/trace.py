@@ -38,7 +38,7 @@ from securemark.blackbox import sequential_trace
 from securemark.key import derive_seed, draw_key, null_secret
 from securemark.model import SplitNet
 from securemark.suspect import examine, expected_shapes
-from securemark.tracing import codebook_indices, decide_readings, degeneracy, no_verdict, suspect_outputs_finite
+from securemark.tracing import OFF_DATA_NOTE, codebook_indices, decide_readings, degeneracy, no_verdict, suspect_outputs_finite
 from securemark.weights import load_weights
 
 TRACE_EXPERIMENT = "securemark-trace"
@@ -65,14 +65,21 @@ def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceSettin
     extractor = make_extractor(paths, settings, vendor)
     suspect = extractor.model(state)
     note = degeneracy(suspect, extractor.probe, vendor.key.layer)
+    off_data, obfuscated = float("nan"), False
     if not suspect_outputs_finite(suspect, extractor.probe):
         verdict, alignment = no_verdict(cfg, indices, note), {}
     else:
         aligned, alignment = extractor.aligned(suspect)
         verdict = decide_readings(extractor.readings(aligned), vendor.codebook, indices, cfg.epsilon, cfg.scorer, cfg.decoder)
+        off_data, obfuscated = extractor.off_data_ratio(aligned), extractor.obfuscated(aligned)
+        if obfuscated:
+            note = " ".join(filter(None, (note, OFF_DATA_NOTE.format(layer=vendor.key.layer, ratio=off_data, limit=cfg.off_data_limit,
+                                                                moved=extractor.readout_change(aligned)))))
         if note:
             verdict = dataclasses.replace(verdict, note=" ".join(filter(None, (note, verdict.note))))
     report = reports.verdict_report(verdict, vendor.customers_by_index(), vendor.key, vendor.codebook, model, sha, alignment)
+    report["off_data_ratio"] = off_data  # README "Known break": an update of the base above trace.off_data_limit was obfuscated
+    report["inconclusive"] = bool(not verdict.accused and obfuscated)
     return log_trace(paths, report, verdict, indices, cfg, vendor, tags={"model": model[:250], "model_sha256": sha, "channel": "weights"})
 
 
@@ -173,7 +180,8 @@ def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> l
         verdict = decide_readings(extractor.readings(aligned, K), vendor.codebook, indices, cfg.epsilon, cfg.scorer, cfg.decoder)
         rows.append({"model": name, "independent": not name.startswith(("base", "customer-")), "accused": len(verdict.accused),
                      "scores": len(indices) * max(1, len(verdict.readings)), "max_score": float(verdict.scores.max()),
-                     "threshold": verdict.threshold})
+                     "threshold": verdict.threshold, "off_data_ratio": extractor.off_data_ratio(aligned),
+                     "obfuscated": extractor.obfuscated(aligned)})
     return rows
 
 
@@ -189,8 +197,10 @@ def trace_stage_flow(paths: Paths, settings: Settings) -> dict:
         accused = [a["customer_id"] for a in report["accused"]]
         ok = accused == [copy.parent.name] and copy.parent.name in issued
         correct += ok
-        rows.append({"customer_id": copy.parent.name, "accused": accused, "correct": ok})
+        rows.append({"customer_id": copy.parent.name, "accused": accused, "correct": ok, "off_data_ratio": report["off_data_ratio"],
+                     "obfuscated": "obfuscated" in report["note"]})
     nulls = null_model_scores(paths, settings, copies)
+    unkeyed = [n for n in nulls if "@" not in n["model"]]  # each model once: the base and the independently trained ones
     metrics = {
         "copies_traced": len(copies),
         "copies_correct": correct,
@@ -200,6 +210,10 @@ def trace_stage_flow(paths: Paths, settings: Settings) -> dict:
         "null_scores_independent": sum(n["scores"] for n in nulls if n["independent"]),  # ... against independently trained models
         "null_accusations_independent": sum(n["accused"] for n in nulls if n["independent"]),
         "max_null_score_ratio": max(n["max_score"] / n["threshold"] for n in nulls),
+        # obfuscation check (tracing/tamper.py): nothing natural may be flagged
+        "off_data_ratio_copies_max": max((r["off_data_ratio"] for r in rows), default=float("nan")),
+        "off_data_ratio_null_max": max((n["off_data_ratio"] for n in unkeyed), default=float("nan")),
+        "flagged_obfuscated": sum(r["obfuscated"] for r in rows + unkeyed),
         "seconds": round(time.perf_counter() - start, 1),
     }
     with tracking.run("trace-stage", TRACE_EXPERIMENT, paths, tags={"stage": "trace"}):

@@ -76,8 +76,12 @@ def trace_markdown(report: dict) -> str:
     if report["accused"]:
         lines += ["## Accused", "", "| customer | code word | score | p-value bound | family-wise p |", "|---|---|---|---|---|"]
         lines += [f"| {_who(a)} | {a['codeword_index']} | {a['score']:.3f} | {a['p_value']:.3g} | {a['family_p']:.3g} |" for a in report["accused"]]
+    elif report.get("inconclusive"):
+        lines += ["## Verdict: inconclusive (no one accused, but the model was obfuscated where data does not look)"]
     else:
         lines += ["## Verdict: no one accused"]
+    if report.get("off_data_ratio") == report.get("off_data_ratio") and report.get("off_data_ratio") is not None:  # not NaN
+        lines += ["", f"- off-data weight energy: {report['off_data_ratio']:.2f} x the base model's (natural updates stay near 1)"]
     if report.get("note"):
         lines += ["", f"Note: {report['note']}"]
     lines += ["", "## Highest scores below the threshold", "", "| customer | score |", "|---|---|"]

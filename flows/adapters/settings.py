@@ -241,6 +241,8 @@ class TraceSettings:
     drift_samples: int = 40        # the vendor's simulated updates of its base model the drift-whitened reading is fitted to (0: plain reading only)
     drift_shrink: float = 0.1      # shrinkage of the drift covariances towards a scaled identity
     drift_recipes: tuple = ()      # attack configs (the attacks registry) the simulated updates cycle through
+    off_data_limit: float = 1.6    # report a suspect obfuscated above this multiple of the base's off-data weight energy (0: off) ...
+    derived_limit: float = 0.75    # ... when its readout moved at most this much from the base's (relative): an update of the base
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "drift_recipes", tuple(dict(r) for r in self.drift_recipes))
@@ -259,6 +261,10 @@ class TraceSettings:
         checks.choice("trace", "decoder", self.decoder, available_decoders())
         checks.integer("trace", "null_random_keys", self.null_random_keys, 0)
         checks.integer("trace", "probe_size", self.probe_size, 1)
+        checks.number("trace", "off_data_limit", self.off_data_limit, 0.0)
+        checks.number("trace", "derived_limit", self.derived_limit, 0.0, low_open=True)
+        if 0 < self.off_data_limit <= 1:
+            raise ConfigError("trace.off_data_limit", f"must be 0 (off) or above 1 (the base model itself is at 1), got {self.off_data_limit}")
 
     def with_overrides(self, epsilon: float | None = None, scorer: str | None = None) -> "TraceSettings":
         """These settings with a caller's epsilon / scorer (the CLI's flags), validated."""

@@ -149,13 +149,15 @@ def make_extractor(paths: Paths, settings: Settings, vendor: Vendor, drift: bool
     stat = paths.base_model.stat()
     embed, trace = settings.fingerprint.embed, settings.trace
     key = (str(paths.base_model), stat.st_mtime_ns, stat.st_size, trace.probe_size, trace.align, embed.layer, embed.readout, embed.rank,
-           vendor.key.key_id, vendor.key.code_length, str(paths.root), drift and trace.drift_samples, trace.drift_shrink, repr(trace.drift_recipes))
+           vendor.key.key_id, vendor.key.code_length, str(paths.root), drift and trace.drift_samples, trace.drift_shrink, repr(trace.drift_recipes),
+           trace.off_data_limit, trace.derived_limit)
     with _EXTRACTOR_LOCK:
         if key not in _EXTRACTORS:
             base = load_weights(paths.base_model)
             probe = read_partition(paths.partition("aux")).as_float()[: trace.probe_size]
             extractor = Extractor(settings.model, Readout.build(embed.readout, base, embed.layer, probe, embed.rank), vendor.key_matrix,
-                                  base, probe, trace.align)
+                                  base, probe, trace.align, off_data_limit=trace.off_data_limit,
+                                  derived_limit=trace.derived_limit)
             if drift and trace.drift_samples:
                 extractor = replace(extractor, drift=drift_model(paths, settings, extractor))
             if len(_EXTRACTORS) >= 2:

@@ -5,7 +5,8 @@
     securemark trace --endpoint URL [--budget N] [--protocol auto|mlflow|json] [--json] [--epsilon E]
     securemark registry list [--json]
 
-Exit codes: 0 success (``trace``: no one accused), 10 someone accused, 2 invalid input
+Exit codes: 0 success (``trace``: no one accused), 10 someone accused, 11 no one accused but
+the model was obfuscated where data does not look (inconclusive), 2 invalid input
 or configuration (unreadable, non-model or malformed file, unknown registry model, bad
 params or flags: one line on stderr, no traceback).
 """
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # imported when a command runs: `securemark --help` must not 
 
 EXIT_NONE_ACCUSED = 0
 EXIT_ACCUSED = 10
+EXIT_INCONCLUSIVE = 11  # no one accused, but the model was obfuscated where data does not look (tracing/tamper.py)
 EXIT_INVALID = 2  # the stages' exit code for invalid input (flows.entry.stage.EXIT_INVALID)
 
 
@@ -59,7 +61,9 @@ def _trace(args, paths: Paths, settings: Settings) -> int:
     else:
         report = (trace_flow if in_flow else trace_model)(paths, settings, args.model, trace)
     print(json.dumps(report, indent=2) if args.json else trace_markdown(report))
-    return EXIT_ACCUSED if report["accused"] else EXIT_NONE_ACCUSED
+    if report["accused"]:
+        return EXIT_ACCUSED
+    return EXIT_INCONCLUSIVE if report.get("inconclusive") else EXIT_NONE_ACCUSED
 
 
 def _registry_list(args, paths: Paths, settings: Settings) -> int:
@@ -91,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     issue = sub.add_parser("issue", help="issue fingerprinted copies (weights only) to customers")
     issue.add_argument("--customer", action="append", required=True, help="customer id (repeat for a batch)")
     issue.set_defaults(run=_issue)
-    trace = sub.add_parser("trace", help="trace a suspicious model; exit 0 none accused, 10 accused, 2 invalid input")
+    trace = sub.add_parser("trace", help="trace a suspicious model; exit 0 none accused, 10 accused, 11 inconclusive (obfuscated), 2 invalid input")
     suspect = trace.add_mutually_exclusive_group(required=True)
     suspect.add_argument("--model", help="safetensors / tensor-only state dict path, or models:/NAME@ALIAS (white-box)")
     suspect.add_argument("--endpoint", help="URL of a prediction API serving the suspect (black-box: queries the secret key images)")

@@ -1,7 +1,7 @@
 """Entry for DVC stages and scripts: settings built once, errors a person can act on.
 
 Exit codes of every entry point: 0 success, 2 invalid input or configuration (one line
-on stderr, no traceback), 10 someone accused (``securemark trace``), 1 anything else.
+on stderr, no traceback), 10 someone accused and 11 inconclusive (``securemark trace``), 1 anything else.
 """
 
 from __future__ import annotations

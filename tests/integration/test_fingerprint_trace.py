@@ -229,7 +229,7 @@ class Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _cli(issued: Issued, model: str, served: bool = True) -> subprocess.CompletedProcess:
+def _cli(issued: Issued, model: str, served: bool = True, *flags: str) -> subprocess.CompletedProcess:
     """``securemark trace --json``: as a Prefect flow on the harness server (``served``),
     or locally, with no Prefect server at all."""
     root = issued.paths.root
@@ -239,7 +239,7 @@ def _cli(issued: Issued, model: str, served: bool = True) -> subprocess.Complete
         env.pop(var, None)
     if served and issued.prefect_api_url:  # reuse the harness server instead of starting another
         env["PREFECT_API_URL"] = issued.prefect_api_url
-    return subprocess.run([sys.executable, "-m", "flows.entry.cli", "trace", "--model", model, "--json"],
+    return subprocess.run([sys.executable, "-m", "flows.entry.cli", "trace", "--model", model, "--json", *flags],
                           cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -306,3 +306,40 @@ def test_degenerate_weights_are_a_verdict_not_a_crash(issued, tmp_path, name, ch
     if proc.returncode == 10:
         assert _accused(report) == ["alice"]
     assert says in report["note"]
+
+
+# --------------------------------------------------------------------------- obfuscated models
+
+
+def _obfuscated(issued: Issued, tmp_path: Path, scale: float) -> Path:
+    """Alice's copy with noise of ``scale`` x the carrying layer's norm in the directions the
+    attacker's data barely excites (the attack aimed at the drift-whitened reading)."""
+    from securemark.attacks import create_attack
+    from securemark.attacks.base import AttackData
+    from securemark.storage import read_partition
+    from securemark.weights import load_weights, save_weights
+
+    own = read_partition(issued.paths.partition("attacker"))
+    noise = create_attack("obfuscate", layers=["server.dense1"], directions=64, scale=scale, samples=len(own.labels))
+    model = noise([load_weights(issued.delivered("alice"))], AttackData(own.as_float(), own.labels), torch.Generator().manual_seed(0))
+    return save_weights(model, tmp_path / f"obfuscated-{scale:g}.safetensors")
+
+
+def test_an_obfuscated_copy_is_flagged_and_inconclusive_when_no_one_is_named(issued, tmp_path):
+    limit = SMALL.trace.off_data_limit
+    path = str(_obfuscated(issued, tmp_path, 3.0))
+    traced = _cli(issued, path, False)
+    assert traced.returncode in (10, 11), traced.stdout[-2000:] + traced.stderr[-3000:]
+    report = json.loads(traced.stdout)
+    assert report["off_data_ratio"] > limit and "obfuscated" in report["note"]
+    assert _accused(report) in ([], ["alice"]) and report["inconclusive"] is (traced.returncode == 11)
+    # the same model where the bound asks for more evidence than any mark gives: no one can be named,
+    # and the verdict says the absence of a name means nothing here
+    strict = _cli(issued, path, False, "--epsilon", "1e-300")
+    assert strict.returncode == 11, strict.stdout[-2000:] + strict.stderr[-3000:]
+    report = json.loads(strict.stdout)
+    assert report["accused"] == [] and report["inconclusive"] is True
+    base = _cli(issued, str(issued.paths.base_model), False, "--epsilon", "1e-300")
+    assert base.returncode == 0, base.stdout[-2000:] + base.stderr[-3000:]  # an untouched model: plainly no one
+    report = json.loads(base.stdout)
+    assert report["off_data_ratio"] == pytest.approx(1.0, abs=1e-3) and report["inconclusive"] is False

@@ -5,7 +5,9 @@
 - :mod:`~securemark.tracing.decoders`: scoring every code word against ``y`` and
   accusing at a whole-trace false-accusation probability (a registry of decoders);
 - :mod:`~securemark.tracing.drift`: the drift-whitened reading (where leakers' updates
-  move the readout least), decided beside the plain one with epsilon split.
+  move the readout least), decided beside the plain one with epsilon split;
+- :mod:`~securemark.tracing.tamper`: obfuscation where data does not look, detected (a
+  trace that accuses no one is then inconclusive).
 """
 
 import numpy as np
@@ -24,6 +26,7 @@ from securemark.tracing.decoders import (
 )
 from securemark.tracing.drift import DriftModel, fit_drift
 from securemark.tracing.extractor import Extractor
+from securemark.tracing.tamper import OFF_DATA_NOTE, off_data_basis, off_data_energy
 
 
 def codebook_indices(codebook: Codebook) -> np.ndarray:
@@ -35,6 +38,9 @@ def codebook_indices(codebook: Codebook) -> np.ndarray:
 
 __all__ = [
     "BOUND_DESCRIPTION",
+    "OFF_DATA_NOTE",
+    "off_data_basis",
+    "off_data_energy",
     "Candidate",
     "Verdict",
     "Extractor",

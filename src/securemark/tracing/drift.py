@@ -15,10 +15,12 @@ mark in that noise. Because the whitening depends only on the base model and ven
 an innocent customer's code word is independent of ``y`` and the distribution-free bound of
 :mod:`securemark.scoring` holds unchanged.
 
-The whitening trusts the simulated drift: noise placed where natural updates never go (an
-obfuscation attack in directions the data does not excite) is amplified by it. The plain
-reading is therefore kept beside it and a trace decides on both, splitting epsilon
-(:func:`securemark.tracing.decoders.decide_readings`).
+The whitening trusts the simulated drift: a change no simulated update makes is not
+weighted down. The plain reading is therefore kept beside it and a trace decides on both,
+splitting epsilon (:func:`securemark.tracing.decoders.decide_readings`). Noise in the
+directions the attacker's data does not excite reaches the readout as white noise, which no
+whitening separates from a mark (README "Known break"); :mod:`securemark.tracing.tamper`
+detects it instead.
 """
 
 from __future__ import annotations

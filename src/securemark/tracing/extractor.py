@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from securemark.alignment import Aligner
-from securemark.fingerprint import Readout, extract
+from securemark.fingerprint import Readout, effective_weight, extract
 from securemark.model import ModelSpec, SplitNet, fold_batchnorm
 from securemark.tracing.drift import DriftModel
+from securemark.tracing.tamper import off_data_basis, off_data_energy
 
 __all__ = ["Extractor"]
 
@@ -37,6 +38,12 @@ class Extractor:
         align: False reads the weights as they are (batch norms folded, no re-alignment).
         drift: the vendor's drift model (:mod:`~securemark.tracing.drift`): with it, a
             suspect is also read drift-whitened (:meth:`readings`).
+        off_data_limit: a suspect whose :meth:`off_data_ratio` exceeds it, and whose
+            :meth:`readout_change` stays within ``derived_limit``, is reported as obfuscated
+            where data does not look (:mod:`~securemark.tracing.tamper`); 0: no check.
+        derived_limit: the readout change up to which a suspect counts as an update of the
+            base model (copies 0.2, fine-tuned coalitions 0.3-0.45, independently trained
+            models ~1.0).
     """
 
     spec: ModelSpec
@@ -46,6 +53,8 @@ class Extractor:
     probe: torch.Tensor
     align: bool = True
     drift: DriftModel | None = None
+    off_data_limit: float = 0.0
+    derived_limit: float = 0.75
 
     @property
     def layer(self) -> str:
@@ -87,6 +96,40 @@ class Extractor:
             return {"plain": self.project(aligned_model, key_matrix)}
         ys = extract(aligned_model, self.readout, self.key_matrix if key_matrix is None else key_matrix, self.drift.whiten)
         return {name: y.numpy() for name, y in ys.items()}
+
+    @cached_property
+    def _off_data(self) -> tuple[torch.Tensor, float] | None:
+        """The readout's excited directions and the base model's off-data energy."""
+        if self.readout.metric is None:
+            return None
+        basis = off_data_basis(self.readout.metric)
+        with torch.no_grad():
+            return basis, off_data_energy(effective_weight(self.reference, self.layer), basis)
+
+    def off_data_ratio(self, aligned_model: SplitNet) -> float:
+        """The suspect's share of carrying-layer weight energy outside the directions the
+        vendor's data excites, as a multiple of the base model's (NaN for a weights readout)."""
+        if self._off_data is None:
+            return float("nan")
+        basis, base = self._off_data
+        with torch.no_grad():
+            return off_data_energy(effective_weight(aligned_model, self.layer), basis) / base
+
+    def readout_change(self, aligned_model: SplitNet) -> float:
+        """How far the suspect's readout moved from the base model's, relative to the
+        base's (``||phi|| / ||origin||``: small for copies and their updates, large for a
+        model trained independently)."""
+        with torch.no_grad():
+            phi = self.readout.features(aligned_model).detach().to(torch.float64)
+        return float(phi.norm() / self.readout.origin.to(torch.float64).norm().clamp_min(1e-30))
+
+    def obfuscated(self, aligned_model: SplitNet) -> bool:
+        """Whether the check is on and the suspect is an obfuscated update of the base
+        model: its off-data energy above ``off_data_limit`` while what the data excites
+        stayed within ``derived_limit`` of the base's readout (a model trained
+        independently has both high: it is no one's copy, and is not flagged)."""
+        return (self.off_data_limit > 0 and self.off_data_ratio(aligned_model) > self.off_data_limit
+                and self.readout_change(aligned_model) <= self.derived_limit)
 
     def raw(self, state_or_model) -> np.ndarray:
         """``y`` of the weights as they are, not re-aligned (what an extractor without
