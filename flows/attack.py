@@ -44,7 +44,7 @@ from securemark.weights import load_weights
 ATTACK_EXPERIMENT = "securemark-attacks"
 CSV_COLUMNS = ["attack", "strength", "coalition_size", "trial", "accuracy", "copy_accuracy", "attacker_alone_accuracy", "worth_it",
                "ber", "ber_unaligned", "colluders", "caught", "innocents_accused",
-               "caught_api", "innocents_accused_api", "queries_api", "key_agreement", "traced_by", "off_data_ratio"]
+               "caught_api", "innocents_accused_api", "queries_api", "key_agreement", "traced_by", "off_data_ratio", "obfuscated"]
 WITHIN_POINTS = 2.0  # "within 2 pt of the copy": the attacks tracing must survive when they are worth it
 
 
@@ -81,15 +81,15 @@ def attacker_alone_accuracy(paths: Paths, budget: int) -> float:
     return float(found[0])
 
 
-def summarise(df: pd.DataFrame, off_data_limit: float = 0.0) -> dict:
+def summarise(df: pd.DataFrame) -> dict:
     """Tracing over the attacks that were worth it and stayed within 2 points of the copy
     (where tracing must hold), over the other worth-it ones, and over the rest."""
     worth = df["worth_it"].astype(bool)
     close = (df["copy_accuracy"] - df["accuracy"]) * 100 <= WITHIN_POINTS
     return {
-        "worth_it_within_2pt": tracing_summary(df[worth & close], off_data_limit),
-        "worth_it_beyond_2pt": tracing_summary(df[worth & ~close], off_data_limit),
-        "not_worth_it": tracing_summary(df[~worth], off_data_limit),
+        "worth_it_within_2pt": tracing_summary(df[worth & close]),
+        "worth_it_beyond_2pt": tracing_summary(df[worth & ~close]),
+        "not_worth_it": tracing_summary(df[~worth]),
     }
 
 
@@ -156,7 +156,7 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
         "copy_accuracy_mean": statistics.fmean(copy_accuracy.values()),
         "attacker_budget": settings.attacker.budget,
         "attacker_alone_accuracy": alone,
-        "tracing": summarise(df, settings.trace.off_data_limit),
+        "tracing": summarise(df),
         "tradeoff": tradeoff(df),
         "seconds": round(time.perf_counter() - start, 1),
         "customers_in_codebook": int(len(indices)),

@@ -78,7 +78,7 @@ def evaluate(
     row: dict[str, float | int | str] = {"accuracy": accuracy(model, *test), "colluders": len(colluders)}
     guilty = {codewords[c] for c in colluders}
     if model.spec != extractor.spec:
-        row.update(ber=float("nan"), ber_unaligned=float("nan"), caught=0, innocents_accused=0, off_data_ratio=float("nan"))
+        row.update(ber=float("nan"), ber_unaligned=float("nan"), caught=0, innocents_accused=0, off_data_ratio=float("nan"), obfuscated=False)
     else:
         aligned, _ = extractor.aligned(model)
         readings = extractor.readings(aligned)
@@ -91,7 +91,8 @@ def evaluate(
         verdict = decide_readings(readings, codebook, indices, epsilon, scorer, decoder)
         accused = {c.codeword_index for c in verdict.accused}
         row.update(ber=ber(y), ber_unaligned=ber(raw), caught=len(accused & guilty), innocents_accused=len(accused - guilty),
-                   off_data_ratio=extractor.off_data_ratio(aligned))  # above trace.off_data_limit: obfuscated (tracing/tamper.py)
+                   off_data_ratio=extractor.off_data_ratio(aligned),  # the obfuscation check (tracing/tamper.py)
+                   obfuscated=extractor.obfuscated(aligned))
     row.update(api_columns(model, colluders, codewords, api, epsilon))
     row["traced_by"] = {(True, True): "both", (True, False): "weights", (False, True): "api", (False, False): "none"}[
         (row["caught"] > 0, row["caught_api"] > 0)]
@@ -137,13 +138,13 @@ def worth_it(rows: pd.DataFrame, attacker_alone_accuracy: float) -> pd.DataFrame
     return out
 
 
-def tracing_summary(rows: pd.DataFrame, off_data_limit: float = 0.0) -> dict[str, Any]:
+def tracing_summary(rows: pd.DataFrame) -> dict[str, Any]:
     """Tracing over a set of attacked models: how many, how many traced (at least one
     colluder caught, by either channel; and by each), colluders caught of those
-    involved, innocents accused; with ``off_data_limit`` > 0, how many of the untraced
-    ones the obfuscation check flags (their trace ends inconclusive, not clean)."""
+    involved, innocents accused, and how many of the untraced ones the obfuscation check
+    flags (their trace ends inconclusive, not clean)."""
     hit = traced(rows)
-    flagged = rows["off_data_ratio"] > off_data_limit if off_data_limit > 0 and "off_data_ratio" in rows else pd.Series(False, index=rows.index)
+    flagged = rows["obfuscated"].astype(bool) if "obfuscated" in rows else pd.Series(False, index=rows.index)
     return {
         "untraced_flagged_obfuscated": int((~hit & flagged).sum()),
         "attacked_models": int(len(rows)),
