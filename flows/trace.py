@@ -79,6 +79,7 @@ def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceSettin
             verdict = dataclasses.replace(verdict, note=" ".join(filter(None, (note, verdict.note))))
     report = reports.verdict_report(verdict, vendor.customers_by_index(), vendor.key, vendor.codebook, model, sha, alignment)
     report["off_data_ratio"] = off_data  # README "Known break": an update of the base above trace.off_data_limit was obfuscated
+    report["obfuscated"] = obfuscated
     report["inconclusive"] = bool(not verdict.accused and obfuscated)
     return log_trace(paths, report, verdict, indices, cfg, vendor, tags={"model": model[:250], "model_sha256": sha, "channel": "weights"})
 
@@ -198,7 +199,7 @@ def trace_stage_flow(paths: Paths, settings: Settings) -> dict:
         ok = accused == [copy.parent.name] and copy.parent.name in issued
         correct += ok
         rows.append({"customer_id": copy.parent.name, "accused": accused, "correct": ok, "off_data_ratio": report["off_data_ratio"],
-                     "obfuscated": "obfuscated" in report["note"]})
+                     "obfuscated": report["obfuscated"]})
     nulls = null_model_scores(paths, settings, copies)
     unkeyed = [n for n in nulls if "@" not in n["model"]]  # each model once: the base and the independently trained ones
     metrics = {

@@ -331,7 +331,7 @@ def test_an_obfuscated_copy_is_flagged_and_inconclusive_when_no_one_is_named(iss
     traced = _cli(issued, path, False)
     assert traced.returncode in (10, 11), traced.stdout[-2000:] + traced.stderr[-3000:]
     report = json.loads(traced.stdout)
-    assert report["off_data_ratio"] > limit and "obfuscated" in report["note"]
+    assert report["off_data_ratio"] > limit and report["obfuscated"] is True and "obfuscated" in report["note"]
     assert _accused(report) in ([], ["alice"]) and report["inconclusive"] is (traced.returncode == 11)
     # the same model where the bound asks for more evidence than any mark gives: no one can be named,
     # and the verdict says the absence of a name means nothing here
@@ -342,4 +342,4 @@ def test_an_obfuscated_copy_is_flagged_and_inconclusive_when_no_one_is_named(iss
     base = _cli(issued, str(issued.paths.base_model), False, "--epsilon", "1e-300")
     assert base.returncode == 0, base.stdout[-2000:] + base.stderr[-3000:]  # an untouched model: plainly no one
     report = json.loads(base.stdout)
-    assert report["off_data_ratio"] == pytest.approx(1.0, abs=1e-3) and report["inconclusive"] is False
+    assert report["off_data_ratio"] == pytest.approx(1.0, abs=1e-3) and report["inconclusive"] is report["obfuscated"] is False
