@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flows.adapters.partitions import attacker_data, read_partition, test_set  # noqa: E402
+from flows.adapters.partitions import read_partition  # noqa: E402
 from flows.adapters.paths import Paths  # noqa: E402
 from flows.adapters.settings import Settings, attack_options  # noqa: E402
-from flows.adapters.vendor import Vendor, make_extractor  # noqa: E402
-from flows.attack import load_copies  # noqa: E402
+from pipeline_state import load_pipeline_state  # noqa: E402  sibling module: scripts run as python benchmarks/<name>.py
 from securemark.attacks import create_attack  # noqa: E402
 from securemark.attacks.base import AttackData  # noqa: E402
 from securemark.attacks.grid import draw_coalitions  # noqa: E402
@@ -77,14 +76,9 @@ def main() -> None:
     parser.add_argument("--remedy", action="store_true", help="also score under a drift model fitted with obfuscation in its recipes")
     parser.add_argument("--per-recipe", type=int, default=6)
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    paths = Paths.from_env()
-    settings = Settings.load(paths.params)
-    vendor = Vendor.open(paths, settings)
-    extractor = make_extractor(paths, settings, vendor)
-    issued = vendor.issued_codewords()
-    copies = load_copies(paths, sorted(issued), "files")
-    data, test = attacker_data(paths, settings), test_set(paths)
+    state = load_pipeline_state()
+    paths, settings, vendor, extractor = state.paths, state.settings, state.vendor, state.extractor
+    issued, copies, data, test = state.issued, state.copies, state.data, state.test
     codebook = vendor.codebook
     indices = codebook_indices(codebook)
     remedy = remedy_drift(paths, settings, extractor, args.per_recipe) if args.remedy else None

@@ -15,11 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flows.adapters.partitions import attacker_data  # noqa: E402
-from flows.adapters.paths import Paths  # noqa: E402
-from flows.adapters.settings import Settings  # noqa: E402
-from flows.adapters.vendor import Vendor, make_extractor  # noqa: E402
-from flows.attack import load_copies  # noqa: E402
+from pipeline_state import load_pipeline_state  # noqa: E402  sibling module: scripts run as python benchmarks/<name>.py
 from securemark.attacks import create_attack  # noqa: E402
 from securemark.weights import load_weights  # noqa: E402
 
@@ -50,14 +46,9 @@ CASES = [  # name, steps, how many copies
 
 
 def main() -> None:
-    torch.set_num_threads(2)
-    paths = Paths.from_env()
-    settings = Settings.load(paths.params)
-    vendor = Vendor.open(paths, settings)
-    extractor = make_extractor(paths, settings, vendor)
-    names = sorted(vendor.issued_codewords())
-    copies = load_copies(paths, names, "files")
-    data = attacker_data(paths, settings)
+    state = load_pipeline_state()
+    paths, settings, extractor, copies, data = state.paths, state.settings, state.extractor, state.copies, state.data
+    names = sorted(state.issued)
     rows = []
 
     def record(name: str, model) -> None:

@@ -22,11 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flows.adapters.partitions import attacker_data, test_set  # noqa: E402
-from flows.adapters.paths import Paths  # noqa: E402
-from flows.adapters.settings import Settings  # noqa: E402
-from flows.adapters.vendor import Vendor, make_extractor  # noqa: E402
-from flows.attack import load_copies  # noqa: E402
+from pipeline_state import load_pipeline_state  # noqa: E402  sibling module: scripts run as python benchmarks/<name>.py
 from securemark.attacks import create_attack  # noqa: E402
 from securemark.attacks.base import working_copy  # noqa: E402
 from securemark.attacks.grid import draw_coalitions  # noqa: E402
@@ -61,14 +57,9 @@ def swap_blind_spot(model, images: torch.Tensor, directions: int, scale: float, 
 
 
 def main() -> None:
-    torch.set_num_threads(2)
-    paths = Paths.from_env()
-    settings = Settings.load(paths.params)
-    vendor = Vendor.open(paths, settings)
-    extractor = make_extractor(paths, settings, vendor)
-    issued = vendor.issued_codewords()
-    copies = load_copies(paths, sorted(issued), "files")
-    data, test = attacker_data(paths, settings), test_set(paths)
+    state = load_pipeline_state()
+    settings, vendor, extractor = state.settings, state.vendor, state.extractor
+    issued, copies, data, test = state.issued, state.copies, state.data, state.test
     indices = codebook_indices(vendor.codebook)
     rng = np.random.default_rng(9)
     rows = []
