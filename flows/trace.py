@@ -35,6 +35,7 @@ from flows.adapters.endpoint import PredictionAPI
 from flows.adapters.vendor import Vendor, make_extractor, make_keyset
 from flows.entry.stage import stage_main
 from securemark.blackbox import sequential_trace
+from securemark.errors import InvalidInput
 from securemark.key import derive_seed, draw_key, null_secret
 from securemark.model import SplitNet
 from securemark.suspect import examine, expected_shapes
@@ -64,7 +65,7 @@ def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceSettin
     indices = codebook_indices(vendor.codebook)
     extractor = make_extractor(paths, settings, vendor)
     suspect = extractor.model(state)
-    note = degeneracy(suspect, extractor.probe, vendor.key.layer)
+    note = note_degenerate = degeneracy(suspect, extractor.probe, vendor.key.layer)
     off_data, obfuscated = float("nan"), False
     if not suspect_outputs_finite(suspect, extractor.probe):
         verdict, alignment = no_verdict(cfg, indices, note), {}
@@ -80,7 +81,10 @@ def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceSettin
     report = reports.verdict_report(verdict, vendor.customers_by_index(), vendor.key, vendor.codebook, model, sha, alignment)
     report["off_data_ratio"] = off_data  # README "Known break": an update of the base above trace.off_data_limit was obfuscated
     report["obfuscated"] = obfuscated
-    report["inconclusive"] = bool(not verdict.accused and obfuscated)
+    # no one accused means nothing when the model was obfuscated, or when nothing could be read from it (degenerate)
+    reason = "obfuscated" if obfuscated else "degenerate" if note_degenerate else ""
+    report["inconclusive"] = bool(not verdict.accused and reason)
+    report["inconclusive_reason"] = reason if report["inconclusive"] else ""
     return log_trace(paths, report, verdict, indices, cfg, vendor, tags={"model": model[:250], "model_sha256": sha, "channel": "weights"})
 
 
@@ -98,6 +102,8 @@ def trace_endpoint(paths: Paths, settings: Settings, url: str, budget: int | Non
     report like a file trace (MLflow run, markdown, JSON), with the queries spent."""
     cfg = trace or settings.trace
     bb = settings.blackbox
+    if budget is not None and budget < 1:
+        raise InvalidInput(f"--budget must be at least 1 query, got {budget}")
     tracking.configure(paths)
     vendor = Vendor.open(paths, settings)
     keys = make_keyset(paths, settings, vendor)
@@ -110,6 +116,10 @@ def trace_endpoint(paths: Paths, settings: Settings, url: str, budget: int | Non
                               order_seed=derive_seed(vendor.secret, "key-order"), explain=bb.explain)
     report = reports.verdict_report(result.verdict, vendor.customers_by_index(), vendor.key, vendor.blackbox_codebook, url, "",
                                     {}, channel="api", queries=api.queries)
+    report["patterns_answered"] = result.answered
+    report["patterns_needed"] = result.needed  # an unmodified copy read on fewer patterns could not be accused
+    report["inconclusive"] = result.inconclusive
+    report["inconclusive_reason"] = "under-powered" if result.inconclusive else ""
     return log_trace(paths, report, result.verdict, indices, cfg, vendor, tags={"endpoint": url[:250], "channel": "api"})
 
 

@@ -21,6 +21,11 @@ from securemark.tracing import BOUND_DESCRIPTION, Verdict  # noqa: E402
 
 
 UNASSIGNED = "(unassigned)"
+INCONCLUSIVE_REASONS = {  # report["inconclusive_reason"] -> why a trace that accused no one concludes nothing
+    "obfuscated": "the model was obfuscated where data does not look",
+    "degenerate": "nothing could be read from the model",
+    "under-powered": "the read was too short to accuse even an unmodified copy",
+}
 
 
 def verdict_report(verdict: Verdict, customers: dict[int, str], key: FingerprintKey, codebook: Codebook, model: str, sha: str,
@@ -77,7 +82,8 @@ def trace_markdown(report: dict) -> str:
         lines += ["## Accused", "", "| customer | code word | score | p-value bound | family-wise p |", "|---|---|---|---|---|"]
         lines += [f"| {_who(a)} | {a['codeword_index']} | {a['score']:.3f} | {a['p_value']:.3g} | {a['family_p']:.3g} |" for a in report["accused"]]
     elif report.get("inconclusive"):
-        lines += ["## Verdict: inconclusive (no one accused, but the model was obfuscated where data does not look)"]
+        why = INCONCLUSIVE_REASONS.get(report.get("inconclusive_reason", ""), "see the note")
+        lines += [f"## Verdict: inconclusive (no one accused, and that says nothing: {why})"]
     else:
         lines += ["## Verdict: no one accused"]
     if report.get("off_data_ratio") == report.get("off_data_ratio") and report.get("off_data_ratio") is not None:  # not NaN

@@ -5,8 +5,9 @@
     securemark trace --endpoint URL [--budget N] [--protocol auto|mlflow|json] [--json] [--epsilon E]
     securemark registry list [--json]
 
-Exit codes: 0 success (``trace``: no one accused), 10 someone accused, 11 no one accused but
-the model was obfuscated where data does not look (inconclusive), 2 invalid input
+Exit codes: 0 success (``trace``: no one accused), 10 someone accused, 11 inconclusive (no one
+accused, and that says nothing: the model was obfuscated where data does not look, nothing
+could be read from it, or an API read too short to accuse even an unmodified copy), 2 invalid input
 or configuration (unreadable, non-model or malformed file, unknown registry model, bad
 params or flags: one line on stderr, no traceback).
 """
@@ -23,14 +24,16 @@ from typing import TYPE_CHECKING
 
 from flows.adapters.logs import quiet_expected_errors
 from flows.adapters.paths import Paths
-from securemark.errors import SecureMarkError
+from securemark.errors import InvalidInput, SecureMarkError
 
 if TYPE_CHECKING:  # imported when a command runs: `securemark --help` must not load torch
     from flows.adapters.settings import Settings
 
 EXIT_NONE_ACCUSED = 0
 EXIT_ACCUSED = 10
-EXIT_INCONCLUSIVE = 11  # no one accused, but the model was obfuscated where data does not look (tracing/tamper.py)
+EXIT_INCONCLUSIVE = 11  # no one accused, and that says nothing: the model was obfuscated where data does not look
+#                        (tracing/tamper.py), nothing could be read from it (degenerate), or an API read was too short
+#                        to accuse even an unmodified copy (securemark.blackbox.patterns_needed)
 EXIT_INVALID = 2  # the stages' exit code for invalid input (flows.entry.stage.EXIT_INVALID)
 
 
@@ -48,6 +51,8 @@ def _trace(args, paths: Paths, settings: Settings) -> int:
     """Trace a model: as a Prefect flow when a Prefect server is configured
     (``PREFECT_API_URL``: the verdict is also published as artifacts), else directly,
     without starting a temporary Prefect server (the MLflow run and report are the same)."""
+    if args.budget is not None and args.budget < 1:  # before any import or query: nothing to read
+        raise InvalidInput(f"--budget must be at least 1 query, got {args.budget}")
     from flows.adapters.reports import trace_markdown
     from flows.trace import trace_endpoint, trace_endpoint_flow, trace_flow, trace_model
 
@@ -95,11 +100,12 @@ def parser() -> argparse.ArgumentParser:
     issue = sub.add_parser("issue", help="issue fingerprinted copies (weights only) to customers")
     issue.add_argument("--customer", action="append", required=True, help="customer id (repeat for a batch)")
     issue.set_defaults(run=_issue)
-    trace = sub.add_parser("trace", help="trace a suspicious model; exit 0 none accused, 10 accused, 11 inconclusive (obfuscated), 2 invalid input")
+    trace = sub.add_parser("trace", help="trace a suspicious model; exit 0 none accused, 10 accused, 11 inconclusive (obfuscated, degenerate or under-powered read), 2 invalid input")
     suspect = trace.add_mutually_exclusive_group(required=True)
     suspect.add_argument("--model", help="safetensors / tensor-only state dict path, or models:/NAME@ALIAS (white-box)")
     suspect.add_argument("--endpoint", help="URL of a prediction API serving the suspect (black-box: queries the secret key images)")
-    trace.add_argument("--budget", type=int, default=None, help="most key images to query (--endpoint; default: params blackbox.max_queries)")
+    trace.add_argument("--budget", type=int, default=None, help="most key images to query, at least 1 (--endpoint; default: params blackbox.max_queries); "
+                       "a read too short to accuse an unmodified copy is inconclusive (exit 11)")
     trace.add_argument("--protocol", default="auto", choices=("auto", "mlflow", "json"), help="the API's request format (--endpoint)")
     trace.add_argument("--json", action="store_true", help="print the report as JSON")
     trace.add_argument("--epsilon", type=float, default=None, help="whole-trace false-accusation probability (default: params)")

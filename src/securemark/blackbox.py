@@ -45,7 +45,8 @@ from securemark.errors import InvalidInput
 from securemark.model import NUM_CLASSES, SplitNet
 
 __all__ = ["ApiProbe", "BlackboxVerdict", "KeySet", "SymbolBook", "agreement", "decide", "key_views", "label_api", "make_keys",
-           "profile", "secret_patterns", "sequential_trace", "targets", "threshold", "BOUND_DESCRIPTION"]
+           "patterns_needed", "profile", "secret_patterns", "sequential_trace", "targets", "threshold", "BOUND_DESCRIPTION",
+           "UNDERPOWERED_NOTE"]
 
 BOUND_DESCRIPTION = (
     "Chernoff bound with the exact moment generating function of an innocent customer's score "
@@ -207,6 +208,30 @@ def tail_bound(P: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.exp(np.minimum(log_b, 0.0))
 
 
+def patterns_needed(q: int, words: int, delta: float, most: int) -> int | None:
+    """The fewest patterns an *unmodified* copy must be read on to be accused: the
+    smallest ``k`` whose perfect profile (each of ``k`` patterns answered with the
+    copy's symbol every time, one-hot rows) scores ``k`` at or above the threshold for
+    ``delta`` over ``words`` code words. ``None`` when even all ``most`` patterns are
+    not enough (a bound stricter than any read of these keys can meet).
+
+    A read on fewer patterns cannot accuse anyone, whatever the API is, so its
+    "no one accused" says nothing: it is inconclusive (:func:`sequential_trace`)."""
+    if words < 1 or most < 1:
+        return None
+    one_hot = np.zeros((most, q))
+    one_hot[:, 0] = 1.0
+    for k in range(1, most + 1):  # threshold(k one-hot rows) is what an innocent's score k is compared against
+        if threshold(one_hot[:k], delta / words) <= k:
+            return k
+    return None
+
+
+UNDERPOWERED_NOTE = ("inconclusive: the read answered {answered} of the {patterns} key patterns, and at epsilon {epsilon:g} "
+                     "over {words} code words even an unmodified copy must be read on {needed} to be accused; "
+                     "\"no one accused\" means nothing here (query more keys: raise --budget)")
+
+
 def score_all(P: np.ndarray, book: SymbolBook, indices: np.ndarray) -> np.ndarray:
     """``S_i = sum_k P[k, s_ik]`` for the words ``indices`` (float64)."""
     symbols = book.symbols[indices].astype(np.int64)  # [N, m]
@@ -270,6 +295,13 @@ class BlackboxVerdict:
     queries: int
     checkpoint: int
     profile: np.ndarray
+    answered: int = 0  # patterns answered with a class at least once
+    needed: int | None = None  # patterns an unmodified copy must be answered on to be accused (None: no read suffices)
+
+    @property
+    def inconclusive(self) -> bool:
+        """No one accused, on a read too short to accuse even an unmodified copy."""
+        return not self.verdict.accused and (self.needed is None or self.answered < self.needed)
 
 
 def query_order(keys: KeySet, seed: int) -> torch.Tensor:
@@ -309,7 +341,7 @@ def sequential_trace(ask, keys: KeySet, book: SymbolBook, indices: np.ndarray, e
     was accused at any checkpoint stays accused."""
     n = len(keys)
     order = query_order(keys, order_seed)
-    first = sorted({min(int(c), n) for c in checkpoints} | ({n} if repeats > 1 else set()))
+    first = sorted({max(1, min(int(c), n)) for c in checkpoints} | ({n} if repeats > 1 else set()))  # at least one key is asked
     stops = first + [n] * (repeats - 1)
     share = epsilon / len(stops)
     answers: torch.Tensor | None = None  # int64 [n, repeats] labels, or float [n, q] summed scores
@@ -340,7 +372,14 @@ def sequential_trace(ask, keys: KeySet, book: SymbolBook, indices: np.ndarray, e
     if found and len(found) > len(verdict.accused):  # someone accused at an earlier checkpoint stays accused
         verdict = dataclasses.replace(verdict, accused=sorted(found.values(), key=lambda c: -c.score),
                                       top_others=[c for c in verdict.top_others if c.codeword_index not in found])
-    return BlackboxVerdict(verdict, queries, stop_index, P)
+    answered = int((P.sum(1) > 0).sum())
+    needed = patterns_needed(book.q, len(indices), share, keys.patterns)
+    result = BlackboxVerdict(verdict, queries, stop_index, P, answered, needed)
+    if result.inconclusive:
+        note = UNDERPOWERED_NOTE.format(answered=answered, patterns=keys.patterns, epsilon=epsilon, words=len(indices),
+                                        needed=needed if needed is not None else f"more than all {keys.patterns}")
+        result = dataclasses.replace(result, verdict=dataclasses.replace(verdict, note=" ".join(filter(None, (note, verdict.note)))))
+    return result
 
 
 @dataclass(frozen=True, eq=False)

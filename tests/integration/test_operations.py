@@ -276,10 +276,28 @@ def test_a_served_copy_is_traced_through_its_api_and_the_base_is_not(ops_project
     report = _report(traced)
     assert [a["customer_id"] for a in report["accused"]] == ["op-alice"]
     assert report["channel"] == "api" and 0 < report["queries"] <= SMALL.blackbox.keys and report["mlflow_run_id"]
+    assert report["inconclusive"] is False and report["patterns_answered"] >= report["patterns_needed"]
     with serve_predictions(base) as url:
         clean = _trace_endpoint(ops_project, url)
     assert clean.returncode == 0, clean.stderr[-3000:]
     assert _report(clean)["accused"] == [] and _report(clean)["queries"] == SMALL.blackbox.keys  # no early stop without evidence
+    assert _report(clean)["inconclusive"] is False  # read in full: the base plainly carries no one's word
+
+
+def test_a_read_too_short_to_accuse_is_inconclusive_and_no_budget_is_refused(ops_project):
+    from flows.adapters.api_server import serve_predictions
+    from securemark.weights import load_weights
+
+    copy = load_weights(ops_project.customer_copy("op-alice")).eval()
+    with serve_predictions(copy) as url:
+        short = _trace_endpoint(ops_project, url, "--budget", "3")  # fewer patterns than any accusation needs
+        assert short.returncode == 11, short.stderr[-3000:]
+        report = _report(short)
+        assert report["accused"] == [] and report["inconclusive"] is True and report["inconclusive_reason"] == "under-powered"
+        assert report["queries"] == 3 and report["patterns_answered"] == 3 < report["patterns_needed"]
+        assert "inconclusive" in report["note"]
+    unreachable = _trace_endpoint(ops_project, "http://127.0.0.1:9/never-contacted", "--budget", "0")
+    assert unreachable.returncode == 2 and "Traceback" not in unreachable.stderr and "--budget" in unreachable.stderr
 
 
 def test_a_hostile_api_ends_the_trace_with_exit_2(ops_project):

@@ -147,3 +147,31 @@ def test_reading_on_until_the_accused_explain_the_answers_finds_both_colluders()
     assert both.queries >= first.queries
     single = sequential_trace(lambda x: answers[0][_rows(keys, x)], keys, book, np.arange(10_000), 1e-6, (64, 128, 256, 512), explain=0.8)
     assert single.queries == 64 and [c.codeword_index for c in single.verdict.accused] == [21]  # one copy explains all: stop early
+
+
+def test_a_read_too_short_to_accuse_an_unmodified_copy_is_inconclusive(aux):
+    """A budget below what the bound needs cannot accuse anyone, whatever the API is: its
+    'no one accused' is inconclusive, never clean; from the needed patterns on, a clean
+    read of a null API is conclusive and an unmodified copy is accused."""
+    from securemark.blackbox import patterns_needed
+
+    keys = make_keys(aux, 32, 4, seed=3)
+    customers, epsilon = 1000, 1e-6
+    book = SymbolBook.generate(customers, 32, seed=4)
+    needed = patterns_needed(10, customers, epsilon, 32)
+    assert needed is not None and 0.1 ** needed * customers <= epsilon * (1 + 1e-9)  # an innocent matching all is that rare
+    assert 0.1 ** (needed - 1) * customers > epsilon  # ... and one pattern fewer is not (the Chernoff bound is tight here)
+    assert patterns_needed(10, customers, 1e-300, 32) is None  # no read of 32 patterns meets this bound
+    copy = targets(keys, book.word(17))
+    ask = lambda x, k=keys, c=copy: c[_rows(k, x)]  # noqa: E731
+    short = sequential_trace(ask, keys, book, np.arange(customers), epsilon, (needed - 1,))
+    assert short.verdict.accused == [] and short.inconclusive and short.answered == needed - 1
+    assert "inconclusive" in short.verdict.note
+    enough = sequential_trace(ask, keys, book, np.arange(customers), epsilon, (needed,))
+    assert [c.codeword_index for c in enough.verdict.accused] == [17] and not enough.inconclusive
+    other = targets(keys, book.word(5))
+    book_without = np.setdiff1d(np.arange(customers), [5])  # an API whose word no scored customer holds: clean, conclusive
+    clean = sequential_trace(lambda x, k=keys, c=other: c[_rows(k, x)], keys, book, book_without, epsilon, (32,))
+    assert clean.verdict.accused == [] and not clean.inconclusive
+    refusing = sequential_trace(lambda x: torch.full((len(x),), 99), keys, book, np.arange(customers), epsilon, (32,))
+    assert refusing.answered == 0 and refusing.inconclusive  # no key answered with a class: nothing was read
