@@ -38,6 +38,7 @@ The step cap (``max_steps``) stays as a guard; hitting it raises
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 
@@ -165,6 +166,12 @@ class CarrierSpace:
         return cls(**space, train=train, train_labels=train_y, train_logits=train_logits, check=check,
                    check_labels=check_labels, base_accuracy=base_accuracy, keys=keys)
 
+    @functools.cached_property
+    def key_matrix64(self) -> torch.Tensor:
+        """The key in float64, as tracing reads it (:func:`~securemark.fingerprint.extract`),
+        converted once for every copy's final check instead of once per copy."""
+        return self.key_matrix.to(torch.float64)
+
     def project(self, inputs: torch.Tensor) -> Projected:
         """Other rows (e.g. the test set's carrier inputs) projected like the bank's."""
         x = inputs.float()
@@ -283,17 +290,17 @@ class _Adam:
         return [(torch.zeros_like(t), torch.zeros_like(t)) for t in params.tensors()]
 
     @torch.no_grad()
-    def step(self, params: _Params, state: list, rows: torch.Tensor, grads: tuple, count: torch.Tensor) -> None:
-        """Update the customers ``rows`` (their gradients ``grads``, their step counts ``count``)."""
+    def step(self, params: _Params, state: list, grads: tuple, count: torch.Tensor) -> None:
+        """Update every customer of ``params`` (its gradients ``grads``, its step count ``count``), in place."""
         b1, b2 = self.betas
         for t, g, (m, v) in zip(params.tensors(), grads, state):
             shape = (-1,) + (1,) * (t.dim() - 1)
             c = count.double().view(shape)
-            m[rows] = m[rows] * b1 + g * (1 - b1)
-            v[rows] = v[rows] * b2 + g * g * (1 - b2)
-            m_hat = m[rows] / (1 - b1 ** c).float()
-            v_hat = v[rows] / (1 - b2 ** c).float()
-            t[rows] = t[rows] - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+            m.mul_(b1).add_(g * (1 - b1))
+            v.mul_(b2).add_(g * g * (1 - b2))
+            m_hat = m / (1 - b1 ** c).float()
+            v_hat = v / (1 - b2 ** c).float()
+            t.sub_(self.lr * m_hat / (v_hat.sqrt() + self.eps))
 
 
 @dataclass(frozen=True)
@@ -337,64 +344,75 @@ def embed_batch(space: CarrierSpace, jobs: list[Job], cfg: EmbedConfig, progress
         t.requires_grad_(True)
     adam = _Adam(cfg.lr)
     state = adam.init(params)
+    # one row per customer still training: the rows leave all these together when a customer is done
+    alive = list(range(n))                                                      # job index of each row
     s = torch.stack([signs(j.bits) for j in jobs])                              # [B, m]
     key_labels = None if space.keys is None else torch.stack([j.key_labels[space.keys.key_of_row] for j in jobs])  # [B, rows]
     generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
-    steps = torch.zeros(n, dtype=torch.long)
     restoring = torch.zeros(n, dtype=torch.bool)
     hinge_on = torch.ones(n, dtype=torch.bool)
+    steps = 0  # every customer still training has taken the same number of steps
     done: dict[int, Outcome] = {}
     target = cfg.margin * (1 + cfg.slack)
-    last: dict[int, tuple[float, float | None, float]] = {}
-    while len(done) < n:
-        active = [i for i in range(n) if i not in done]
-        # checks: every check_every steps (all active customers step together, so they share the clock)
-        if int(steps[active[0]]) % cfg.check_every == 0 or int(steps[active[0]]) >= cfg.max_steps:
+    while alive:
+        if steps % cfg.check_every == 0 or steps >= cfg.max_steps:
             with torch.no_grad():
-                y = _soft_values(space, _select(params, active))
-                margins = (s[active] * y).min(1).values / space.unit
-                agree = _key_agreement(space, params, active, key_labels)
-            for k, i in enumerate(active):
+                margins = (s * _soft_values(space, params)).min(1).values / space.unit
+                agree = _key_agreement(space, params, key_labels)
+            finished = []
+            for k, i in enumerate(alive):
                 margin, agreement = float(margins[k]), (None if agree is None else float(agree[k]))
-                hinge_on[i] = margin < target
+                hinge_on[k] = margin < target
                 marked = margin >= cfg.margin and (agreement is None or agreement >= cfg.key_agreement)
-                if marked and not restoring[i]:
-                    restoring[i] = True  # phase 2: the objective becomes the bank's accuracy, constraints kept
+                if marked and not restoring[k]:
+                    restoring[k] = True  # phase 2: the objective becomes the bank's accuracy, constraints kept
                 if marked:
-                    accuracy = _accuracy(space, params, i, space.check, space.check_labels)
+                    accuracy = _accuracy(space, params, k, space.check, space.check_labels)
                     if accuracy >= space.base_accuracy - cfg.accuracy_tolerance:
-                        done[i] = Outcome(jobs[i].name, _result(space, params, i, jobs[i], int(steps[i]), margin, agreement, accuracy, start))
+                        finished.append(k)
+                        done[i] = Outcome(jobs[i].name, _result(space, params, k, jobs[i], steps, margin, agreement, accuracy, start))
                         continue
-                if int(steps[i]) >= cfg.max_steps:
-                    accuracy = _accuracy(space, params, i, space.check, space.check_labels)
+                if steps >= cfg.max_steps:
+                    accuracy = _accuracy(space, params, k, space.check, space.check_labels)
+                    finished.append(k)
                     done[i] = Outcome(jobs[i].name, None, EmbeddingFailed(
-                        f"{jobs[i].name}: code word not embedded after {int(steps[i])} steps: min margin {margin:.3f} (need {cfg.margin})"
+                        f"{jobs[i].name}: code word not embedded after {steps} steps: min margin {margin:.3f} (need {cfg.margin})"
                         + ("" if agreement is None else f", keys answered {agreement:.3f} (need {cfg.key_agreement})")
                         + f", bank accuracy {accuracy:.4f} (base {space.base_accuracy:.4f}, tolerance {cfg.accuracy_tolerance})",
-                        steps=int(steps[i])))
-            finished = [i for i in active if i in done]
-            if finished and progress is not None:
-                progress(len(finished))
-            active = [i for i in active if i not in done]
-            if not active:
-                break
-        _step(space, params, state, adam, active, jobs, generators, s, key_labels, restoring, hinge_on, steps, cfg, target)
+                        steps=steps))
+            if finished:
+                if progress is not None:
+                    progress(len(finished))
+                keep = [k for k in range(len(alive)) if k not in finished]
+                alive = [alive[k] for k in keep]
+                if not alive:
+                    break
+                params = _select(params, keep)
+                for t in params.tensors():
+                    t.requires_grad_(True)
+                state = [(m[keep], v[keep]) for m, v in state]
+                s, restoring, hinge_on = s[keep], restoring[keep], hinge_on[keep]
+                key_labels = None if key_labels is None else key_labels[keep]
+                generators = [generators[k] for k in keep]
+        steps += 1
+        _step(space, params, state, adam, generators, s, key_labels, restoring, hinge_on, steps, cfg, target)
     return [done[i] for i in range(n)]
 
 
 def _select(p: _Params, rows: list[int]) -> _Params:
-    return _Params(*(t[rows] for t in p.tensors()))
+    return _Params(*(t.detach()[rows] for t in p.tensors()))
 
 
-def _key_agreement(space: CarrierSpace, p: _Params, active: list[int], key_labels: torch.Tensor | None) -> torch.Tensor | None:
+def _key_agreement(space: CarrierSpace, p: _Params, key_labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Share of the keys each customer's copy answers with its black-box symbols."""
     if space.keys is None:
         return None
     rows = space.keys.original
-    sub = _select(p, active)
-    base = space.keys.rows.base[rows].expand(len(active), -1, -1)
-    proj = space.keys.rows.sub[rows].expand(len(active), -1, -1)
-    answers = _logits(space, sub, base, proj).argmax(2)
-    return (answers == key_labels[active][:, rows]).double().mean(1)
+    count = len(p.d)
+    base = space.keys.rows.base[rows].expand(count, -1, -1)
+    proj = space.keys.rows.sub[rows].expand(count, -1, -1)
+    answers = _logits(space, p, base, proj).argmax(2)
+    return (answers == key_labels[:, rows]).double().mean(1)
 
 
 def _accuracy(space: CarrierSpace, p: _Params, i: int, rows: Projected, labels: torch.Tensor) -> float:
@@ -402,43 +420,39 @@ def _accuracy(space: CarrierSpace, p: _Params, i: int, rows: Projected, labels: 
         return float((_logits_one(space, rows, p, i).argmax(1) == labels).double().mean())
 
 
-def _step(space: CarrierSpace, params: _Params, state: list, adam: _Adam, active: list[int], jobs: list[Job], generators: list,
-          s: torch.Tensor, key_labels: torch.Tensor | None, restoring: torch.Tensor, hinge_on: torch.Tensor, steps: torch.Tensor,
-          cfg: EmbedConfig, target: float) -> None:
-    """One Adam step for every active customer (each on its own random batch)."""
-    idx = torch.as_tensor(active)
-    picks = torch.stack([torch.randint(len(space.train), (cfg.batch_size,), generator=generators[i]) for i in active])
+def _step(space: CarrierSpace, params: _Params, state: list, adam: _Adam, generators: list, s: torch.Tensor,
+          key_labels: torch.Tensor | None, restoring: torch.Tensor, hinge_on: torch.Tensor, steps: int, cfg: EmbedConfig,
+          target: float) -> None:
+    """One Adam step for every customer in ``params`` (each on its own random batch)."""
+    picks = torch.stack([torch.randint(len(space.train), (cfg.batch_size,), generator=g) for g in generators])
     key_picks = None
     if key_labels is not None:
-        key_picks = torch.stack([torch.randint(key_labels.shape[1], (cfg.batch_size,), generator=generators[i]) for i in active])
-    view = _Params(*(t[idx] for t in params.tensors()))  # indexing copies: gradients flow back to the stacked tensors
-    logits = _logits(space, view, space.train.base[picks], space.train.sub[picks])
+        key_picks = torch.stack([torch.randint(key_labels.shape[1], (cfg.batch_size,), generator=g) for g in generators])
+    logits = _logits(space, params, space.train.base[picks], space.train.sub[picks])
     base_logp = F.log_softmax(space.train_logits[picks], 2)
     logp = F.log_softmax(logits, 2)
     keep = (base_logp.exp() * (base_logp - logp)).sum(2).mean(1)  # KL(base || copy) per customer
     ce = F.cross_entropy(logits.transpose(1, 2), space.train_labels[picks], reduction="none").mean(1)
-    loss = keep + cfg.restore_weight * restoring[idx].float() * ce
-    on = hinge_on[idx]
-    if bool(on.any()):
-        rows = torch.nonzero(on).squeeze(1)
-        y = _soft_values(space, _Params(*(t[rows] for t in view.tensors())))
-        hinge = F.relu(target - s[idx[rows]] * y / space.unit).mean(1)
+    loss = keep + cfg.restore_weight * restoring.float() * ce
+    if bool(hinge_on.any()):
+        rows = torch.nonzero(hinge_on).squeeze(1)
+        y = _soft_values(space, _Params(*(t[rows] for t in params.tensors())))
+        hinge = F.relu(target - s[rows] * y / space.unit).mean(1)
         loss = loss.index_add(0, rows, cfg.lam * hinge)
     if key_picks is not None:
-        labels = torch.gather(key_labels[idx], 1, key_picks)
-        key_logits = _logits(space, view, space.keys.rows.base[key_picks], space.keys.rows.sub[key_picks])
+        labels = torch.gather(key_labels, 1, key_picks)
+        key_logits = _logits(space, params, space.keys.rows.base[key_picks], space.keys.rows.sub[key_picks])
         unsure = key_logits.softmax(2).gather(2, labels[:, :, None]).squeeze(2) < cfg.key_confidence
         key_ce = F.cross_entropy(key_logits.transpose(1, 2), labels, reduction="none")
         loss = loss + cfg.key_weight * (key_ce * unsure).mean(1)
-    grads = torch.autograd.grad(loss.sum(), view.tensors())
-    steps[idx] += 1
-    adam.step(params, state, idx, grads, steps[idx])
+    grads = torch.autograd.grad(loss.sum(), params.tensors())
+    adam.step(params, state, grads, torch.full((len(params.d),), steps, dtype=torch.long))
 
 
 def _result(space: CarrierSpace, p: _Params, i: int, job: Job, steps: int, margin: float, agreement: float | None, accuracy: float,
             start: float) -> EmbedResult:
     model = copy_model(space, p, i)
-    y = extract(model, space.readout, space.key_matrix)
+    y = extract(model, space.readout, space.key_matrix64)
     return EmbedResult(model, steps, bit_error_rate(y, job.bits), margin, accuracy, space.base_accuracy,
                        time.perf_counter() - start, agreement)
 
