@@ -4,7 +4,7 @@ Serves ``models:/securemark-customer@customer-<id>`` with MLflow's own scoring s
 (``--env-manager local``) on a free local port, then times, over HTTP with the MLflow
 scoring protocol:
 
-- ``trace --endpoint`` as a user runs it (:func:`flows.trace.trace_endpoint`: queries,
+- ``trace --endpoint`` as a user runs it (:func:`flows.tracing.trace_endpoint`: queries,
   verdict, MLflow run and report), which stops at the first checkpoint that clears the
   bound;
 - a full read of ``--queries`` answers (every key, repeated) scored under another
@@ -33,7 +33,7 @@ from flows.adapters.endpoint import PredictionAPI
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
 from flows.adapters.vendor import Vendor, api_probe
-from flows.trace import trace_endpoint
+from flows.tracing import trace_endpoint
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.key import null_secret
 

@@ -44,7 +44,7 @@ from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
 from flows.adapters.vendor import Vendor, api_probe, carrier_space
 from flows.entry.stage import stage_main
-from flows.trace import TRACE_EXPERIMENT, trace_endpoint
+from flows.tracing import trace_endpoint
 from securemark.attacks import AttackData, create_attack
 from securemark.blackbox import agreement, label_api
 from securemark.embedding import Job, embed_batch
@@ -212,7 +212,7 @@ def blackbox_flow(paths: Paths, settings: Settings) -> dict:
         "customers_in_codebook": len(vendor.blackbox_codebook),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    with tracking.run("blackbox-stage", TRACE_EXPERIMENT, paths, tags={"stage": "blackbox"}):
+    with tracking.run("blackbox-stage", tracking.TRACE_EXPERIMENT, paths, tags={"stage": "blackbox"}):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_dict({"copies": copies, "nulls": nulls, "accuracy_cost": cost, "distillation": students,
                         "query_filters": filters}, "blackbox_stage.json")

@@ -22,6 +22,7 @@ from securemark.private_files import private_dir, tighten
 DATA_EXPERIMENT = "securemark-data"
 TRAIN_EXPERIMENT = "securemark-train"
 VENDOR_EXPERIMENT = "securemark-vendor-codewords"  # vendor-only: holds code words
+TRACE_EXPERIMENT = "securemark-trace"  # one run per trace (report, score plot) and per tracing stage
 PRIVATE_EXPERIMENTS = (VENDOR_EXPERIMENT,)  # artifact folders only their owner may enter
 
 

@@ -54,7 +54,8 @@ def _trace(args, paths: Paths, settings: Settings) -> int:
     if args.budget is not None and args.budget < 1:  # before any import or query: nothing to read
         raise InvalidInput(f"--budget must be at least 1 query, got {args.budget}")
     from flows.adapters.reports import trace_markdown
-    from flows.trace import trace_endpoint, trace_endpoint_flow, trace_flow, trace_model
+    from flows.trace import trace_endpoint_flow, trace_flow
+    from flows.tracing import trace_endpoint, trace_model
 
     trace = settings.trace.with_overrides(epsilon=args.epsilon, scorer=args.scorer)  # bad flags: exit 2 before any work
     in_flow = bool(os.environ.get("PREFECT_API_URL"))

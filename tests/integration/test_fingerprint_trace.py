@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from flows.adapters.model_registry import CUSTOMER_MODEL, load_registered
 from flows.adapters.paths import Paths
 from flows.adapters.vendor import Vendor
-from flows.trace import TRACE_EXPERIMENT
+from flows.adapters.tracking import TRACE_EXPERIMENT
 from securemark.ledger import ISSUED
 from securemark.model import SplitNet
 from securemark.weights import SPEC_KEY
