@@ -2,9 +2,9 @@
 
 Part 1 (embedding, no registry): for each of ``--secrets`` fresh vendor secrets (a new
 secret file and vendor state each, as on a fresh machine), draws ``--words`` random
-code-word indices from that vendor's codebook and embeds them in batches of
-``--batch`` with the issue stage's settings (both fingerprints). Counts failures, and
-reports the steps, the embedding seconds per copy and every copy's test-accuracy drop
+code-word indices from that vendor's codebook and embeds them in a rolling batch of
+``--batch`` (the issue stage's ``issue.batch``) with the issue stage's settings (both
+fingerprints). Counts failures, and reports the steps, the embedding seconds per copy and every copy's test-accuracy drop
 against the base model.
 
 Part 2 (``--registered N``): the issue flow itself (Prefect, MLflow on a temporary
@@ -58,18 +58,23 @@ def embed_words(root: Path, words: int, batch: int, seed: int) -> dict:
     indices = np.random.default_rng(seed).choice(len(vendor.codebook), size=words, replace=False)
     rows, failures = [], []
     start = time.perf_counter()
-    for s in range(0, words, batch):
-        jobs = [Job(f"word-{i}", vendor.codebook.word(int(i)),
-                    None if keyset is None else targets(keyset, vendor.blackbox_codebook.word(int(i))),
-                    derive_seed(vendor.secret, f"embed|word-{i}")) for i in indices[s : s + batch]]
-        for outcome in embed_batch(space, jobs, vendor.embed):
-            if outcome.error is not None:
-                failures.append(str(outcome.error))
-                continue
-            r = outcome.result
-            rows.append({"steps": r.steps, "ber": r.ber, "min_margin": r.min_margin, "key_agreement": r.key_agreement,
-                         "drop_pt": (base_accuracy - copy_accuracy(space, r.model, test_rows, test_labels)) * 100})
-        print(f"  {min(s + batch, words)}/{words} words, {len(failures)} failures, {time.perf_counter() - start:.0f} s", flush=True)
+    jobs = [Job(f"word-{i}", vendor.codebook.word(int(i)),
+                None if keyset is None else targets(keyset, vendor.blackbox_codebook.word(int(i))),
+                derive_seed(vendor.secret, f"embed|word-{i}")) for i in indices]
+    finished = []
+
+    def progress(count: int) -> None:
+        finished.append(count)
+        if sum(finished) % batch < count or sum(finished) == words:
+            print(f"  {sum(finished)}/{words} words, {time.perf_counter() - start:.0f} s", flush=True)
+
+    for outcome in embed_batch(space, jobs, vendor.embed, progress=progress, width=batch):  # a rolling batch of `batch`
+        if outcome.error is not None:
+            failures.append(str(outcome.error))
+            continue
+        r = outcome.result
+        rows.append({"steps": r.steps, "ber": r.ber, "min_margin": r.min_margin, "key_agreement": r.key_agreement,
+                     "drop_pt": (base_accuracy - copy_accuracy(space, r.model, test_rows, test_labels)) * 100})
     seconds = time.perf_counter() - start
     drops = [r["drop_pt"] for r in rows]
     return {"key_id": vendor.key.key_id, "words": words, "failures": len(failures), "failure_messages": failures[:5],

@@ -63,8 +63,8 @@ def _existing_version(customer_id: str, sha: str):
 @task(name="embed-fingerprints", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_invalid,
       task_run_name="embed-{first}-and-{more}-more")
 def embed_copies(paths: Paths, settings: Settings, base_file: Path, customers: list[tuple[str, int]], first: str = "", more: int = 0) -> list[dict]:
-    """Embed the code words of ``customers`` ((id, code-word index) pairs) in one batch and
-    write each deliverable (weights only).
+    """Embed the code words of ``customers`` ((id, code-word index) pairs) in one rolling
+    batch (``issue.batch`` at a time) and write each deliverable (weights only).
 
     Runs wherever the flow's task runner puts it (a thread, or a Dask worker that sees
     the project directory and the vendor's secret file): it opens the vendor's state
@@ -80,7 +80,7 @@ def embed_copies(paths: Paths, settings: Settings, base_file: Path, customers: l
                 None if keyset is None else targets(keyset, vendor.blackbox_codebook.word(index)),
                 derive_seed(vendor.secret, f"embed|{customer_id}")) for customer_id, index in customers]
     embed_start = time.perf_counter()
-    outcomes = embed_batch(space, jobs, vendor.embed)
+    outcomes = embed_batch(space, jobs, vendor.embed, width=settings.issue.batch)
     embed_seconds = (time.perf_counter() - embed_start) / len(jobs)  # the batch's wall time, per copy
     worker = f"{socket.gethostname()}:{os.getpid()}"
     rows = []
@@ -171,7 +171,7 @@ def issue_flow(paths: Paths, settings: Settings, customers: list[str] | None = N
     todo = missing_copies(paths, records)
     if len(todo) < len(records):
         logger.info("%d of %d customers already hold their issued copy; issuing the other %d", len(records) - len(todo), len(records), len(todo))
-    size = settings.issue.batch
+    size = settings.issue.task
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     setup_start = time.perf_counter()
     space, test_rows, test_labels = carrier_space(paths, settings, vendor, base_file)  # once per process, shared by the threads

@@ -220,11 +220,13 @@ class BlackboxSettings:
 @dataclass(frozen=True)
 class IssueSettings:
     customers: int = 20  # the pipeline issues customer-0001..customer-NNNN
-    batch: int = 20      # customers embedded together in one task (one batched optimisation)
+    batch: int = 20      # customers training together (a rolling batch: the next joins when one is done)
+    task: int = 100      # customers per task (one rolling batch; the unit a worker runs and a retry repeats)
 
     def __post_init__(self) -> None:
         checks.integer("issue", "customers", self.customers, 1)
         checks.integer("issue", "batch", self.batch, 1)
+        checks.integer("issue", "task", self.task, 1)
 
     def customer_ids(self) -> list[str]:
         return [f"customer-{i:04d}" for i in range(1, self.customers + 1)]

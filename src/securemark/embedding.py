@@ -323,10 +323,15 @@ class Outcome:
     error: EmbeddingFailed | None = None
 
 
-def embed_batch(space: CarrierSpace, jobs: list[Job], cfg: EmbedConfig, progress=None) -> list[Outcome]:
-    """Embed every job's code word into its own copy of ``space.base``, all in one batched
+def embed_batch(space: CarrierSpace, jobs: list[Job], cfg: EmbedConfig, progress=None, width: int | None = None) -> list[Outcome]:
+    """Embed every job's code word into its own copy of ``space.base``, in one batched
     optimisation; one :class:`Outcome` per job, in order. A job that hits ``max_steps``
     comes back with ``error`` set (naming what was short); the others are unaffected.
+
+    At most ``width`` customers (default: all) train at once; when one is done, the next
+    job takes its place at the next check, so the batch never idles on its slowest
+    member. A customer's copy is the same whoever shares its batch and whenever it joins
+    (its own batches, Adam state and step count; per-customer products).
     ``progress(n)`` (optional) is called with the number of jobs that just finished."""
     start = time.perf_counter()
     if not jobs:
@@ -337,66 +342,131 @@ def embed_batch(space: CarrierSpace, jobs: list[Job], cfg: EmbedConfig, progress
     for j in jobs:
         if np.asarray(j.bits).size != m:
             raise InvalidInput(f"{j.name}: code word has {np.asarray(j.bits).size} bits, key has {m} rows")
-    n, h, r = len(jobs), space.w0.shape[0], space.basis.shape[1]
-    params = _Params(torch.zeros(n, h, r), space.gamma0.repeat(n, 1), space.beta0.repeat(n, 1),
-                     space.head_w0.repeat(n, 1, 1), space.head_b0.repeat(n, 1))
-    for t in params.tensors():
-        t.requires_grad_(True)
-    adam = _Adam(cfg.lr)
-    state = adam.init(params)
-    # one row per customer still training: the rows leave all these together when a customer is done
-    alive = list(range(n))                                                      # job index of each row
-    s = torch.stack([signs(j.bits) for j in jobs])                              # [B, m]
-    key_labels = None if space.keys is None else torch.stack([j.key_labels[space.keys.key_of_row] for j in jobs])  # [B, rows]
-    generators = [torch.Generator().manual_seed(j.seed) for j in jobs]
-    restoring = torch.zeros(n, dtype=torch.bool)
-    hinge_on = torch.ones(n, dtype=torch.bool)
-    steps = 0  # every customer still training has taken the same number of steps
+    width = len(jobs) if width is None else int(width)
+    if width < 1:
+        raise InvalidInput(f"the batch width must be at least 1, got {width}")
+    batch = _Batch.empty(space, cfg)
+    waiting = list(range(len(jobs)))
     done: dict[int, Outcome] = {}
     target = cfg.margin * (1 + cfg.slack)
-    while alive:
-        if steps % cfg.check_every == 0 or steps >= cfg.max_steps:
-            with torch.no_grad():
-                margins = (s * _soft_values(space, params)).min(1).values / space.unit
-                agree = _key_agreement(space, params, key_labels)
-            finished = []
-            for k, i in enumerate(alive):
-                margin, agreement = float(margins[k]), (None if agree is None else float(agree[k]))
-                hinge_on[k] = margin < target
-                marked = margin >= cfg.margin and (agreement is None or agreement >= cfg.key_agreement)
-                if marked and not restoring[k]:
-                    restoring[k] = True  # phase 2: the objective becomes the bank's accuracy, constraints kept
-                if marked:
-                    accuracy = _accuracy(space, params, k, space.check, space.check_labels)
-                    if accuracy >= space.base_accuracy - cfg.accuracy_tolerance:
-                        finished.append(k)
-                        done[i] = Outcome(jobs[i].name, _result(space, params, k, jobs[i], steps, margin, agreement, accuracy, start))
-                        continue
-                if steps >= cfg.max_steps:
-                    accuracy = _accuracy(space, params, k, space.check, space.check_labels)
-                    finished.append(k)
-                    done[i] = Outcome(jobs[i].name, None, EmbeddingFailed(
-                        f"{jobs[i].name}: code word not embedded after {steps} steps: min margin {margin:.3f} (need {cfg.margin})"
-                        + ("" if agreement is None else f", keys answered {agreement:.3f} (need {cfg.key_agreement})")
-                        + f", bank accuracy {accuracy:.4f} (base {space.base_accuracy:.4f}, tolerance {cfg.accuracy_tolerance})",
-                        steps=steps))
-            if finished:
-                if progress is not None:
-                    progress(len(finished))
-                keep = [k for k in range(len(alive)) if k not in finished]
-                alive = [alive[k] for k in keep]
-                if not alive:
-                    break
-                params = _select(params, keep)
-                for t in params.tensors():
-                    t.requires_grad_(True)
-                state = [(m[keep], v[keep]) for m, v in state]
-                s, restoring, hinge_on = s[keep], restoring[keep], hinge_on[keep]
-                key_labels = None if key_labels is None else key_labels[keep]
-                generators = [generators[k] for k in keep]
-        steps += 1
-        _step(space, params, state, adam, generators, s, key_labels, restoring, hinge_on, steps, cfg, target)
-    return [done[i] for i in range(n)]
+    while waiting or batch.alive:
+        # every row is checked every check_every of its own steps; newcomers join only when all rows are at a check
+        # (or the batch is empty), so the rows stay on one schedule and each is checked exactly as if it were alone
+        aligned = bool((batch.counts % cfg.check_every == 0).all())
+        if aligned or bool((batch.counts >= cfg.max_steps).any()):
+            finished = _check(space, batch, jobs, cfg, target, done, start)
+            if aligned and waiting and len(batch.alive) < width:
+                new = waiting[: width - len(batch.alive)]
+                del waiting[: len(new)]
+                joined = batch.join(space, jobs, new)
+                finished += _check(space, batch, jobs, cfg, target, done, start, only=joined)  # its check at step 0
+            if finished and progress is not None:
+                progress(len(finished))
+            if not batch.alive:
+                continue
+        batch.counts += 1
+        _step(space, batch, cfg, target)
+    return [done[i] for i in range(len(jobs))]
+
+
+@dataclass
+class _Batch:
+    """The customers training now, one row each, and what each row carries: its job,
+    trained tensors, Adam state, code word signs, key targets, batch generator, phase
+    and step count. Rows leave together when a customer is done; new ones join at the end."""
+
+    alive: list[int]                 # job index of each row
+    params: _Params
+    state: list                      # Adam (m, v) per tensor of params
+    adam: _Adam
+    s: torch.Tensor                  # [B, m] code word signs
+    key_labels: torch.Tensor | None  # [B, key rows]
+    generators: list
+    restoring: torch.Tensor          # bool [B]: phase 2 (marks hold; the objective is accuracy)
+    hinge_on: torch.Tensor           # bool [B]
+    counts: torch.Tensor             # int64 [B]: steps this customer has taken
+
+    @classmethod
+    def empty(cls, space: CarrierSpace, cfg: EmbedConfig) -> "_Batch":
+        h, r, m = space.w0.shape[0], space.basis.shape[1], space.key_matrix.shape[0]
+        params = _Params(torch.zeros(0, h, r), space.gamma0.repeat(0, 1), space.beta0.repeat(0, 1),
+                         space.head_w0.repeat(0, 1, 1), space.head_b0.repeat(0, 1))
+        adam = _Adam(cfg.lr)
+        keys = None if space.keys is None else torch.zeros(0, len(space.keys.key_of_row), dtype=torch.long)
+        return cls([], params, adam.init(params), adam, torch.zeros(0, m), keys, [], torch.zeros(0, dtype=torch.bool),
+                   torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+
+    def join(self, space: CarrierSpace, jobs: list[Job], new: list[int]) -> list[int]:
+        """Rows for the jobs ``new`` (fresh copies of the base), appended; their row numbers."""
+        if not new:
+            return []
+        k = len(new)
+        fresh = _Params(torch.zeros(k, *self.params.d.shape[1:]), space.gamma0.repeat(k, 1), space.beta0.repeat(k, 1),
+                        space.head_w0.repeat(k, 1, 1), space.head_b0.repeat(k, 1))
+        rows = list(range(len(self.alive), len(self.alive) + k))
+        self.params = _Params(*(torch.cat([a.detach(), b]).requires_grad_(True) for a, b in zip(self.params.tensors(), fresh.tensors())))
+        self.state = [(torch.cat([m, torch.zeros_like(t)]), torch.cat([v, torch.zeros_like(t)])) for (m, v), t in zip(self.state, fresh.tensors())]
+        self.s = torch.cat([self.s, torch.stack([signs(jobs[i].bits) for i in new])])
+        if self.key_labels is not None:
+            self.key_labels = torch.cat([self.key_labels, torch.stack([jobs[i].key_labels[space.keys.key_of_row] for i in new])])
+        self.generators += [torch.Generator().manual_seed(jobs[i].seed) for i in new]
+        self.restoring = torch.cat([self.restoring, torch.zeros(k, dtype=torch.bool)])
+        self.hinge_on = torch.cat([self.hinge_on, torch.ones(k, dtype=torch.bool)])
+        self.counts = torch.cat([self.counts, torch.zeros(k, dtype=torch.long)])
+        self.alive += new
+        return rows
+
+    def keep(self, rows: list[int]) -> None:
+        """Only the rows ``rows`` go on training."""
+        self.alive = [self.alive[k] for k in rows]
+        self.params = _select(self.params, rows)
+        for t in self.params.tensors():
+            t.requires_grad_(True)
+        self.state = [(m[rows], v[rows]) for m, v in self.state]
+        self.s, self.restoring, self.hinge_on, self.counts = self.s[rows], self.restoring[rows], self.hinge_on[rows], self.counts[rows]
+        self.key_labels = None if self.key_labels is None else self.key_labels[rows]
+        self.generators = [self.generators[k] for k in rows]
+
+
+def _check(space: CarrierSpace, batch: _Batch, jobs: list[Job], cfg: EmbedConfig, target: float, done: dict, start: float,
+           only: list[int] | None = None) -> list[int]:
+    """Check the rows due (every ``check_every`` of their own steps, or at ``max_steps``;
+    ``only``: just these rows): switch phases, record finished copies and failures in
+    ``done`` and drop their rows. Returns the job indices that finished."""
+    rows = only if only is not None else [k for k in range(len(batch.alive))
+                                          if int(batch.counts[k]) % cfg.check_every == 0 or int(batch.counts[k]) >= cfg.max_steps]
+    if not rows:
+        return []
+    with torch.no_grad():
+        sub = _select(batch.params, rows)
+        margins = (batch.s[rows] * _soft_values(space, sub)).min(1).values / space.unit
+        agree = _key_agreement(space, sub, None if batch.key_labels is None else batch.key_labels[rows])
+    finished = []
+    for j, k in enumerate(rows):
+        i, steps = batch.alive[k], int(batch.counts[k])
+        margin, agreement = float(margins[j]), (None if agree is None else float(agree[j]))
+        batch.hinge_on[k] = margin < target
+        marked = margin >= cfg.margin and (agreement is None or agreement >= cfg.key_agreement)
+        if marked and not batch.restoring[k]:
+            batch.restoring[k] = True  # phase 2: the objective becomes the bank's accuracy, constraints kept
+        if marked:
+            accuracy = _accuracy(space, batch.params, k, space.check, space.check_labels)
+            if accuracy >= space.base_accuracy - cfg.accuracy_tolerance:
+                finished.append(k)
+                done[i] = Outcome(jobs[i].name, _result(space, batch.params, k, jobs[i], steps, margin, agreement, accuracy, start))
+                continue
+        if steps >= cfg.max_steps:
+            accuracy = _accuracy(space, batch.params, k, space.check, space.check_labels)
+            finished.append(k)
+            done[i] = Outcome(jobs[i].name, None, EmbeddingFailed(
+                f"{jobs[i].name}: code word not embedded after {steps} steps: min margin {margin:.3f} (need {cfg.margin})"
+                + ("" if agreement is None else f", keys answered {agreement:.3f} (need {cfg.key_agreement})")
+                + f", bank accuracy {accuracy:.4f} (base {space.base_accuracy:.4f}, tolerance {cfg.accuracy_tolerance})",
+                steps=steps))
+    names = [batch.alive[k] for k in finished]
+    if finished:
+        batch.keep([k for k in range(len(batch.alive)) if k not in finished])
+    return names
 
 
 def _select(p: _Params, rows: list[int]) -> _Params:
@@ -420,24 +490,24 @@ def _accuracy(space: CarrierSpace, p: _Params, i: int, rows: Projected, labels: 
         return float((_logits_one(space, rows, p, i).argmax(1) == labels).double().mean())
 
 
-def _step(space: CarrierSpace, params: _Params, state: list, adam: _Adam, generators: list, s: torch.Tensor,
-          key_labels: torch.Tensor | None, restoring: torch.Tensor, hinge_on: torch.Tensor, steps: int, cfg: EmbedConfig,
-          target: float) -> None:
-    """One Adam step for every customer in ``params`` (each on its own random batch)."""
-    picks = torch.stack([torch.randint(len(space.train), (cfg.batch_size,), generator=g) for g in generators])
+def _step(space: CarrierSpace, batch: _Batch, cfg: EmbedConfig, target: float) -> None:
+    """One Adam step for every customer in the batch (each on its own random batch of rows)."""
+    params, key_labels = batch.params, batch.key_labels
+    picks = torch.stack([torch.randint(len(space.train), (cfg.batch_size,), generator=g) for g in batch.generators])
     key_picks = None
     if key_labels is not None:
-        key_picks = torch.stack([torch.randint(key_labels.shape[1], (cfg.batch_size,), generator=g) for g in generators])
+        key_picks = torch.stack([torch.randint(key_labels.shape[1], (cfg.batch_size,), generator=g) for g in batch.generators])
     logits = _logits(space, params, space.train.base[picks], space.train.sub[picks])
     base_logp = F.log_softmax(space.train_logits[picks], 2)
     logp = F.log_softmax(logits, 2)
     keep = (base_logp.exp() * (base_logp - logp)).sum(2).mean(1)  # KL(base || copy) per customer
     ce = F.cross_entropy(logits.transpose(1, 2), space.train_labels[picks], reduction="none").mean(1)
-    loss = keep + cfg.restore_weight * restoring.float() * ce
-    if bool(hinge_on.any()):
-        rows = torch.nonzero(hinge_on).squeeze(1)
-        y = _soft_values(space, _Params(*(t[rows] for t in params.tensors())))
-        hinge = F.relu(target - s[rows] * y / space.unit).mean(1)
+    loss = keep + cfg.restore_weight * batch.restoring.float() * ce
+    if bool(batch.hinge_on.any()):
+        rows = torch.nonzero(batch.hinge_on).squeeze(1)
+        on = params if len(rows) == len(batch.alive) else _Params(*(t[rows] for t in params.tensors()))
+        y = _soft_values(space, on)
+        hinge = F.relu(target - batch.s[rows] * y / space.unit).mean(1)
         loss = loss.index_add(0, rows, cfg.lam * hinge)
     if key_picks is not None:
         labels = torch.gather(key_labels, 1, key_picks)
@@ -446,7 +516,7 @@ def _step(space: CarrierSpace, params: _Params, state: list, adam: _Adam, genera
         key_ce = F.cross_entropy(key_logits.transpose(1, 2), labels, reduction="none")
         loss = loss + cfg.key_weight * (key_ce * unsure).mean(1)
     grads = torch.autograd.grad(loss.sum(), params.tensors())
-    adam.step(params, state, grads, torch.full((len(params.d),), steps, dtype=torch.long))
+    batch.adam.step(params, batch.state, grads, batch.counts)
 
 
 def _result(space: CarrierSpace, p: _Params, i: int, job: Job, steps: int, margin: float, agreement: float | None, accuracy: float,

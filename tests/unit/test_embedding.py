@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from securemark.embedding import CarrierSpace, Job, copy_accuracy, embed_batch, supports
-from securemark.errors import InvalidConfig
+from securemark.errors import InvalidConfig, InvalidInput
 from securemark.fingerprint import EmbedConfig, Readout, bit_error_rate, carrier_inputs, extract
 from securemark.key import projection
 from securemark.model import ModelSpec, SplitNet, build_model, forward_from, unit_index
@@ -122,6 +122,21 @@ def test_a_batch_gives_the_copies_one_at_a_time_gives(batch, space):
         assert alone.result.steps == together.result.steps
         for (name, a), b in zip(alone.result.model.state_dict().items(), together.result.model.state_dict().values()):
             assert torch.allclose(a, b, atol=1e-4), name
+
+
+def test_a_rolling_batch_gives_the_same_copies_whenever_a_customer_joins(batch, space):
+    """width 2 over 4 jobs: the last two join as the first two finish (at a check, on
+    their own step count), and every copy is the one the full batch made."""
+    todo, outcomes = batch
+    joined = []
+    rolling = embed_batch(space, todo, CFG, progress=joined.append, width=2)
+    assert sum(joined) == len(todo) and [o.name for o in rolling] == [j.name for j in todo]
+    for late, together in zip(rolling, outcomes):
+        assert late.result.steps == together.result.steps
+        for (name, a), b in zip(late.result.model.state_dict().items(), together.result.model.state_dict().values()):
+            assert torch.equal(a, b), name
+    with pytest.raises(InvalidInput, match="width"):
+        embed_batch(space, todo, CFG, width=0)
 
 
 def test_copy_accuracy_is_the_full_models_accuracy(batch, space, world):
