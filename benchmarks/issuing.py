@@ -73,7 +73,7 @@ def embed_words(root: Path, words: int, batch: int, seed: int) -> dict:
             failures.append(str(outcome.error))
             continue
         r = outcome.result
-        rows.append({"steps": r.steps, "ber": r.ber, "min_margin": r.min_margin, "key_agreement": r.key_agreement,
+        rows.append({"steps": r.steps, "mark_steps": r.mark_steps, "ber": r.ber, "min_margin": r.min_margin, "key_agreement": r.key_agreement,
                      "drop_pt": (base_accuracy - copy_accuracy(space, r.model, test_rows, test_labels)) * 100})
     seconds = time.perf_counter() - start
     drops = [r["drop_pt"] for r in rows]
@@ -81,6 +81,9 @@ def embed_words(root: Path, words: int, batch: int, seed: int) -> dict:
             "setup_seconds": setup, "seconds_per_copy": seconds / words, "base_accuracy": base_accuracy,
             "accuracy_drop_max": max(drops, default=None), "accuracy_drop_mean": statistics.fmean(drops) if drops else None,
             "steps_max": max((r["steps"] for r in rows), default=None), "steps_mean": statistics.fmean(r["steps"] for r in rows) if rows else None,
+            # where the steps go: until both marks hold, then restoring accuracy
+            "mark_steps_mean": statistics.fmean(r["mark_steps"] for r in rows) if rows else None,
+            "mark_steps_max": max((r["mark_steps"] for r in rows), default=None),
             "ber_max": max((r["ber"] for r in rows), default=None), "margin_min": min((r["min_margin"] for r in rows), default=None),
             "key_agreement_min": min((r["key_agreement"] for r in rows if r["key_agreement"] is not None), default=None)}
 

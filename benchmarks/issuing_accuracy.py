@@ -71,7 +71,7 @@ def main() -> None:
     rows = []
     for overrides in args.variants:
         cfg = with_overrides(vendor.embed, overrides)
-        drops, steps, failures = [], [], 0
+        drops, steps, marks, failures = [], [], [], 0
         start = time.perf_counter()
         for s in range(0, len(jobs), args.batch):
             for outcome in embed_batch(space, jobs[s : s + args.batch], cfg):
@@ -80,10 +80,12 @@ def main() -> None:
                     continue
                 drops.append((base_accuracy - copy_accuracy(space, outcome.result.model, test_rows, test_labels)) * 100)
                 steps.append(outcome.result.steps)
+                marks.append(outcome.result.mark_steps)
         row = {"overrides": overrides, "words": args.words, "failures": failures,
                "accuracy_drop_max": max(drops, default=None), "accuracy_drop_mean": statistics.fmean(drops) if drops else None,
                "largest_drops": sorted(round(d, 2) for d in drops)[-5:], "steps_mean": statistics.fmean(steps) if steps else None,
-               "steps_max": max(steps, default=None), "seconds_per_copy": (time.perf_counter() - start) / args.words}
+               "steps_max": max(steps, default=None), "mark_steps_mean": statistics.fmean(marks) if marks else None,
+               "seconds_per_copy": (time.perf_counter() - start) / args.words}
         print(json.dumps(row), flush=True)
         rows.append(row)
     report({"key_id": vendor.key.key_id, "base_accuracy": base_accuracy, "defaults": dataclasses.asdict(vendor.embed),

@@ -92,7 +92,7 @@ def embed_copies(paths: Paths, settings: Settings, base_file: Path, customers: l
         out = save_weights(result.model, paths.customer_copy(outcome.name))
         rows.append({"customer_id": outcome.name, "path": str(out), "weights_sha256": sha256_file(out),
                      "test_accuracy": copy_accuracy(space, result.model, test_rows, test_labels),
-                     "ber": result.ber, "min_margin": result.min_margin, "embed_steps": result.steps,
+                     "ber": result.ber, "min_margin": result.min_margin, "embed_steps": result.steps, "mark_steps": result.mark_steps,
                      "embed_seconds": embed_seconds, "key_agreement": result.key_agreement, "worker": worker})
     seconds = (time.perf_counter() - start) / len(jobs)
     for row in rows:

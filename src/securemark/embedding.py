@@ -385,6 +385,7 @@ class _Batch:
     restoring: torch.Tensor          # bool [B]: phase 2 (marks hold; the objective is accuracy)
     hinge_on: torch.Tensor           # bool [B]
     counts: torch.Tensor             # int64 [B]: steps this customer has taken
+    marked_at: torch.Tensor          # int64 [B]: its step count when both marks first held (-1: not yet)
 
     @classmethod
     def empty(cls, space: CarrierSpace, cfg: EmbedConfig) -> "_Batch":
@@ -394,7 +395,7 @@ class _Batch:
         adam = _Adam(cfg.lr)
         keys = None if space.keys is None else torch.zeros(0, len(space.keys.key_of_row), dtype=torch.long)
         return cls([], params, adam.init(params), adam, torch.zeros(0, m), keys, [], torch.zeros(0, dtype=torch.bool),
-                   torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+                   torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
 
     def join(self, space: CarrierSpace, jobs: list[Job], new: list[int]) -> list[int]:
         """Rows for the jobs ``new`` (fresh copies of the base), appended; their row numbers."""
@@ -413,6 +414,7 @@ class _Batch:
         self.restoring = torch.cat([self.restoring, torch.zeros(k, dtype=torch.bool)])
         self.hinge_on = torch.cat([self.hinge_on, torch.ones(k, dtype=torch.bool)])
         self.counts = torch.cat([self.counts, torch.zeros(k, dtype=torch.long)])
+        self.marked_at = torch.cat([self.marked_at, torch.full((k,), -1, dtype=torch.long)])
         self.alive += new
         return rows
 
@@ -424,6 +426,7 @@ class _Batch:
             t.requires_grad_(True)
         self.state = [(m[rows], v[rows]) for m, v in self.state]
         self.s, self.restoring, self.hinge_on, self.counts = self.s[rows], self.restoring[rows], self.hinge_on[rows], self.counts[rows]
+        self.marked_at = self.marked_at[rows]
         self.key_labels = None if self.key_labels is None else self.key_labels[rows]
         self.generators = [self.generators[k] for k in rows]
 
@@ -449,11 +452,13 @@ def _check(space: CarrierSpace, batch: _Batch, jobs: list[Job], cfg: EmbedConfig
         marked = margin >= cfg.margin and (agreement is None or agreement >= cfg.key_agreement)
         if marked and not batch.restoring[k]:
             batch.restoring[k] = True  # phase 2: the objective becomes the bank's accuracy, constraints kept
+            batch.marked_at[k] = steps
         if marked:
             accuracy = _accuracy(space, batch.params, k, space.check, space.check_labels)
             if accuracy >= space.base_accuracy - cfg.accuracy_tolerance:
                 finished.append(k)
-                done[i] = Outcome(jobs[i].name, _result(space, batch.params, k, jobs[i], steps, margin, agreement, accuracy, start))
+                done[i] = Outcome(jobs[i].name, _result(space, batch.params, k, jobs[i], steps, margin, agreement, accuracy, start,
+                                                        int(batch.marked_at[k])))
                 continue
         if steps >= cfg.max_steps:
             accuracy = _accuracy(space, batch.params, k, space.check, space.check_labels)
@@ -520,11 +525,11 @@ def _step(space: CarrierSpace, batch: _Batch, cfg: EmbedConfig, target: float) -
 
 
 def _result(space: CarrierSpace, p: _Params, i: int, job: Job, steps: int, margin: float, agreement: float | None, accuracy: float,
-            start: float) -> EmbedResult:
+            start: float, mark_steps: int | None = None) -> EmbedResult:
     model = copy_model(space, p, i)
     y = extract(model, space.readout, space.key_matrix64)
     return EmbedResult(model, steps, bit_error_rate(y, job.bits), margin, accuracy, space.base_accuracy,
-                       time.perf_counter() - start, agreement)
+                       time.perf_counter() - start, agreement, mark_steps)
 
 
 @torch.no_grad()

@@ -112,6 +112,7 @@ class EmbedResult:
     base_bank_accuracy: float
     seconds: float
     key_agreement: float | None = None  # fraction of the keys answered with their targets
+    mark_steps: int | None = None  # batched issuing: the check at which both marks first held (the rest restored accuracy)
 
 
 def fingerprint_unit(model: SplitNet, layer: str) -> nn.Module:

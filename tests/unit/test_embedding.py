@@ -100,6 +100,7 @@ def test_every_word_is_embedded_with_both_marks(batch, space, world):
         assert result.min_margin >= CFG.margin
         assert result.key_agreement >= CFG.key_agreement
         assert result.bank_accuracy >= space.base_accuracy - CFG.accuracy_tolerance
+        assert 0 < result.mark_steps <= result.steps and result.mark_steps % CFG.check_every == 0  # marked at a check, then restored
         index = unit_index(result.model, "server.dense1")
         answers = forward_from(result.model, index, world["keys"]).argmax(1)
         assert float((answers == job.key_labels).double().mean()) >= CFG.key_agreement
