@@ -215,8 +215,9 @@ def patterns_needed(q: int, words: int, delta: float, most: int) -> int | None:
     ``delta`` over ``words`` code words. ``None`` when even all ``most`` patterns are
     not enough (a bound stricter than any read of these keys can meet).
 
-    A read on fewer patterns cannot accuse anyone, whatever the API is, so its
-    "no one accused" says nothing: it is inconclusive (:func:`sequential_trace`)."""
+    A read on fewer patterns cannot accuse even an unmodified copy answering every key
+    with its symbol (the strongest evidence a pattern can give), so its "no one accused"
+    says nothing: it is inconclusive (:func:`sequential_trace`)."""
     if words < 1 or most < 1:
         return None
     one_hot = np.zeros((most, q))
