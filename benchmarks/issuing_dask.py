@@ -17,6 +17,7 @@ stored per copy (copy file + registry artifacts).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--kill-after", type=float, default=0.3, help="share of the copies on disk when a worker is killed")
+    ap.add_argument("--task", type=int, default=None, help="customers per task (default: params issue.task)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     root = Path.cwd().resolve()
@@ -73,6 +75,8 @@ def main() -> None:
                           SECUREMARK_VENDOR_DIR=str(Path(tmp) / "vendor"), SECUREMARK_ROOT=str(project))
         paths = Paths(project)
         settings = Settings.load(paths.params)
+        if args.task:
+            settings = dataclasses.replace(settings, issue=dataclasses.replace(settings.issue, task=args.task))
         with tracking.run("base", tracking.TRAIN_EXPERIMENT, paths):  # the flow issues from the registered base (@latest)
             log_classifier(paths.base_model, BASE_MODEL)
         ids = [f"dask-{i:05d}" for i in range(args.copies)]
@@ -111,7 +115,8 @@ def main() -> None:
         copy_bytes = sum(f.stat().st_size for f in files.values())
         artifact_bytes = sum(f.stat().st_size for f in (project / "mlruns").rglob("*") if f.is_file() and "securemark-issue" in str(f)) \
             if (project / "mlruns").is_dir() else 0
-    result = {"copies": args.copies, "issued": len(issued), "workers": args.workers, "workers_killed": len(killed), "kill": killed,
+    result = {"copies": args.copies, "issued": len(issued), "workers": args.workers, "task": settings.issue.task,
+              "batch": settings.issue.batch, "workers_killed": len(killed), "kill": killed,
               "duplicates": duplicates, "half_entries": half, "aliases_ok": aliases_ok, "error": error,
               "seconds_per_copy": wall / max(len(issued), 1), "wall_seconds": wall,
               "bytes_per_copy": (copy_bytes + artifact_bytes) / max(len(issued), 1),
