@@ -94,6 +94,8 @@ def main() -> None:
                 rows, error = [], f"{type(exc).__name__}: {str(exc)[:500]}"
             wall = time.perf_counter() - start
             done.set()
+            for entry in killed:
+                entry["at_seconds"] = round(entry["at_seconds"] - start, 1)  # into the run
         # what is left behind
         vendor = Vendor.open(paths, settings)
         records = vendor.ledger.records()
