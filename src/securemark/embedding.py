@@ -389,12 +389,10 @@ class _Batch:
 
     @classmethod
     def empty(cls, space: CarrierSpace, cfg: EmbedConfig) -> "_Batch":
-        h, r, m = space.w0.shape[0], space.basis.shape[1], space.key_matrix.shape[0]
-        params = _Params(torch.zeros(0, h, r), space.gamma0.repeat(0, 1), space.beta0.repeat(0, 1),
-                         space.head_w0.repeat(0, 1, 1), space.head_b0.repeat(0, 1))
+        params = _fresh(space, 0)
         adam = _Adam(cfg.lr)
         keys = None if space.keys is None else torch.zeros(0, len(space.keys.key_of_row), dtype=torch.long)
-        return cls([], params, adam.init(params), adam, torch.zeros(0, m), keys, [], torch.zeros(0, dtype=torch.bool),
+        return cls([], params, adam.init(params), adam, torch.zeros(0, space.key_matrix.shape[0]), keys, [], torch.zeros(0, dtype=torch.bool),
                    torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
 
     def join(self, space: CarrierSpace, jobs: list[Job], new: list[int]) -> list[int]:
@@ -402,8 +400,7 @@ class _Batch:
         if not new:
             return []
         k = len(new)
-        fresh = _Params(torch.zeros(k, *self.params.d.shape[1:]), space.gamma0.repeat(k, 1), space.beta0.repeat(k, 1),
-                        space.head_w0.repeat(k, 1, 1), space.head_b0.repeat(k, 1))
+        fresh = _fresh(space, k)
         rows = list(range(len(self.alive), len(self.alive) + k))
         self.params = _Params(*(torch.cat([a.detach(), b]).requires_grad_(True) for a, b in zip(self.params.tensors(), fresh.tensors())))
         self.state = [(torch.cat([m, torch.zeros_like(t)]), torch.cat([v, torch.zeros_like(t)])) for (m, v), t in zip(self.state, fresh.tensors())]
@@ -429,6 +426,12 @@ class _Batch:
         self.marked_at = self.marked_at[rows]
         self.key_labels = None if self.key_labels is None else self.key_labels[rows]
         self.generators = [self.generators[k] for k in rows]
+
+
+def _fresh(space: CarrierSpace, count: int) -> _Params:
+    """``count`` untouched copies of the base's trained part (``D = 0``), stacked."""
+    return _Params(torch.zeros(count, space.w0.shape[0], space.basis.shape[1]), space.gamma0.repeat(count, 1),
+                   space.beta0.repeat(count, 1), space.head_w0.repeat(count, 1, 1), space.head_b0.repeat(count, 1))
 
 
 def _check(space: CarrierSpace, batch: _Batch, jobs: list[Job], cfg: EmbedConfig, target: float, done: dict, start: float,
