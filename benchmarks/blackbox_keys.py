@@ -29,10 +29,9 @@ from safetensors.torch import load_file
 from flows.adapters.partitions import attacker_data, test_set
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import probe_images
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.attacks import create_attack
-from securemark.blackbox import SymbolBook, agreement, key_views, make_keys, targets
+from securemark.tracing.blackbox import SymbolBook, agreement, key_views, make_keys, targets
 from securemark.fingerprint import EmbeddingFailed, KeyTargets, Readout, carrier_inputs, embed
 from securemark.key import projection, random_secret
 from securemark.model import accuracy
@@ -62,7 +61,7 @@ def main() -> None:
     test = test_set(paths)
     aux = read_partition(paths.partition("aux")).as_float()
     data = attacker_data(paths, settings)
-    readout = Readout.build(cfg0.readout, base, cfg0.layer, probe_images(paths, settings), cfg0.rank)
+    readout = Readout.build(cfg0.readout, base, cfg0.layer, read_partition(paths.partition("aux")).as_float()[: settings.trace.probe_size], cfg0.rank)
     code_length = settings.fingerprint.code.options["code_length"]
     K = projection(random_secret(), readout.layer, code_length, readout.features(base).numel())
     base_accuracy = accuracy(base, *test)

@@ -23,10 +23,10 @@ import torch
 
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import Vendor, api_probe
+from flows.adapters.vendor import open_vendor
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.attacks.serving import CoalitionAPI
-from securemark.blackbox import label_api
+from securemark.tracing.blackbox import label_api
 from securemark.weights import load_weights
 
 OUT = Path(__file__).resolve().parent / "results" / "coalition_api.json"
@@ -51,10 +51,10 @@ def main() -> None:
     torch.set_num_threads(2)
     paths = Paths.from_env()
     settings = Settings.load(paths.params)
-    vendor = Vendor.open(paths, settings)
+    vendor = open_vendor(paths, settings)
     issued = vendor.issued_codewords()
     copies = paths.issued_copies()
-    probe = api_probe(paths, settings, vendor)
+    probe = vendor.api_probe()
     readings = {"first accusation": dict(repeats=1, explain=0.0), f"explain {args.explain}": dict(repeats=1, explain=args.explain),
                 f"explain {args.explain}, {args.repeats} passes": dict(repeats=args.repeats, explain=args.explain)}
     rows = []

@@ -30,11 +30,11 @@ import torch
 from flows.adapters.partitions import attacker_data, test_set
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings, load_params
-from flows.adapters.vendor import Vendor, carrier_space, make_extractor, make_keyset
+from flows.adapters.vendor import open_vendor
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.attacks import create_attack
-from securemark.attacks.grid import draw_coalitions
-from securemark.blackbox import targets
+from securemark.evaluation.grid import draw_coalitions
+from securemark.tracing.blackbox import targets
 from securemark.embedding import Job, copy_accuracy, embed_batch
 from securemark.key import create_secret, derive_seed
 from securemark.model import accuracy
@@ -65,15 +65,15 @@ def run_config(root: Path, length: int, margin: float, args) -> dict:
         os.environ["SECUREMARK_VENDOR_DIR"] = str(Path(tmp) / "vendor")
         create_secret(Path(tmp) / "secret.key")
         paths = Paths(root)
-        vendor = Vendor.open(paths, settings)
-        extractor = make_extractor(paths, settings, vendor)
-        space, test_rows, test_labels = carrier_space(paths, settings, vendor)
-        keyset = make_keyset(paths, settings, vendor)
+        vendor = open_vendor(paths, settings)
+        extractor = vendor.extractor()
+        space, test_rows, test_labels = vendor.carrier_space()
+        keyset = vendor.keyset
         words = {f"bench-{i:03d}": i for i in range(args.copies)}
         jobs = [Job(c, vendor.codebook.word(i), targets(keyset, vendor.blackbox_codebook.word(i)), derive_seed(vendor.secret, f"embed|{c}"))
                 for c, i in words.items()]
         start = time.perf_counter()
-        outcomes = embed_batch(space, jobs, vendor.embed)
+        outcomes = embed_batch(space, jobs, vendor.config.embed)
         seconds = (time.perf_counter() - start) / len(jobs)
         copies = {o.name: o.result.model for o in outcomes if o.result is not None}
         base_accuracy = copy_accuracy(space, extractor.reference, test_rows, test_labels)

@@ -33,7 +33,7 @@ from flows.adapters.settings import Settings, attack_options  # noqa: E402
 from pipeline_state import load_pipeline_state  # noqa: E402  sibling module: scripts run as python benchmarks/<name>.py
 from securemark.attacks import create_attack  # noqa: E402
 from securemark.attacks.base import AttackData  # noqa: E402
-from securemark.attacks.grid import draw_coalitions  # noqa: E402
+from securemark.evaluation.grid import draw_coalitions  # noqa: E402
 from securemark.fingerprint import effective_weight  # noqa: E402
 from securemark.model import accuracy  # noqa: E402
 from securemark.tracing import codebook_indices, decide_readings, fit_drift  # noqa: E402

@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import probe_images
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.attacks import AttackData, create_attack
 from securemark.codes import create_code
@@ -62,7 +61,7 @@ def main() -> None:
     attacker = read_partition(paths.partition("attacker"))
     index = torch.from_numpy(stratified_subset(attacker.labels.numpy(), settings.attacker.budget, settings.base.seed))
     data = AttackData(attacker.as_float()[index], attacker.labels[index])
-    probe = probe_images(paths, settings)
+    probe = read_partition(paths.partition("aux")).as_float()[: settings.trace.probe_size]
     readout = Readout.build(cfg.readout, base, cfg.layer, probe, cfg.rank)
     base_accuracy = accuracy(base, *test)
     # Copies (and averages of copies) differ from the base only from the carrying block on:

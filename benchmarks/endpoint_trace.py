@@ -32,7 +32,7 @@ from flows.adapters import tracking
 from flows.adapters.endpoint import PredictionAPI
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import Vendor, api_probe
+from flows.adapters.vendor import open_vendor
 from flows.tracing import trace_endpoint
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.key import null_secret
@@ -64,8 +64,8 @@ def main() -> None:
         trace_seconds = time.perf_counter() - start
         bb = settings.blackbox
         repeats = max(1, args.queries // bb.keys)
-        vendor = Vendor.open(paths, settings)
-        probe = dataclasses.replace(api_probe(paths, settings, vendor, null_secret(settings.base.seed, "blackbox", 0)), repeats=repeats)
+        vendor = open_vendor(paths, settings)
+        probe = dataclasses.replace(vendor.api_probe(null_secret(settings.base.seed, "blackbox", 0)), repeats=repeats)
         api = PredictionAPI(url, "mlflow", bb.batch, bb.timeout, bb.retries, bb.max_response_bytes, budget=None)
         start = time.perf_counter()
         result = probe.trace(api.predict, settings.trace.epsilon)

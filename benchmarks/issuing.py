@@ -42,19 +42,19 @@ def embed_words(root: Path, words: int, batch: int, seed: int) -> dict:
     """Part 1 for one fresh secret (the caller has pointed the vendor at fresh state)."""
     from flows.adapters.paths import Paths
     from flows.adapters.settings import Settings
-    from flows.adapters.vendor import Vendor, carrier_space, make_keyset
-    from securemark.blackbox import targets
+    from flows.adapters.vendor import open_vendor
+    from securemark.tracing.blackbox import targets
     from securemark.embedding import Job, copy_accuracy, embed_batch
     from securemark.key import derive_seed
 
     paths = Paths(root)
     settings = Settings.load(paths.params)
-    vendor = Vendor.open(paths, settings)
+    vendor = open_vendor(paths, settings)
     start = time.perf_counter()
-    space, test_rows, test_labels = carrier_space(paths, settings, vendor)
+    space, test_rows, test_labels = vendor.carrier_space()
     setup = time.perf_counter() - start
     base_accuracy = copy_accuracy(space, space.base, test_rows, test_labels)
-    keyset = make_keyset(paths, settings, vendor) if settings.blackbox.enabled else None
+    keyset = vendor.keyset if settings.blackbox.enabled else None
     indices = np.random.default_rng(seed).choice(len(vendor.codebook), size=words, replace=False)
     rows, failures = [], []
     start = time.perf_counter()
@@ -68,7 +68,7 @@ def embed_words(root: Path, words: int, batch: int, seed: int) -> dict:
         if sum(finished) % batch < count or sum(finished) == words:
             print(f"  {sum(finished)}/{words} words, {time.perf_counter() - start:.0f} s", flush=True)
 
-    for outcome in embed_batch(space, jobs, vendor.embed, progress=progress, width=batch):  # a rolling batch of `batch`
+    for outcome in embed_batch(space, jobs, vendor.config.embed, progress=progress, width=batch):  # a rolling batch of `batch`
         if outcome.error is not None:
             failures.append(str(outcome.error))
             continue

@@ -54,23 +54,23 @@ def main() -> None:
 
     from flows.adapters.paths import Paths
     from flows.adapters.settings import Settings
-    from flows.adapters.vendor import Vendor, carrier_space, make_keyset
-    from securemark.blackbox import targets
+    from flows.adapters.vendor import open_vendor
+    from securemark.tracing.blackbox import targets
     from securemark.embedding import Job, copy_accuracy, embed_batch
     from securemark.key import derive_seed
 
     paths = Paths(Path.cwd().resolve())
     settings = Settings.load(paths.params)
-    vendor = Vendor.open(paths, settings)
-    space, test_rows, test_labels = carrier_space(paths, settings, vendor)
+    vendor = open_vendor(paths, settings)
+    space, test_rows, test_labels = vendor.carrier_space()
     base_accuracy = copy_accuracy(space, space.base, test_rows, test_labels)
-    keyset = make_keyset(paths, settings, vendor)
+    keyset = vendor.keyset
     indices = np.random.default_rng(1).choice(len(vendor.codebook), size=args.words, replace=False)
     jobs = [Job(f"word-{i}", vendor.codebook.word(int(i)), targets(keyset, vendor.blackbox_codebook.word(int(i))),
                 derive_seed(vendor.secret, f"embed|word-{i}")) for i in indices]
     rows = []
     for overrides in args.variants:
-        cfg = with_overrides(vendor.embed, overrides)
+        cfg = with_overrides(vendor.config.embed, overrides)
         drops, steps, marks, failures = [], [], [], 0
         start = time.perf_counter()
         for s in range(0, len(jobs), args.batch):
@@ -88,7 +88,7 @@ def main() -> None:
                "seconds_per_copy": (time.perf_counter() - start) / args.words}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    report({"key_id": vendor.key.key_id, "base_accuracy": base_accuracy, "defaults": dataclasses.asdict(vendor.embed),
+    report({"key_id": vendor.key.key_id, "base_accuracy": base_accuracy, "defaults": dataclasses.asdict(vendor.config.embed),
             "variants": rows}, args.out, one_line=False)
 
 

@@ -65,7 +65,7 @@ def main() -> None:
     from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, log_classifier
     from flows.adapters.paths import Paths
     from flows.adapters.settings import Settings
-    from flows.adapters.vendor import Vendor
+    from flows.adapters.vendor import open_vendor
     from flows.issue import run_issue
     from securemark.weights import sha256_file
 
@@ -97,7 +97,7 @@ def main() -> None:
             for entry in killed:
                 entry["at_seconds"] = round(entry["at_seconds"] - start, 1)  # into the run
         # what is left behind
-        vendor = Vendor.open(paths, settings)
+        vendor = open_vendor(paths, settings)
         records = vendor.ledger.records()
         per_customer = Counter(r.customer_id for r in records)
         indices = Counter(r.codeword_index for r in records)

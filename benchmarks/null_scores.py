@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import Vendor, make_extractor
+from flows.adapters.vendor import open_vendor
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.key import projection, random_secret
 from securemark.model import build_model
@@ -54,8 +54,8 @@ def main() -> None:
     paths = Paths(root)
     settings = Settings.load(paths.params)
     cfg, spec = settings.trace, settings.model
-    vendor = Vendor.open(paths, settings)
-    extractor = make_extractor(paths, settings, vendor)
+    vendor = open_vendor(paths, settings)
+    extractor = vendor.extractor()
     codebook = vendor.codebook  # every code word: the trace scores the whole codebook (codebook_indices)
     n = len(codebook)
     scorer = create_scorer(cfg.scorer)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline_state import load_pipeline_state  # noqa: E402  sibling module: scripts run as python benchmarks/<name>.py
 from securemark.attacks import create_attack  # noqa: E402
 from securemark.attacks.base import working_copy  # noqa: E402
-from securemark.attacks.grid import draw_coalitions  # noqa: E402
+from securemark.evaluation.grid import draw_coalitions  # noqa: E402
 from securemark.model import accuracy, unit_index, unit_inputs, units  # noqa: E402
 from securemark.tracing import codebook_indices, decide_readings  # noqa: E402
 

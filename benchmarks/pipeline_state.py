@@ -15,11 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flows.adapters.partitions import attacker_data, test_set  # noqa: E402
 from flows.adapters.paths import Paths  # noqa: E402
 from flows.adapters.settings import Settings  # noqa: E402
-from flows.adapters.vendor import Vendor, make_extractor  # noqa: E402
+from flows.adapters.vendor import open_vendor  # noqa: E402
 from flows.attack import load_copies  # noqa: E402
 from securemark.attacks.base import AttackData  # noqa: E402
 from securemark.model import SplitNet  # noqa: E402
 from securemark.tracing import Extractor  # noqa: E402
+from securemark.vendor import Vendor  # noqa: E402
 
 
 @dataclass
@@ -38,7 +39,7 @@ def load_pipeline_state(threads: int = 2) -> PipelineState:
     torch.set_num_threads(threads)
     paths = Paths.from_env()
     settings = Settings.load(paths.params)
-    vendor = Vendor.open(paths, settings)
+    vendor = open_vendor(paths, settings)
     issued = vendor.issued_codewords()
-    return PipelineState(paths, settings, vendor, make_extractor(paths, settings, vendor), issued,
+    return PipelineState(paths, settings, vendor, vendor.extractor(), issued,
                          load_copies(paths, sorted(issued), "files"), attacker_data(paths, settings), test_set(paths))

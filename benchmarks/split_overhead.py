@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
 from securemark.model import ModelSpec, SplitNet
-from securemark.split.defence import DefenceConfig
+from securemark.privacy.defence import DefenceConfig
 from securemark.split.parties import order_generator
 from securemark.split.protocol import InMemoryOwners, SplitJob, TrainConfig
 from securemark.split.transport import create_transport

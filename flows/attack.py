@@ -32,10 +32,10 @@ from flows.adapters.partitions import attacker_data, test_set
 from flows.adapters.paths import Paths
 from flows.adapters.scaleout import retry_unless_invalid, task_runner
 from flows.adapters.settings import Settings, attack_options
-from flows.adapters.vendor import Vendor, api_probe, make_extractor
-from flows.entry.stage import stage_main
+from flows.adapters.vendor import open_vendor
+from flows.adapters.stage import stage_main
 from securemark.attacks import AttackData, create_attack
-from securemark.attacks.grid import draw_coalitions, evaluate, innocents, is_coalition, traced, tracing_summary, tradeoff, worth_it
+from securemark.evaluation.grid import draw_coalitions, evaluate, innocents, is_coalition, traced, tracing_summary, tradeoff, worth_it
 from securemark.errors import InvalidConfig
 from securemark.model import SplitNet, accuracy
 from securemark.tracing import codebook_indices
@@ -55,10 +55,10 @@ def run_family(paths: Paths, settings: Settings, config: dict, targets: list[lis
     evaluated and traced. ``copy_accuracy``: each copy's test accuracy (computed once per
     grid). Opens the vendor's state itself: no secret travels as an argument."""
     attack = create_attack(config["attack"], **attack_options(config))
-    vendor = Vendor.open(paths, settings)
-    extractor = make_extractor(paths, settings, vendor)
+    vendor = open_vendor(paths, settings)
+    extractor = vendor.extractor()
     indices, codewords, trace = codebook_indices(vendor.codebook), vendor.issued_codewords(), settings.trace
-    api = api_probe(paths, settings, vendor) if settings.blackbox.enabled else None  # the label-only channel
+    api = vendor.api_probe() if settings.blackbox.enabled else None  # the label-only channel
     rows = []
     for trial, coalition in enumerate(targets):
         generator = torch.Generator().manual_seed(settings.base.seed + trial)
@@ -114,7 +114,7 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
     logger = get_run_logger()
     cfg = settings.attack
     tracking.configure(paths)
-    vendor = Vendor.open(paths, settings)
+    vendor = open_vendor(paths, settings)
     indices = codebook_indices(vendor.codebook)
     copies = load_copies(paths, sorted(vendor.issued_codewords()), source)
     customers = sorted(copies)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from flows.adapters import tracking
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.entry.stage import stage_main
+from flows.adapters.stage import stage_main
 from securemark.model import accuracy, build_model
 from securemark.partition import stratified_subset
 from securemark.storage import read_partition

@@ -42,14 +42,15 @@ from flows.adapters.endpoint import PredictionAPI
 from flows.adapters.partitions import attacker_data, test_set
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import Vendor, api_probe, carrier_space
-from flows.entry.stage import stage_main
+from flows.adapters.vendor import open_vendor
+from flows.adapters.stage import stage_main
 from flows.tracing import trace_endpoint
 from securemark.attacks import AttackData, create_attack
-from securemark.blackbox import agreement, label_api
+from securemark.tracing.blackbox import agreement, label_api
 from securemark.embedding import Job, embed_batch
 from securemark.key import derive_seed, null_secret
 from securemark.model import SplitNet, accuracy
+from securemark.vendor import Vendor
 from securemark.weights import load_weights
 
 
@@ -66,7 +67,7 @@ def trace_copies(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]
         model = load_weights(copy)
         start = time.perf_counter()
         with serve_predictions(lambda x, m=model: m.eval()(x)) as url:
-            report = trace_endpoint(paths, settings, url)
+            report = trace_endpoint(paths, settings, url, vendor=vendor)
         accused = [a["customer_id"] for a in report["accused"]]
         rows.append({"customer_id": copy.parent.name, "accused": accused, "queries": report["queries"],
                      "correct": accused == [copy.parent.name] and copy.parent.name in issued,
@@ -77,8 +78,8 @@ def trace_copies(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]
 def null_apis(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]:
     """Verdicts for APIs that carry none of the words they are scored against."""
     bb, cfg = settings.blackbox, settings.trace
-    own = api_probe(paths, settings, vendor)
-    others = [api_probe(paths, settings, vendor, null_secret(settings.base.seed, "blackbox", j)) for j in range(bb.null_secrets)]
+    own = vendor.api_probe()
+    others = [vendor.api_probe(null_secret(settings.base.seed, "blackbox", j)) for j in range(bb.null_secrets)]
     models: list[tuple[str, SplitNet, bool]] = [("base", load_weights(paths.base_model), True)]
     models += [(f"attacker-alone-{b}", load_weights(paths.attacker_alone_model(b)), True) for b in settings.attacker.budgets]
     models += [(c.parent.name, load_weights(c), False) for c in paths.issued_copies()]  # a copy is null only under other keys
@@ -100,12 +101,12 @@ def accuracy_cost(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict
     words embedded the same way (batched, same seeds) with the weight fingerprint only:
     the black-box marks' own cost, in points."""
     weights_only = dataclasses.replace(settings, blackbox=dataclasses.replace(settings.blackbox, enabled=False))
-    space, _, _ = carrier_space(paths, weights_only, vendor)
+    space, _, _ = open_vendor(paths, weights_only).carrier_space()  # the same vendor, its carrier space without key rows
     test = test_set(paths)
     chosen = list(sorted(vendor.issued_codewords().items()))[: settings.blackbox.cost_copies]
     jobs = [Job(customer_id, vendor.codebook.word(index), None, derive_seed(vendor.secret, f"embed|{customer_id}")) for customer_id, index in chosen]
     start = time.perf_counter()
-    outcomes = embed_batch(space, jobs, vendor.embed)
+    outcomes = embed_batch(space, jobs, vendor.config.embed)
     seconds = (time.perf_counter() - start) / max(len(jobs), 1)
     rows = []
     for (customer_id, _), outcome in zip(chosen, outcomes):
@@ -124,7 +125,7 @@ def distillation(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict]
     cfg = settings.trace
     own = attacker_data(paths, settings)
     test = test_set(paths)
-    probe = api_probe(paths, settings, vendor)
+    probe = vendor.api_probe()
     issued = vendor.issued_codewords()
     attack = create_attack("distill", labels="hard")
     rows = []
@@ -152,7 +153,7 @@ def query_filters(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict
     cfg = settings.trace
     data = attacker_data(paths, settings)
     test_images, test_labels = test_set(paths)
-    probe = api_probe(paths, settings, vendor)
+    probe = vendor.api_probe()
     issued = vendor.issued_codewords()
     rows = []
     for copy in paths.issued_copies()[:1]:
@@ -175,7 +176,7 @@ def query_filters(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict
 def blackbox_flow(paths: Paths, settings: Settings) -> dict:
     logger = get_run_logger()
     tracking.configure(paths)
-    vendor = Vendor.open(paths, settings)
+    vendor = open_vendor(paths, settings)
     start = time.perf_counter()
     copies = trace_copies(paths, settings, vendor)
     nulls = null_apis(paths, settings, vendor)

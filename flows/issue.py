@@ -30,17 +30,16 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from flows.adapters import artifacts, tracking
-from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, download_weights, register_weights, set_alias
+from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, download_weights, pyfunc_template, register_weights, set_alias
 from flows.adapters.paths import Paths
 from flows.adapters.scaleout import retry_unless_invalid, task_runner
 from flows.adapters.settings import Settings
-from flows.adapters.vendor import Vendor, carrier_space, make_keyset
-from flows.entry.stage import stage_main
-from securemark.blackbox import targets
-from securemark.embedding import Job, copy_accuracy, embed_batch
+from flows.adapters.vendor import open_vendor
+from flows.adapters.stage import stage_main
+from securemark.embedding import copy_accuracy
 from securemark.errors import InvalidConfig, SecureMarkError
-from securemark.key import derive_seed
 from securemark.ledger import ISSUED
+from securemark.vendor import Vendor
 from securemark.weights import save_weights, sha256_file
 
 ISSUE_EXPERIMENT = "securemark-issue"
@@ -73,15 +72,11 @@ def embed_copies(paths: Paths, settings: Settings, base_file: Path, customers: l
     failure); nothing here writes to MLflow or the ledger.
     """
     start = time.perf_counter()
-    vendor = Vendor.open(paths, settings)
-    space, test_rows, test_labels = carrier_space(paths, settings, vendor, base_file)
-    keyset = make_keyset(paths, settings, vendor) if settings.blackbox.enabled else None
-    jobs = [Job(customer_id, vendor.codebook.word(index),
-                None if keyset is None else targets(keyset, vendor.blackbox_codebook.word(index)),
-                derive_seed(vendor.secret, f"embed|{customer_id}")) for customer_id, index in customers]
+    vendor = open_vendor(paths, settings)
+    space, test_rows, test_labels = vendor.carrier_space(base_file)  # persisted in the vendor state: loaded, not rebuilt
     embed_start = time.perf_counter()
-    outcomes = embed_batch(space, jobs, vendor.embed, width=settings.issue.batch)
-    embed_seconds = (time.perf_counter() - embed_start) / len(jobs)  # the batch's wall time, per copy
+    outcomes = vendor.embed(customers, base_file, width=settings.issue.batch)
+    embed_seconds = (time.perf_counter() - embed_start) / len(customers)  # the batch's wall time, per copy
     worker = f"{socket.gethostname()}:{os.getpid()}"
     rows = []
     for outcome in outcomes:
@@ -94,13 +89,13 @@ def embed_copies(paths: Paths, settings: Settings, base_file: Path, customers: l
                      "test_accuracy": copy_accuracy(space, result.model, test_rows, test_labels),
                      "ber": result.ber, "min_margin": result.min_margin, "embed_steps": result.steps, "mark_steps": result.mark_steps,
                      "embed_seconds": embed_seconds, "key_agreement": result.key_agreement, "worker": worker})
-    seconds = (time.perf_counter() - start) / len(jobs)
+    seconds = (time.perf_counter() - start) / len(customers)
     for row in rows:
         row["task_seconds"] = seconds
     return rows
 
 
-def register_copy(paths: Paths, vendor: Vendor, record, base_version: str, base_accuracy: float, embedded: dict) -> dict:
+def register_copy(paths: Paths, vendor: Vendor, record, base_version: str, base_accuracy: float, embedded: dict, template: Path) -> dict:
     """Log the copy to MLflow (run, registry version, alias, code word) and close its ledger record."""
     start = time.perf_counter()
     customer_id, sha = record.customer_id, embedded["weights_sha256"]
@@ -113,11 +108,11 @@ def register_copy(paths: Paths, vendor: Vendor, record, base_version: str, base_
     if embedded.get("key_agreement") is not None:
         metrics["key_agreement"] = embedded["key_agreement"]
     params = {"customer_id": customer_id, "codeword_index": record.codeword_index, "key_id": vendor.key.key_id,
-              "base_version": base_version, **{f"fingerprint.{k}": v for k, v in asdict(vendor.embed).items()}}
+              "base_version": base_version, **{f"fingerprint.{k}": v for k, v in asdict(vendor.config.embed).items()}}
     with tracking.run(f"issue-{customer_id}", ISSUE_EXPERIMENT, paths, tags=tags) as active:
         tracking.log_batch(active, params, metrics)
         if version is None:
-            version = register_weights(Path(embedded["path"]), CUSTOMER_MODEL, tags)
+            version = register_weights(Path(embedded["path"]), CUSTOMER_MODEL, tags, template)
     set_alias(CUSTOMER_MODEL, f"customer-{customer_id}", version.version)
     with tracking.run(f"codeword-{customer_id}", tracking.VENDOR_EXPERIMENT, paths, tags={"customer_id": customer_id}):
         bits = vendor.codebook.word(record.codeword_index)
@@ -166,7 +161,7 @@ def issue_flow(paths: Paths, settings: Settings, customers: list[str] | None = N
     customers = customers or settings.issue.customer_ids()
     base_version = registered_base(paths, base_uri)
     base_file = paths.base_model
-    vendor = Vendor.open(paths, settings)
+    vendor = open_vendor(paths, settings)
     records = vendor.ledger.assign_many(customers, vendor.key.key_id)
     todo = missing_copies(paths, records)
     if len(todo) < len(records):
@@ -174,20 +169,21 @@ def issue_flow(paths: Paths, settings: Settings, customers: list[str] | None = N
     size = settings.issue.task
     batches = [todo[i : i + size] for i in range(0, len(todo), size)]
     setup_start = time.perf_counter()
-    space, test_rows, test_labels = carrier_space(paths, settings, vendor, base_file)  # once per process, shared by the threads
+    space, test_rows, test_labels = vendor.carrier_space(base_file)  # built (or loaded) once here; the tasks load it
     base_accuracy = copy_accuracy(space, space.base, test_rows, test_labels)
     setup_seconds = time.perf_counter() - setup_start
     futures = [embed_copies.submit(paths, settings, base_file, [(r.customer_id, r.codeword_index) for r in batch],
                                    first=batch[0].customer_id, more=len(batch) - 1) for batch in batches]
     rows, failures = [], []
-    with tqdm(total=len(todo), desc="issuing copies", unit="copy") as bar:
+    with tqdm(total=len(todo), desc="issuing copies", unit="copy") as bar, pyfunc_template() as template:
         for batch, future in zip(batches, futures):
             by_id = {r.customer_id: r for r in batch}
             for embedded in future.result():
                 if "error" in embedded:
                     failures.append(embedded["error"])
                 else:
-                    rows.append(register_copy(paths, vendor, by_id[embedded["customer_id"]], str(base_version), base_accuracy, embedded))
+                    rows.append(register_copy(paths, vendor, by_id[embedded["customer_id"]], str(base_version), base_accuracy, embedded,
+                                             template))
                 bar.update(1)
     for row in rows:
         row["setup_seconds"] = setup_seconds
@@ -231,7 +227,7 @@ def _stage(paths: Paths, settings: Settings) -> None:
     start = time.perf_counter()
     rows = run_issue(paths, settings)
     wall = time.perf_counter() - start
-    code_length = Vendor.open(paths, settings).codebook.length  # every family knows its length (bibd has no code_length param)
+    code_length = open_vendor(paths, settings).codebook.length  # every family knows its length (bibd has no code_length param)
     tracking.write_json(fingerprint_metrics(rows, code_length, wall), paths.fingerprint_metrics)
 
 

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.adapters import tracking
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.entry.stage import stage_main
+from flows.adapters.stage import stage_main
 from securemark import data as fmnist
 from securemark.partition import PartitionSpec, manifest, split
 from securemark.storage import write_partition

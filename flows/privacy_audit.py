@@ -27,7 +27,7 @@ from flows.adapters import tracking
 from flows.adapters.jobs import split_job
 from flows.adapters.paths import VARIANTS, Paths
 from flows.adapters.settings import Settings
-from flows.entry.stage import stage_main
+from flows.adapters.stage import stage_main
 from securemark.privacy import AuditResult, VendorView, audit
 from securemark.split.protocol import bank_positions
 from securemark.storage import read_partition

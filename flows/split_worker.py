@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from flows.adapters.jobs import split_job
 from flows.adapters.paths import VARIANTS, Paths
 from flows.adapters.settings import Settings
-from flows.entry.stage import stage_main
+from flows.adapters.stage import stage_main
 from securemark.model import accuracy
 from securemark.split.transport import GlooTransport
 from securemark.storage import read_partition

@@ -22,33 +22,33 @@ from tqdm.auto import tqdm
 
 from flows.adapters import tracking
 from flows.adapters.paths import Paths
-from flows.adapters.settings import Settings, TraceSettings
+from flows.adapters.settings import Settings
 from flows.adapters.tracking import TRACE_EXPERIMENT
-from flows.adapters.vendor import Vendor, make_extractor
-from flows.entry.stage import stage_main
+from flows.adapters.vendor import open_vendor
+from flows.adapters.stage import stage_main
 from flows.tracing import trace_endpoint, trace_model
-from securemark.key import draw_key, null_secret
+from securemark.key import null_secret
 from securemark.model import SplitNet
-from securemark.tracing import codebook_indices, decide_readings
+from securemark.vendor import TraceConfig, Vendor
 from securemark.weights import load_weights
 
 
 @flow(name="trace-model", validate_parameters=False)
-def trace_flow(paths: Paths, settings: Settings, model: str, trace: TraceSettings | None = None) -> dict:
+def trace_flow(paths: Paths, settings: Settings, model: str, trace: TraceConfig | None = None, vendor: Vendor | None = None) -> dict:
     """Trace one suspicious model as a Prefect flow (artifacts in the UI); see :func:`trace_model`."""
-    return trace_model(paths, settings, model, trace)
+    return trace_model(paths, settings, model, trace, vendor)
 
 
 @flow(name="trace-endpoint", validate_parameters=False)
 def trace_endpoint_flow(paths: Paths, settings: Settings, url: str, budget: int | None = None, protocol: str = "auto",
-                        trace: TraceSettings | None = None) -> dict:
+                        trace: TraceConfig | None = None) -> dict:
     """Trace a prediction API as a Prefect flow (artifacts in the UI); see :func:`trace_endpoint`."""
     return trace_endpoint(paths, settings, url, budget, protocol, trace)
 
 
 # ----------------------------------------------------------------------------- stage
 @task(name="null-models", cache_policy=NO_CACHE)
-def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> list[dict]:
+def null_model_scores(paths: Paths, settings: Settings, vendor: Vendor, copies: list[Path]) -> list[dict]:
     """Verdicts for models that carry none of the codebook's words.
 
     - the base model, and the models the attacker trained alone (``attacker_baseline``:
@@ -60,10 +60,7 @@ def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> l
       invisible under a key it was not embedded with).
     """
     cfg = settings.trace
-    vendor = Vendor.open(paths, settings)
-    indices = codebook_indices(vendor.codebook)
-    layer, m = vendor.key.layer, vendor.codebook.length
-    extractor = make_extractor(paths, settings, vendor)
+    extractor = vendor.extractor()
     nulls: list[tuple[str, SplitNet, bytes | None]] = []  # (name, aligned model, the secret of another key; None: the vendor's)
     nulls.append(("base", extractor.aligned(load_weights(paths.base_model))[0], None))
     for budget in settings.attacker.budgets:  # trained independently, never fingerprinted: under the vendor's key and others
@@ -77,11 +74,9 @@ def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> l
             nulls.append((f"{copy.parent.name}@random-key-{j}", aligned, null_secret(settings.base.seed, copy.parent.name, j)))
     rows = []
     for name, aligned, other in tqdm(nulls, desc="null models", unit="model"):
-        # another key is drawn when it is used (a 1024-bit key over the readout is ~130 MB: never hold them all)
-        K = vendor.key_matrix if other is None else draw_key(other, layer, m, vendor.key.n_weights)
-        verdict = decide_readings(extractor.readings(aligned, K), vendor.codebook, indices, cfg.epsilon, cfg.scorer, cfg.decoder)
+        verdict = vendor.null_verdict(aligned, other)
         rows.append({"model": name, "independent": not name.startswith(("base", "customer-")), "accused": len(verdict.accused),
-                     "scores": len(indices) * max(1, len(verdict.readings)), "max_score": float(verdict.scores.max()),
+                     "scores": verdict.n_customers * max(1, len(verdict.readings)), "max_score": float(verdict.scores.max()),
                      "threshold": verdict.threshold, "off_data_ratio": extractor.off_data_ratio(aligned),
                      "obfuscated": extractor.obfuscated(aligned)})
     return rows
@@ -91,17 +86,18 @@ def null_model_scores(paths: Paths, settings: Settings, copies: list[Path]) -> l
 def trace_stage_flow(paths: Paths, settings: Settings) -> dict:
     logger = get_run_logger()
     tracking.configure(paths)
-    issued = Vendor.open(paths, settings).issued_codewords()
+    vendor = open_vendor(paths, settings)
+    issued = vendor.issued_codewords()
     copies = paths.issued_copies()
     correct, rows, start = 0, [], time.perf_counter()
     for copy in tqdm(copies, desc="tracing copies", unit="copy"):
-        report = trace_flow(paths, settings, str(copy))
+        report = trace_flow(paths, settings, str(copy), vendor=vendor)
         accused = [a["customer_id"] for a in report["accused"]]
         ok = accused == [copy.parent.name] and copy.parent.name in issued
         correct += ok
         rows.append({"customer_id": copy.parent.name, "accused": accused, "correct": ok, "off_data_ratio": report["off_data_ratio"],
                      "obfuscated": report["obfuscated"]})
-    nulls = null_model_scores(paths, settings, copies)
+    nulls = null_model_scores(paths, settings, vendor, copies)
     unkeyed = [n for n in nulls if "@" not in n["model"]]  # each model once: the base and the independently trained ones
     metrics = {
         "copies_traced": len(copies),

@@ -5,7 +5,7 @@ stages and the deployments share.
   tensors only), re-aligned to the base model and decided at ``trace.epsilon``;
 - :func:`trace_endpoint`: a prediction API, queried with the secret key images until the
   evidence clears the bound or the budget is spent (an under-powered read is
-  inconclusive, :func:`securemark.blackbox.patterns_needed`);
+  inconclusive, :func:`securemark.tracing.blackbox.patterns_needed`);
 - :func:`log_trace`: every trace as an MLflow run (experiment ``securemark-trace``: report
   JSON and markdown, score plot), published to the Prefect UI inside a flow run.
 
@@ -15,7 +15,6 @@ Each returns the report (a dict); the Prefect flows around them live in
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -26,55 +25,40 @@ from flows.adapters.endpoint import PredictionAPI
 from flows.adapters.logs import run_logger
 from flows.adapters.model_registry import resolve_model
 from flows.adapters.paths import Paths
-from flows.adapters.settings import Settings, TraceSettings
+from flows.adapters.settings import Settings
 from flows.adapters.tracking import TRACE_EXPERIMENT
-from flows.adapters.vendor import Vendor, make_extractor, make_keyset
-from securemark.blackbox import sequential_trace
+from flows.adapters.vendor import open_vendor
 from securemark.errors import InvalidInput
-from securemark.key import derive_seed
 from securemark.suspect import examine, expected_shapes
-from securemark.tracing import OFF_DATA_NOTE, codebook_indices, decide_readings, degeneracy, no_verdict, suspect_outputs_finite
+from securemark.tracing import codebook_indices
+from securemark.vendor import TraceConfig, Vendor
 
 
-def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceSettings | None = None) -> dict:
+def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceConfig | None = None, vendor: Vendor | None = None) -> dict:
     """Trace one suspicious model; returns the report (raises InvalidModel on bad input).
 
     The file (or the registry's copy) is read once: the tensors examined and the sha256
     reported come from the same bytes. ``trace``: trace settings to use instead of
-    ``settings.trace`` (the CLI's flags). Runs inside or outside a Prefect flow run."""
+    ``settings.trace`` (the CLI's flags); ``vendor``: an opened vendor to reuse (a stage
+    tracing many models). Runs inside or outside a Prefect flow run."""
     cfg = trace or settings.trace
     tracking.configure(paths)
-    vendor = Vendor.open(paths, settings)
+    vendor = vendor or open_vendor(paths, settings)
     with tempfile.TemporaryDirectory(prefix="securemark-trace-") as tmp:
         state, sha = examine(resolve_model(model, Path(tmp)), expected_shapes(settings.model))
-    indices = codebook_indices(vendor.codebook)
-    extractor = make_extractor(paths, settings, vendor)
-    suspect = extractor.model(state)
-    note = note_degenerate = degeneracy(suspect, extractor.probe, vendor.key.layer)
-    off_data, obfuscated = float("nan"), False
-    if not suspect_outputs_finite(suspect, extractor.probe):
-        verdict, alignment = no_verdict(cfg, indices, note), {}
-    else:
-        aligned, alignment = extractor.aligned(suspect)
-        verdict = decide_readings(extractor.readings(aligned), vendor.codebook, indices, cfg.epsilon, cfg.scorer, cfg.decoder)
-        off_data, obfuscated = extractor.off_data_ratio(aligned), extractor.obfuscated(aligned)
-        if obfuscated:
-            note = " ".join(filter(None, (note, OFF_DATA_NOTE.format(layer=vendor.key.layer, ratio=off_data, limit=cfg.off_data_limit,
-                                                                moved=extractor.readout_change(aligned)))))
-        if note:
-            verdict = dataclasses.replace(verdict, note=" ".join(filter(None, (note, verdict.note))))
-    report = reports.verdict_report(verdict, vendor.customers_by_index(), vendor.key, vendor.codebook, model, sha, alignment)
-    report["off_data_ratio"] = off_data  # README "Known break": an update of the base above trace.off_data_limit was obfuscated
-    report["obfuscated"] = obfuscated
+    result = vendor.trace_weights(state, cfg)
+    report = reports.verdict_report(result.verdict, vendor.customers_by_index(), vendor.key, vendor.codebook, model, sha, result.alignment)
+    report["off_data_ratio"] = result.off_data_ratio  # README "Known break": an update of the base above trace.off_data_limit was obfuscated
+    report["obfuscated"] = result.obfuscated
     # no one accused means nothing when the model was obfuscated, or when nothing could be read from it (degenerate)
-    reason = "obfuscated" if obfuscated else "degenerate" if note_degenerate else ""
-    report["inconclusive"] = bool(not verdict.accused and reason)
-    report["inconclusive_reason"] = reason if report["inconclusive"] else ""
-    return log_trace(paths, report, verdict, indices, cfg, vendor, tags={"model": model[:250], "model_sha256": sha, "channel": "weights"})
+    report["inconclusive"] = result.inconclusive
+    report["inconclusive_reason"] = result.inconclusive_reason
+    return log_trace(paths, report, result.verdict, codebook_indices(vendor.codebook), cfg, vendor,
+                     tags={"model": model[:250], "model_sha256": sha, "channel": "weights"})
 
 
 def trace_endpoint(paths: Paths, settings: Settings, url: str, budget: int | None = None, protocol: str = "auto",
-                   trace: TraceSettings | None = None) -> dict:
+                   trace: TraceConfig | None = None, vendor: Vendor | None = None) -> dict:
     """Trace a prediction API by the black-box fingerprint: query the vendor's secret key
     images, stop as soon as the evidence clears the bound (or the budget is spent), and
     report like a file trace (MLflow run, markdown, JSON), with the queries spent."""
@@ -83,25 +67,21 @@ def trace_endpoint(paths: Paths, settings: Settings, url: str, budget: int | Non
     if budget is not None and budget < 1:
         raise InvalidInput(f"--budget must be at least 1 query, got {budget}")
     tracking.configure(paths)
-    vendor = Vendor.open(paths, settings)
-    keys = make_keyset(paths, settings, vendor)
-    limit = bb.max_queries if budget is None else min(budget, bb.max_queries)
-    api = PredictionAPI(url, protocol, bb.batch, bb.timeout, bb.retries, bb.max_response_bytes, budget=limit)
-    checkpoints = tuple(c for c in bb.checkpoints if c <= limit) or (limit,)
-    repeats = max(1, min(bb.repeats, limit // len(keys))) if limit >= len(keys) else 1
-    indices = codebook_indices(vendor.blackbox_codebook)
-    result = sequential_trace(api.predict, keys, vendor.blackbox_codebook, indices, cfg.epsilon, checkpoints, repeats,
-                              order_seed=derive_seed(vendor.secret, "key-order"), explain=bb.explain)
+    vendor = vendor or open_vendor(paths, settings)
+    api = PredictionAPI(url, protocol, bb.batch, bb.timeout, bb.retries, bb.max_response_bytes, budget=vendor.query_limit(budget))
+    read = vendor.trace_api(api.predict, budget, cfg)
+    result = read.result
     report = reports.verdict_report(result.verdict, vendor.customers_by_index(), vendor.key, vendor.blackbox_codebook, url, "",
                                     {}, channel="api", queries=api.queries)
     report["patterns_answered"] = result.answered
     report["patterns_needed"] = result.needed  # an unmodified copy read on fewer patterns could not be accused
     report["inconclusive"] = result.inconclusive
-    report["inconclusive_reason"] = "under-powered" if result.inconclusive else ""
-    return log_trace(paths, report, result.verdict, indices, cfg, vendor, tags={"endpoint": url[:250], "channel": "api"})
+    report["inconclusive_reason"] = read.inconclusive_reason
+    return log_trace(paths, report, result.verdict, codebook_indices(vendor.blackbox_codebook), cfg, vendor,
+                     tags={"endpoint": url[:250], "channel": "api"})
 
 
-def log_trace(paths: Paths, report: dict, verdict, indices, cfg: TraceSettings, vendor: Vendor, tags: dict[str, str]) -> dict:
+def log_trace(paths: Paths, report: dict, verdict, indices, cfg: TraceConfig, vendor: Vendor, tags: dict[str, str]) -> dict:
     """One trace as an MLflow run (report JSON and markdown, score plot), published to the
     Prefect UI when it runs inside a flow; returns the report with the run's id and link."""
     logger = run_logger(__name__)

@@ -29,7 +29,7 @@ from flows.adapters.jobs import split_job
 from flows.adapters.model_registry import BASE_MODEL, log_classifier
 from flows.adapters.paths import VARIANTS, Paths
 from flows.adapters.settings import Settings
-from flows.entry.stage import stage_main
+from flows.adapters.stage import stage_main
 from securemark.model import accuracy
 from securemark.split.protocol import SplitJob
 from securemark.split.transport import create_transport

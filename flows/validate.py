@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.adapters import tracking
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.entry.stage import stage_main
+from flows.adapters.stage import stage_main
 from securemark.errors import ValidationFailed
 from securemark.storage import read_manifest, read_tensors
 from securemark.validation import ValidationSpec, validate_partitions

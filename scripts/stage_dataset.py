@@ -12,7 +12,7 @@ import logging
 
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
-from flows.entry.stage import stage_main
+from flows.adapters.stage import stage_main
 from securemark import data as fmnist
 
 log = logging.getLogger("securemark.setup")

@@ -3,16 +3,17 @@
 Keys (lowercase, dashes): ``issued-copies`` (table), ``trace-verdict`` (markdown),
 ``trace-scores`` (table), ``trace-mlflow-run`` (link), ``attack-results`` (table),
 ``robustness-audit`` (markdown) and ``robustness-audit-results`` (table). Outside a
-Prefect run (a plain function call) the artifact functions are no-ops.
+Prefect run (a plain function call) the artifact functions are no-ops, and a process
+that never imported Prefect cannot be inside a run: there they return without importing
+it (``securemark trace`` outside a flow stays fast).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import mlflow
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.context import FlowRunContext, TaskRunContext
 
 ISSUED = "issued-copies"
 TRACE_VERDICT = "trace-verdict"
@@ -26,6 +27,10 @@ MLFLOW_UI_ENV = "SECUREMARK_MLFLOW_UI"  # where operators open MLflow (default: 
 
 
 def _in_run() -> bool:
+    if "prefect" not in sys.modules:  # no flow or task can be running in this process
+        return False
+    from prefect.context import FlowRunContext, TaskRunContext
+
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
@@ -40,14 +45,20 @@ def mlflow_run_url(run_id: str, experiment_id: str) -> str:
 
 def publish_table(key: str, rows: list[dict], description: str) -> None:
     if _in_run():
+        from prefect.artifacts import create_table_artifact
+
         create_table_artifact(key=key, table=rows, description=description)
 
 
 def publish_markdown(key: str, text: str, description: str) -> None:
     if _in_run():
+        from prefect.artifacts import create_markdown_artifact
+
         create_markdown_artifact(key=key, markdown=text, description=description)
 
 
 def publish_link(key: str, url: str, text: str, description: str) -> None:
     if _in_run():
+        from prefect.artifacts import create_link_artifact
+
         create_link_artifact(key=key, link=url, link_text=text, description=description)

@@ -12,7 +12,7 @@ import torch
 from flows.adapters.paths import VARIANTS, Paths
 from flows.adapters.settings import Settings
 from securemark.errors import ConfigError
-from securemark.split.defence import DefenceConfig
+from securemark.privacy.defence import DefenceConfig
 from securemark.split.protocol import SplitJob
 from securemark.storage import read_partition
 

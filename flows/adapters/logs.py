@@ -4,12 +4,16 @@ terminal that shows one line, not a traceback, for errors SecureMark raises on p
 from __future__ import annotations
 
 import logging
+import sys
 
 from securemark.errors import SecureMarkError
 
 
 def run_logger(fallback: str) -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a flow or task run, else the logger named ``fallback``."""
+    """Prefect's run logger inside a flow or task run, else the logger named ``fallback``
+    (without importing Prefect when this process never did: no run can be active)."""
+    if "prefect" not in sys.modules:
+        return logging.getLogger(fallback)
     from prefect import get_run_logger
     from prefect.exceptions import MissingContextError
 

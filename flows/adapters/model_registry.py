@@ -8,9 +8,10 @@ model through pyfunc: it downloads the artifacts and reads the weights file as t
 from __future__ import annotations
 
 import shutil
-import threading
 from datetime import datetime, timezone
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -46,35 +47,29 @@ def log_classifier(weights: Path, registered_name: str | None = None, tags: dict
     return version
 
 
-_TEMPLATES: dict[str, Path] = {}
-_TEMPLATE_LOCK = threading.Lock()
-
-
-def _template() -> Path:
+@contextmanager
+def pyfunc_template() -> Iterator[Path]:
     """A pyfunc model folder (MLmodel, environment, the loader's code) without weights,
-    written once per process by ``mlflow.pyfunc.save_model``: every copy's model is this
-    folder plus its own weights file, so registering a copy writes no new model code."""
-    with _TEMPLATE_LOCK:
-        folder = _TEMPLATES.get("pyfunc")
-        if folder is None or not folder.is_dir():
-            root = Path(tempfile.mkdtemp(prefix="securemark-pyfunc-"))
-            placeholder = root / WEIGHTS_ARTIFACT
-            placeholder.write_bytes(b"")
-            folder = root / "model"
-            mlflow.pyfunc.save_model(path=str(folder), python_model=str(_CODE), artifacts={"weights": str(placeholder)},
-                                     pip_requirements=_REQUIREMENTS)
-            placeholder.unlink()
-            _TEMPLATES["pyfunc"] = folder
-        return folder
+    written once by ``mlflow.pyfunc.save_model`` for a run of registrations and removed
+    after: every copy's model is this folder plus its own weights file, so registering a
+    copy writes no new model code."""
+    with tempfile.TemporaryDirectory(prefix="securemark-pyfunc-") as tmp:
+        placeholder = Path(tmp) / WEIGHTS_ARTIFACT
+        placeholder.write_bytes(b"")
+        folder = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(path=str(folder), python_model=str(_CODE), artifacts={"weights": str(placeholder)},
+                                 pip_requirements=_REQUIREMENTS)
+        placeholder.unlink()
+        yield folder
 
 
-def register_weights(weights: Path, registered_name: str, tags: dict[str, str]):
+def register_weights(weights: Path, registered_name: str, tags: dict[str, str], template: Path):
     """Register ``weights`` as a new version of ``registered_name`` from the active run:
-    the run's artifacts get the pyfunc folder (the shared template with this file as
-    its weights), and the version points at it. Same model as :func:`log_classifier`
-    logs, at a fraction of the cost (no model code is re-packaged per copy)."""
+    the run's artifacts get the pyfunc folder (``template``, from :func:`pyfunc_template`,
+    with this file as its weights), and the version points at it. Same model as
+    :func:`log_classifier` logs, at a fraction of the cost (no model code is re-packaged
+    per copy)."""
     client = MlflowClient()
-    template = _template()
     with tempfile.TemporaryDirectory(prefix="securemark-version-") as tmp:
         folder = Path(tmp) / "model"
         shutil.copytree(template, folder)

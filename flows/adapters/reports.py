@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from securemark.codes import Codebook  # noqa: E402
 from securemark.key import FingerprintKey  # noqa: E402
-from securemark.blackbox import BOUND_DESCRIPTION as API_BOUND_DESCRIPTION  # noqa: E402
+from securemark.tracing.blackbox import BOUND_DESCRIPTION as API_BOUND_DESCRIPTION  # noqa: E402
 from securemark.tracing import BOUND_DESCRIPTION, Verdict  # noqa: E402
 
 

@@ -11,7 +11,7 @@ missing or unknown key, a wrong value or an unknown plug-in name is a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,17 @@ import yaml
 
 from securemark import checks
 from securemark.attacks import create_attack
-from securemark.attacks.grid import expand_grid
-from securemark.codes import create_code
+from securemark.evaluation.grid import expand_grid
 from securemark.data import DEBIAN_DATASET_DIR
 from securemark.errors import ConfigError, InvalidConfig
 from securemark.fingerprint import EmbedConfig
 from securemark.model import ModelSpec
 from securemark.partition import PartitionSpec
 from securemark.privacy import AuditConfig
-from securemark.scoring import available_scorers
-from securemark.split.defence import DefenceConfig
+from securemark.privacy.defence import DefenceConfig
 from securemark.split.protocol import TrainConfig
 from securemark.split.transport import transport_names
-from securemark.tracing import available_decoders
+from securemark.vendor.config import BlackboxConfig, CodeConfig, TraceConfig
 
 __all__ = ["Settings", "load_params", "build", "apply_profile", "DEFAULT_PROFILE"]
 
@@ -145,76 +143,9 @@ class VendorSettings:
 
 
 @dataclass(frozen=True)
-class CodeSettings:
-    """The code family, how many customers the codebook holds, and the family's options."""
-
-    family: str = "random"
-    capacity: int = 1000
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        checks.integer("fingerprint.code", "capacity", self.capacity, 1)
-        create_code(self.family, **self.options)  # unknown family or option: fail now
-
-
-@dataclass(frozen=True)
 class FingerprintSettings:
-    code: CodeSettings
+    code: CodeConfig
     embed: EmbedConfig
-
-
-@dataclass(frozen=True)
-class BlackboxSettings:
-    """The black-box fingerprint: secret key images a copy answers with its customer's
-    labels (:mod:`securemark.blackbox`), and how tracing queries a prediction API."""
-
-    enabled: bool = True             # teach every issued copy its black-box code word
-    patterns: int = 64               # secret patterns = symbols (classes) of a black-box word
-    per_pattern: int = 8             # aux images each pattern is blended into (keys = patterns * per_pattern)
-    blend: float = 0.4               # key = (1 - blend) * aux image + blend * pattern
-    cells: int = 7                   # a pattern is cells x cells random blocks scaled up to 28 x 28
-    views: int = 1                   # each key and views - 1 perturbed copies of it are taught
-    checkpoints: tuple[int, ...] = (64, 128, 256, 512)  # sequential test: queries after which a trace may stop
-    repeats: int = 1                 # queries of each key (a coalition may route each query to another copy)
-    explain: float = 0.0             # > 0: read on after an accusation until the accused explain this share of the answers
-    batch: int = 64                  # images per HTTP request
-    timeout: float = 10.0            # seconds per request
-    retries: int = 3                 # per request, with exponential back-off (and Retry-After on 429)
-    max_response_bytes: int = 1_000_000
-    null_secrets: int = 10           # blackbox stage: other vendors' keys every served model is also scored under
-    cost_copies: int = 5             # blackbox stage: copies re-embedded without the black-box marks (their cost)
-    distill_trials: int = 2          # blackbox stage: copies distilled (hard labels) through their API
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
-        checks.integer("blackbox", "patterns", self.patterns, 1)
-        checks.integer("blackbox", "per_pattern", self.per_pattern, 1)
-        checks.number("blackbox", "blend", self.blend, 0.0, 1.0, low_open=True, high_open=True)
-        checks.integer("blackbox", "cells", self.cells, 1, 28)
-        checks.integer("blackbox", "views", self.views, 1)
-        checks.integer("blackbox", "repeats", self.repeats, 1)
-        checks.number("blackbox", "explain", self.explain, 0.0, 1.0)
-        checks.integer("blackbox", "batch", self.batch, 1, 1024)
-        checks.number("blackbox", "timeout", self.timeout, 0.0, low_open=True)
-        checks.integer("blackbox", "retries", self.retries, 0, 10)
-        checks.integer("blackbox", "max_response_bytes", self.max_response_bytes, 1024)
-        checks.integer("blackbox", "null_secrets", self.null_secrets, 0)
-        checks.integer("blackbox", "cost_copies", self.cost_copies, 0)
-        checks.integer("blackbox", "distill_trials", self.distill_trials, 0)
-        if not self.checkpoints or list(self.checkpoints) != sorted(set(self.checkpoints)) or self.checkpoints[-1] > self.keys:
-            raise ConfigError("blackbox.checkpoints", f"need increasing query counts up to the number of keys ({self.keys}), got {list(self.checkpoints)}")
-        for c in self.checkpoints:
-            checks.integer("blackbox", "checkpoints[]", c, 1)
-
-    @property
-    def keys(self) -> int:
-        """Key images: every pattern blended into ``per_pattern`` aux images."""
-        return self.patterns * self.per_pattern
-
-    @property
-    def max_queries(self) -> int:
-        """The query budget of one trace: every key, ``repeats`` times."""
-        return self.keys * self.repeats
 
 
 @dataclass(frozen=True)
@@ -230,52 +161,6 @@ class IssueSettings:
 
     def customer_ids(self) -> list[str]:
         return [f"customer-{i:04d}" for i in range(1, self.customers + 1)]
-
-
-@dataclass(frozen=True)
-class TraceSettings:
-    epsilon: float = 1e-6          # whole-trace false-accusation probability (all customers)
-    scorer: str = "correlation"    # correlation (soft values) | tardos (hard signs)
-    decoder: str = "peeling"       # peeling (successive cancellation) | plain
-    null_random_keys: int = 10     # per issued copy: examined under this many other keys
-    align: bool = True             # re-align suspects to the base model before extracting
-    probe_size: int = 512          # aux images run through both models to match channels
-    drift_samples: int = 40        # the vendor's simulated updates of its base model the drift-whitened reading is fitted to (0: plain reading only)
-    drift_shrink: float = 0.1      # shrinkage of the drift covariances towards a scaled identity
-    drift_recipes: tuple = ()      # attack configs (the attacks registry) the simulated updates cycle through
-    off_data_limit: float = 1.6    # report a suspect obfuscated above this multiple of the base's off-data weight energy (0: off) ...
-    derived_limit: float = 0.75    # ... when its readout moved at most this much from the base's (relative): an update of the base
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "drift_recipes", tuple(dict(r) for r in self.drift_recipes))
-        checks.integer("trace", "drift_samples", self.drift_samples, 0)
-        checks.number("trace", "drift_shrink", self.drift_shrink, 0.0, 1.0, low_open=True)
-        if self.drift_samples == 1:
-            raise ConfigError("trace.drift_samples", "must be 0 (off) or >= 2: a covariance needs at least two updates")
-        if self.drift_samples and not self.drift_recipes:
-            raise ConfigError("trace.drift_recipes", "must list at least one update (e.g. {attack: fine_tune, epochs: 1}) when drift_samples > 0")
-        for recipe in self.drift_recipes:
-            if "attack" not in recipe:
-                raise ConfigError("trace.drift_recipes", f"every entry needs an 'attack' name, got {recipe}")
-            create_attack(recipe["attack"], **attack_options(recipe))  # a bad option fails here, naming it
-        checks.number("trace", "epsilon", self.epsilon, 0.0, 1.0, low_open=True, high_open=True)
-        checks.choice("trace", "scorer", self.scorer, available_scorers())
-        checks.choice("trace", "decoder", self.decoder, available_decoders())
-        checks.integer("trace", "null_random_keys", self.null_random_keys, 0)
-        checks.integer("trace", "probe_size", self.probe_size, 1)
-        checks.number("trace", "off_data_limit", self.off_data_limit, 0.0)
-        checks.number("trace", "derived_limit", self.derived_limit, 0.0, low_open=True)
-        if 0 < self.off_data_limit <= 1:
-            raise ConfigError("trace.off_data_limit", f"must be 0 (off) or above 1 (the base model itself is at 1), got {self.off_data_limit}")
-
-    def with_overrides(self, epsilon: float | None = None, scorer: str | None = None) -> "TraceSettings":
-        """These settings with a caller's epsilon / scorer (the CLI's flags), validated."""
-        values = asdict(self)
-        if epsilon is not None:
-            values["epsilon"] = epsilon
-        if scorer is not None:
-            values["scorer"] = scorer
-        return TraceSettings(**values)
 
 
 GRID_KEYS = ("attack", "targets", "coalition_sizes")  # keys of a grid entry that are not the attack's own options
@@ -372,9 +257,9 @@ class Settings:
     privacy_audit: AuditConfig
     vendor: VendorSettings
     fingerprint: FingerprintSettings
-    blackbox: BlackboxSettings
+    blackbox: BlackboxConfig
     issue: IssueSettings
-    trace: TraceSettings
+    trace: TraceConfig
     attacker: AttackerSettings
     attack: AttackSettings
     ops: OpsSettings
@@ -395,7 +280,7 @@ class Settings:
         transport = train.pop("transport", "inprocess")
         fingerprint = dict(_section(params, "fingerprint"))
         code = dict(fingerprint.pop("code", None) or {})
-        code_settings = build(CodeSettings, {"family": code.pop("family", "random"), "capacity": code.pop("capacity", 1000), "options": code},
+        code_settings = build(CodeConfig, {"family": code.pop("family", "random"), "capacity": code.pop("capacity", 1000), "options": code},
                               "fingerprint.code")
         settings = cls(
             base=base,
@@ -408,9 +293,9 @@ class Settings:
             privacy_audit=build(AuditConfig, _section(params, "privacy_audit"), "privacy_audit", seed=base.seed),
             vendor=build(VendorSettings, params.get("vendor") or {}, "vendor"),
             fingerprint=build(FingerprintSettings, {"code": code_settings, "embed": build(EmbedConfig, fingerprint, "fingerprint")}, "fingerprint"),
-            blackbox=build(BlackboxSettings, params.get("blackbox") or {}, "blackbox"),
+            blackbox=build(BlackboxConfig, params.get("blackbox") or {}, "blackbox"),
             issue=build(IssueSettings, _section(params, "issue"), "issue"),
-            trace=build(TraceSettings, _section(params, "trace"), "trace"),
+            trace=build(TraceConfig, _section(params, "trace"), "trace"),
             attacker=build(AttackerSettings, params.get("attacker") or {}, "attacker"),
             attack=build(AttackSettings, params.get("attack") or {}, "attack"),
             ops=build(OpsSettings, params.get("ops") or {}, "ops"),

@@ -33,8 +33,8 @@ EXIT_NONE_ACCUSED = 0
 EXIT_ACCUSED = 10
 EXIT_INCONCLUSIVE = 11  # no one accused, and that says nothing: the model was obfuscated where data does not look
 #                        (tracing/tamper.py), nothing could be read from it (degenerate), or an API read was too short
-#                        to accuse even an unmodified copy (securemark.blackbox.patterns_needed)
-EXIT_INVALID = 2  # the stages' exit code for invalid input (flows.entry.stage.EXIT_INVALID)
+#                        to accuse even an unmodified copy (securemark.tracing.blackbox.patterns_needed)
+EXIT_INVALID = 2  # the stages' exit code for invalid input (flows.adapters.stage.EXIT_INVALID)
 
 
 def _issue(args, paths: Paths, settings: Settings) -> int:
@@ -54,12 +54,13 @@ def _trace(args, paths: Paths, settings: Settings) -> int:
     if args.budget is not None and args.budget < 1:  # before any import or query: nothing to read
         raise InvalidInput(f"--budget must be at least 1 query, got {args.budget}")
     from flows.adapters.reports import trace_markdown
-    from flows.trace import trace_endpoint_flow, trace_flow
     from flows.tracing import trace_endpoint, trace_model
 
     trace = settings.trace.with_overrides(epsilon=args.epsilon, scorer=args.scorer)  # bad flags: exit 2 before any work
     in_flow = bool(os.environ.get("PREFECT_API_URL"))
-    if in_flow:
+    if in_flow:  # Prefect is imported only here: a plain trace does not pay for it
+        from flows.trace import trace_endpoint_flow, trace_flow
+
         quiet_expected_errors()
     if args.endpoint:
         run = trace_endpoint_flow if in_flow else trace_endpoint
@@ -75,10 +76,10 @@ def _trace(args, paths: Paths, settings: Settings) -> int:
 def _registry_list(args, paths: Paths, settings: Settings) -> int:
     from flows.adapters import tracking
     from flows.adapters.model_registry import customer_table
-    from flows.adapters.vendor import Vendor
+    from flows.adapters.vendor import open_vendor
 
     tracking.configure(paths)
-    vendor = Vendor.open(paths, settings)
+    vendor = open_vendor(paths, settings)
     rows = customer_table(vendor.ledger.records())
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -28,7 +28,7 @@ from pathlib import Path
 from flows.adapters.paths import Paths
 from flows.adapters.servers import free_port, prefect_server
 from flows.adapters.settings import Settings, load_params
-from flows.entry.stage import exit_invalid
+from flows.adapters.stage import exit_invalid
 from securemark.errors import ConfigError, SecureMarkError
 
 _PROFILE_LINE = re.compile(r"^(base:[ \t]*(?:#.*)?\n(?:[ \t]+.*\n|[ \t]*\n)*?[ \t]+profile:[ \t]*)([^\s#]+)", re.MULTILINE)

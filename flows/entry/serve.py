@@ -25,14 +25,14 @@ import sys
 from flows.adapters.paths import Paths
 from flows.adapters.servers import HOST, healthy, prefect_server
 from flows.adapters.settings import Settings
-from flows.entry.stage import exit_invalid
+from flows.adapters.stage import exit_invalid
 from securemark.errors import SecureMarkError, ServerFailed
 
 DEPLOYMENTS = ("issue-fingerprint", "trace-suspicious-model", "robustness-audit", "retrain")
 
 
 def deployments(settings: Settings) -> list:
-    from flows.ops import issue_fingerprint, retrain, robustness_audit, trace_suspicious_model
+    from flows.entry.ops import issue_fingerprint, retrain, robustness_audit, trace_suspicious_model
 
     cron = settings.ops.audit_cron or None
     tags = ["securemark"]

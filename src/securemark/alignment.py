@@ -238,6 +238,31 @@ class Aligner:
         self._rows = [_responses(self.reference, i, self._metrics[i]) for i in range(n_units)]
         self._head = _columns_out(self.reference)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What depends only on the reference and the probe (for a safetensors file, so a
+        later process skips the eigendecompositions; :meth:`from_tensors` reads it back).
+        Activations are computed in float32 and stored so, exactly."""
+        out = {"head": self._head.contiguous()}
+        for i, (metric, activations, rows) in enumerate(zip(self._metrics, self._activations, self._rows)):
+            out[f"metric.{i}"], out[f"activations.{i}"], out[f"rows.{i}"] = metric.contiguous(), activations.to(torch.float32).contiguous(), rows.contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, reference: SplitNet, probe: torch.Tensor, tensors: dict[str, torch.Tensor]) -> "Aligner":
+        """The aligner :meth:`tensors` saved for ``reference`` and ``probe`` (the same ones)."""
+        aligner = cls.__new__(cls)
+        aligner.reference = fold_batchnorm(reference.cpu())
+        aligner.probe = probe.to(torch.float32)
+        n_units = len(units(aligner.reference))
+        try:
+            aligner._metrics = [tensors[f"metric.{i}"] for i in range(n_units)]
+            aligner._activations = [tensors[f"activations.{i}"].to(torch.float64) for i in range(n_units)]
+            aligner._rows = [tensors[f"rows.{i}"] for i in range(n_units)]
+            aligner._head = tensors["head"]
+        except KeyError as exc:
+            raise InvalidInput(f"aligner file lacks {exc}") from None
+        return aligner
+
     @torch.no_grad()
     def align(self, suspect: SplitNet) -> "Alignment":
         """Undo channel permutations and positive rescalings of ``suspect`` (same

@@ -177,6 +177,39 @@ class CarrierSpace:
         x = inputs.float()
         return Projected(x @ self.w0.T, x @ self.basis)
 
+    _TENSORS = ("basis", "w0", "mean", "std", "gamma0", "beta0", "head_w0", "head_b0", "w0m", "qtm", "train_labels", "train_logits",
+                "check_labels")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything but the key matrix (the vendor derives it from its secret), as flat
+        tensors for a safetensors file; :meth:`from_tensors` reads them back."""
+        out = {name: getattr(self, name).contiguous() for name in self._TENSORS}
+        out.update({f"base.{k}": v.contiguous() for k, v in self.base.state_dict().items()})
+        out.update({f"readout.{k}": v.contiguous() for k, v in self.readout.tensors().items()})
+        for name, rows in (("train", self.train), ("check", self.check)) + ((("keys", self.keys.rows),) if self.keys else ()):
+            out[f"{name}.base"], out[f"{name}.sub"] = rows.base.contiguous(), rows.sub.contiguous()
+        if self.keys is not None:
+            out["keys.key_of_row"], out["keys.original"] = self.keys.key_of_row.contiguous(), self.keys.original.contiguous()
+        out["scalars"] = torch.tensor([self.index, self.unit, self.base_accuracy], dtype=torch.float64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], spec, layer: str, key_matrix: torch.Tensor) -> "CarrierSpace":
+        """The space :meth:`tensors` wrote, for base models of architecture ``spec``,
+        carrying ``layer``, under ``key_matrix`` (the one it was built with)."""
+        try:
+            base = SplitNet(spec)
+            base.load_state_dict({k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")})
+            readout = Readout.from_tensors(layer, {k[len("readout."):]: v for k, v in tensors.items() if k.startswith("readout.")})
+            rows = lambda name: Projected(tensors[f"{name}.base"], tensors[f"{name}.sub"])  # noqa: E731
+            keys = KeyRows(rows("keys"), tensors["keys.key_of_row"], tensors["keys.original"]) if "keys.base" in tensors else None
+            index, unit, base_accuracy = tensors["scalars"].tolist()
+            return cls(base=base.eval(), layer=layer, index=int(index), readout=readout, key_matrix=key_matrix.to(torch.float32), unit=unit,
+                       train=rows("train"), check=rows("check"), base_accuracy=base_accuracy, keys=keys,
+                       **{name: tensors[name] for name in cls._TENSORS})
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise InvalidInput(f"carrier space file is incomplete or does not match the model: {exc}") from None
+
 
 def subspace_basis(metric: torch.Tensor, rows: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     """An orthonormal ``[F, size]`` basis: the readout's directions first (the span of

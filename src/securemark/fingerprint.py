@@ -188,6 +188,14 @@ class Readout:
             norms = (effective_weight(base, layer).flatten(1) @ metric).norm(dim=1)
         return cls(layer, metric, norms).centred_on(base)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The readout's tensors (for a safetensors file; :meth:`from_tensors` reads them back)."""
+        return {name: value.contiguous() for name in ("metric", "norms", "origin") if (value := getattr(self, name)) is not None}
+
+    @classmethod
+    def from_tensors(cls, layer: str, tensors: dict[str, torch.Tensor]) -> "Readout":
+        return cls(layer, tensors.get("metric"), tensors.get("norms"), tensors.get("origin"))
+
     def centred_on(self, base: SplitNet) -> "Readout":
         """This readout measured from ``base`` (its ``origin`` set to ``base``'s readout)."""
         with torch.no_grad():
@@ -283,7 +291,7 @@ def embed(
     it are trained (so each step is cheap), in evaluation mode (batch-norm statistics
     and dropout stay out of it). ``readout`` (built from the same base model) says what
     the key projects. With ``keys``, the copy also learns to answer the black-box key
-    images with their targets (:mod:`securemark.blackbox`), in the same steps.
+    images with their targets (:mod:`securemark.tracing.blackbox`), in the same steps.
     """
     start = time.perf_counter()
     model = copy.deepcopy(base).eval()

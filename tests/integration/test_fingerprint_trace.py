@@ -21,10 +21,11 @@ from safetensors.torch import load_file
 
 from flows.adapters.model_registry import CUSTOMER_MODEL, load_registered
 from flows.adapters.paths import Paths
-from flows.adapters.vendor import Vendor
+from flows.adapters.vendor import open_vendor
 from flows.adapters.tracking import TRACE_EXPERIMENT
 from securemark.ledger import ISSUED
 from securemark.model import SplitNet
+from securemark.vendor import Vendor
 from securemark.weights import SPEC_KEY
 from tests.conftest import SMALL, isolated_copy
 
@@ -44,7 +45,7 @@ class Issued:
         return self.paths.customer_copy(customer)
 
     def vendor(self) -> Vendor:
-        return Vendor.open(self.paths, SMALL)
+        return open_vendor(self.paths, SMALL)
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri)

@@ -79,7 +79,7 @@ def test_issuing_fans_out_on_a_dask_cluster(prepared_project, prefect_harness, t
 
 
 def test_a_failed_issue_keeps_the_words_and_a_rerun_issues_exactly_the_missing_copies(prepared_project, prefect_harness, tmp_path):
-    from flows.adapters.vendor import Vendor
+    from flows.adapters.vendor import open_vendor
     from flows.issue import IssuingFailed, run_issue
     from securemark.ledger import ISSUED, PENDING
     from securemark.weights import sha256_file
@@ -91,7 +91,7 @@ def test_a_failed_issue_keeps_the_words_and_a_rerun_issues_exactly_the_missing_c
             run_issue(paths, starved, customers)
         message = str(failed.value)
         assert all(c in message for c in customers) and "min margin" in message and "re-run" in message
-        ledger = Vendor.open(paths, SMALL).ledger
+        ledger = open_vendor(paths, SMALL).ledger
         reserved = {r.customer_id: r for r in ledger.records()}
         assert {c: reserved[c].status for c in customers} == {c: PENDING for c in customers}
         assert not any(paths.customer_copy(c).exists() for c in customers)
@@ -205,7 +205,7 @@ def test_registry_downloads_leave_no_temporary_folders(ops_project, tmp_path):
 
 def test_robustness_audit_runs_against_the_registry_and_compares(prepared_project, prefect_harness, tmp_path):
     from flows.attacker_baseline import attacker_baseline_flow
-    from flows.ops import robustness_audit
+    from flows.entry.ops import robustness_audit
 
     # the audit runs the `full` profile's grid, not the default one
     params = small_params(attack={"grid": [{"attack": "prune", "rate": 0.3}]},

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from securemark.model import ModelSpec, SplitNet, accuracy
-from securemark.split.defence import DefenceConfig
+from securemark.privacy.defence import DefenceConfig
 from securemark.split.messages import MessageRejected, SmashedBatch
 from securemark.split.protocol import InMemoryOwners, SplitJob, TrainConfig, make_server
 from securemark.split.transport import create_transport

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from securemark.alignment import align, permute_channels, scale_before_norm, scale_channels, units
+from securemark.alignment import Aligner, align, permute_channels, scale_before_norm, scale_channels, units
 from securemark.errors import InvalidInput
 from securemark.model import ModelSpec, build_model, fold_batchnorm
 
@@ -124,3 +124,20 @@ def test_scale_channels_rejects_non_positive_scales():
         align(model, model, torch.zeros(0, 1, 28, 28))
     with pytest.raises(InvalidInput, match="batch norm"):
         scale_before_norm(build_model(SPECS["no-norm"], 0), 0, np.ones(4))
+
+
+def test_a_saved_aligner_aligns_exactly_like_a_fresh_one(probe, tmp_path):
+    """The vendor persists the reference side of alignment (securemark.vendor): read back
+    from a safetensors file, it must give the same aligned model, bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    base = trained_like(SPECS["batch-norm"], 4)
+    suspect, _ = reparametrise(base, 11)
+    fresh = Aligner(base, probe)
+    save_file(fresh.tensors(), str(tmp_path / "aligner.safetensors"))
+    loaded = Aligner.from_tensors(base, probe, load_file(str(tmp_path / "aligner.safetensors")))
+    a, b = fresh.align(suspect), loaded.align(suspect)
+    for (key, value), other in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(value, other), key
+    with pytest.raises(InvalidInput, match="lacks"):
+        Aligner.from_tensors(base, probe, {})

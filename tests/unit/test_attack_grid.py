@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from securemark.attacks.grid import compare_audits, draw_coalitions, expand_grid, is_coalition, tradeoff
+from securemark.evaluation.grid import compare_audits, draw_coalitions, expand_grid, is_coalition, tradeoff
 
 
 def test_list_values_expand_and_compose_steps_do_not():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from securemark.blackbox import (SymbolBook, agreement, decide, make_keys, profile, query_order, secret_patterns,
+from securemark.tracing.blackbox import (SymbolBook, agreement, decide, make_keys, profile, query_order, secret_patterns,
                                  sequential_trace, targets, threshold)
 from securemark.errors import InvalidInput
 
@@ -153,7 +153,7 @@ def test_a_read_too_short_to_accuse_an_unmodified_copy_is_inconclusive(aux):
     """A budget below what the bound needs cannot accuse anyone, whatever the API is: its
     'no one accused' is inconclusive, never clean; from the needed patterns on, a clean
     read of a null API is conclusive and an unmodified copy is accused."""
-    from securemark.blackbox import patterns_needed
+    from securemark.tracing.blackbox import patterns_needed
 
     keys = make_keys(aux, 32, 4, seed=3)
     customers, epsilon = 1000, 1e-6

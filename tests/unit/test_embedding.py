@@ -191,3 +191,20 @@ def test_only_the_last_dense_layer_with_a_norm_is_batched(world):
     assert not supports(world["base"], "server.block2.conv.weight")
     with pytest.raises(InvalidConfig, match="last dense block"):
         space_for(world, dataclasses.replace(CFG, layer="server.block2.conv.weight"))
+
+
+def test_a_saved_carrier_space_issues_the_same_copies(batch, space, world, tmp_path):
+    """The vendor persists the carrier space without its key matrix (securemark.vendor):
+    read back under the same key, it must issue the same copies, bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(space.tensors(), str(tmp_path / "carrier.safetensors"))
+    loaded = CarrierSpace.from_tensors(load_file(str(tmp_path / "carrier.safetensors")), SPEC, LAYER, world["key_matrix"])
+    assert loaded.base_accuracy == space.base_accuracy and loaded.unit == space.unit
+    todo, outcomes = batch
+    (again,) = embed_batch(loaded, todo[:1], CFG)
+    assert again.result.steps == outcomes[0].result.steps
+    for (name, a), b in zip(again.result.model.state_dict().items(), outcomes[0].result.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(InvalidInput, match="carrier space file"):
+        CarrierSpace.from_tensors({}, SPEC, LAYER, world["key_matrix"])

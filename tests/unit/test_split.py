@@ -11,7 +11,7 @@ import torch
 
 from securemark.errors import ConfigError, UnknownName
 from securemark.model import ModelSpec, SplitNet, build_client, build_model, build_server
-from securemark.split.defence import DefenceConfig, distance_correlation
+from securemark.privacy.defence import DefenceConfig, distance_correlation
 from securemark.split.messages import MessageRejected, SmashedBatch
 from securemark.split.parties import SplitServer
 from securemark.split.protocol import InMemoryOwners, SplitJob, TrainConfig, bank_positions

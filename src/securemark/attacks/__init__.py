@@ -11,9 +11,10 @@ One registry (:mod:`securemark.attacks.base`), one module per family of attacks:
 - :mod:`~securemark.attacks.distill`: ``distill`` (a fresh student imitating the copy);
 - :mod:`~securemark.attacks.serving`: ``serve_coalition`` (a coalition's API: random
   member or majority vote per query), ``query_filter`` (an API refusing unusual queries);
-- :mod:`~securemark.attacks.compose`: ``compose`` (a sequence of the others);
+- :mod:`~securemark.attacks.compose`: ``compose`` (a sequence of the others).
 
-and the grid that the ``attack`` stage runs (:mod:`~securemark.attacks.grid`).
+Only the plug-ins live here: scoring attacked models through both channels (the grid the
+``attack`` stage runs) is evaluation, :mod:`securemark.evaluation`.
 Importing this package registers every attack.
 """
 

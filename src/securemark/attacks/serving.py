@@ -14,7 +14,7 @@
   answers with its customer's symbol, anything but that symbol).
 
 The result is an ``nn.Module`` that answers images with logits, with ``spec = None``:
-it has no weights a white-box trace could read (:func:`securemark.attacks.grid.evaluate`
+it has no weights a white-box trace could read (:func:`securemark.evaluation.grid.evaluate`
 scores it through the black-box channel only).
 """
 

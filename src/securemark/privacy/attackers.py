@@ -34,7 +34,7 @@ from securemark.errors import InvalidInput
 from securemark.model import IMAGE_SIZE, NUM_CLASSES
 from securemark.privacy.scores import smash, ssim
 from securemark.registry import Registry
-from securemark.split.defence import add_noise
+from securemark.privacy.defence import add_noise
 
 Progress = Callable[[Any], Any]
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from securemark.errors import InvalidInput
-from securemark.split.defence import add_noise, distance_correlation
+from securemark.privacy.defence import add_noise, distance_correlation
 
 FLOOR = "label_floor"
 

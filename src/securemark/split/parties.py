@@ -14,7 +14,7 @@ from torch import nn
 
 from securemark.privacy.attackers import StrongDecoder
 from securemark.privacy.scores import ssim
-from securemark.split.defence import DefenceConfig, add_noise, distance_correlation
+from securemark.privacy.defence import DefenceConfig, add_noise, distance_correlation
 from securemark.split.messages import GradientReply, SmashedBatch, check_smashed
 from securemark.training import Recipe, augment, scoped_rng
 

@@ -21,7 +21,7 @@ import torch
 
 from securemark.errors import ConfigError
 from securemark.model import ModelSpec, SplitNet, build_model
-from securemark.split.defence import DefenceConfig
+from securemark.privacy.defence import DefenceConfig
 from securemark.split.messages import GradientReply, SmashedBatch
 from securemark.split.parties import DataOwner, SplitServer
 from securemark.training import Recipe

@@ -56,17 +56,26 @@ __all__ = [
 ]
 
 
-def suspect_outputs_finite(model, probe) -> bool:
-    """Whether the suspect computes finite outputs on the vendor's probe images (a model
-    whose weights overflow computes NaN or Inf and cannot be read or aligned)."""
+def probe_outputs(model, probe):
+    """The suspect's outputs on the vendor's probe images (eval mode, no gradients)."""
     import torch
 
     with torch.no_grad():
-        return bool(torch.isfinite(model.eval()(probe)).all())
+        return model.eval()(probe)
 
 
-def degeneracy(model, probe, layer: str) -> str:
+def suspect_outputs_finite(model, probe, outputs=None) -> bool:
+    """Whether the suspect computes finite outputs on the vendor's probe images (a model
+    whose weights overflow computes NaN or Inf and cannot be read or aligned).
+    ``outputs``: :func:`probe_outputs` when the caller already has them."""
+    import torch
+
+    return bool(torch.isfinite(probe_outputs(model, probe) if outputs is None else outputs).all())
+
+
+def degeneracy(model, probe, layer: str, outputs=None) -> str:
     """What makes a (well-formed) suspect degenerate, in words; empty when nothing does.
+    ``outputs``: :func:`probe_outputs` when the caller already has them.
 
     A degenerate model is still a model: the trace says what it can and cannot conclude
     instead of failing."""
@@ -75,12 +84,11 @@ def degeneracy(model, probe, layer: str) -> str:
     from securemark.fingerprint import effective_weight
 
     notes = []
-    if not suspect_outputs_finite(model, probe):
+    outputs = probe_outputs(model, probe) if outputs is None else outputs
+    if not suspect_outputs_finite(model, probe, outputs):
         notes.append("the model computes NaN or Inf on ordinary images (its weights overflow): nothing can be read from it, "
                      "and it is useless as a classifier")
     else:
-        with torch.no_grad():
-            outputs = model.eval()(probe)
         if float(outputs.std(0).max()) == 0.0:
             notes.append("the model gives the same output for every image: it does not classify, whatever it carries")
     with torch.no_grad():

@@ -44,6 +44,8 @@ class Extractor:
         derived_limit: the readout change up to which a suspect counts as an update of the
             base model (copies 0.2, fine-tuned coalitions 0.3-0.45, independently trained
             models ~1.0).
+        prepared_aligner: the reference side of alignment already computed for
+            ``reference`` and ``probe`` (None: computed on first use).
     """
 
     spec: ModelSpec
@@ -55,6 +57,7 @@ class Extractor:
     drift: DriftModel | None = None
     off_data_limit: float = 0.0
     derived_limit: float = 0.75
+    prepared_aligner: Aligner | None = None
 
     @property
     def layer(self) -> str:
@@ -62,8 +65,9 @@ class Extractor:
 
     @cached_property
     def aligner(self) -> Aligner:
-        """The reference side of alignment, computed once for every suspect."""
-        return Aligner(self.reference, self.probe)
+        """The reference side of alignment, computed once for every suspect (or the one
+        given as ``prepared_aligner``, e.g. loaded from the vendor's state)."""
+        return self.prepared_aligner or Aligner(self.reference, self.probe)
 
     def model(self, state_or_model) -> SplitNet:
         if isinstance(state_or_model, SplitNet):

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from securemark.attacks.base import attack_class
-from securemark.blackbox import ApiProbe, agreement, label_api
+from securemark.tracing.blackbox import ApiProbe, agreement, label_api
 from securemark.codes import Codebook
 from securemark.fingerprint import bit_error_rate
 from securemark.model import accuracy

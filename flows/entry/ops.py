@@ -27,7 +27,7 @@ from flows.attack import run_attacks
 from flows.issue import run_issue
 from flows.trace import trace_endpoint_flow, trace_flow
 from flows.train import train_flow
-from securemark.attacks.grid import compare_audits
+from securemark.evaluation.grid import compare_audits
 from securemark.errors import InvalidConfig
 
 AUDIT_EXPERIMENT = "securemark-audit"
