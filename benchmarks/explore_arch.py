@@ -1,6 +1,6 @@
 """Exploratory search for the base model (standalone torch, central training, no split).
 
-The first recipe search, kept because README "Base model" quotes its log
+The first recipe search, kept because docs/pipeline.md "train" quotes its log
 (``benchmarks/results/explore_arch.log``): the first 45,000 training images, scored on
 the 10,000 test images, 2 threads. Each call runs one candidate given as Python:
 

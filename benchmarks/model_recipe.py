@@ -6,7 +6,7 @@ partitions, and scores it on the 10,000 test images. Every row: widths, dense bl
 label smoothing, augmentation, epochs, test accuracy, seconds (this machine, 2 threads).
 Needs the partitions (``dvc repro prepare``); run from the repository root:
 
-    python benchmarks/model_recipe.py                # the table in README "Base model"
+    python benchmarks/model_recipe.py                # the table in docs/pipeline.md "train"
     python benchmarks/model_recipe.py --only 0 3     # some rows
 """
 

@@ -48,7 +48,7 @@ def trace_model(paths: Paths, settings: Settings, model: str, trace: TraceConfig
         state, sha = examine(resolve_model(model, Path(tmp)), expected_shapes(settings.model))
     result = vendor.trace_weights(state, cfg)
     report = reports.verdict_report(result.verdict, vendor.customers_by_index(), vendor.key, vendor.codebook, model, sha, result.alignment)
-    report["off_data_ratio"] = result.off_data_ratio  # README "Known break": an update of the base above trace.off_data_limit was obfuscated
+    report["off_data_ratio"] = result.off_data_ratio  # docs/tracing.md "Known break": an update of the base above trace.off_data_limit was obfuscated
     report["obfuscated"] = result.obfuscated
     # no one accused means nothing when the model was obfuscated, or when nothing could be read from it (degenerate)
     report["inconclusive"] = result.inconclusive

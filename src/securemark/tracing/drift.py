@@ -19,7 +19,7 @@ The whitening trusts the simulated drift: a change no simulated update makes is 
 weighted down. The plain reading is therefore kept beside it and a trace decides on both,
 splitting epsilon (:func:`securemark.tracing.decoders.decide_readings`). Noise in the
 directions the attacker's data does not excite reaches the readout as white noise, which no
-whitening separates from a mark (README "Known break"); :mod:`securemark.tracing.tamper`
+whitening separates from a mark (docs/tracing.md "Known break"); :mod:`securemark.tracing.tamper`
 detects it instead.
 """
 

@@ -7,7 +7,7 @@ two) leave the share of the carrying layer's weight energy that lies *outside* t
 directions the vendor's data excites about where the base model had it (measured: 0.99 to
 1.08 x the base's, copies included; 90 % pruning with recovery 1.4 x). Noise put where the
 attacker's own data is blind (the ``obfuscate`` attack, aimed at the drift-whitened reading)
-multiplies it: 1.5 x at a noise norm of 1 x the weight's, 3.1 x at 3 x (README "Known
+multiplies it: 1.5 x at a noise norm of 1 x the weight's, 3.1 x at 3 x (docs/tracing.md "Known
 break", ``benchmarks/off_data_check.py``).
 
 A model trained independently also has a high share (its random initial weights there are
