@@ -6,7 +6,9 @@ step size, and reports per variant: failures, the test-accuracy drop of every co
 against the base model (max, mean, the five largest), the embedding steps and the
 seconds per copy. The variants are the knobs of ``fingerprint`` in ``params.yaml``:
 ``accuracy_tolerance`` (how far below the base's accuracy on the check rows a copy may
-stop; negative here: it must stop above it) and ``lr``.
+stop; negative here: it must stop above it), ``lr``, and the shared carrier space's rows
+(``train_rows``, ``eval_rows``, ``natural_check``, ``subspace``: that space is built for the
+variant, the base's accuracy is the same).
 
 Needs the outputs of ``dvc repro train``; run from the repository root with the vendor
 secret to use (``SECUREMARK_SECRET_FILE`` / ``SECUREMARK_VENDOR_DIR``; a fresh one is
@@ -44,6 +46,9 @@ def with_overrides(cfg, overrides: dict):
     return cfg
 
 
+SPACE_KEYS = {"eval_rows", "train_rows", "natural_check", "subspace"}  # overrides that change the shared carrier space
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--words", type=int, default=40, help="code words embedded per variant (the same words for each)")
@@ -58,6 +63,7 @@ def main() -> None:
     from securemark.tracing.blackbox import targets
     from securemark.embedding import Job, copy_accuracy, embed_batch
     from securemark.key import derive_seed
+    from securemark.vendor import Vendor
 
     paths = Paths(Path.cwd().resolve())
     settings = Settings.load(paths.params)
@@ -71,14 +77,19 @@ def main() -> None:
     rows = []
     for overrides in args.variants:
         cfg = with_overrides(vendor.config.embed, overrides)
+        variant_space, variant_test = space, test_rows
+        if SPACE_KEYS & set(overrides):  # rows or subspace of the shared space change: the same vendor, that space
+            variant = Vendor(vendor.files, dataclasses.replace(vendor.config, embed=cfg), vendor.secret, vendor.codebook,
+                             vendor.blackbox_codebook, vendor.ledger, vendor.key)
+            variant_space, variant_test, _ = variant.carrier_space()
         drops, steps, marks, failures = [], [], [], 0
         start = time.perf_counter()
         for s in range(0, len(jobs), args.batch):
-            for outcome in embed_batch(space, jobs[s : s + args.batch], cfg):
+            for outcome in embed_batch(variant_space, jobs[s : s + args.batch], cfg):
                 if outcome.error is not None:
                     failures += 1
                     continue
-                drops.append((base_accuracy - copy_accuracy(space, outcome.result.model, test_rows, test_labels)) * 100)
+                drops.append((base_accuracy - copy_accuracy(variant_space, outcome.result.model, variant_test, test_labels)) * 100)
                 steps.append(outcome.result.steps)
                 marks.append(outcome.result.mark_steps)
         row = {"overrides": overrides, "words": args.words, "failures": failures,

@@ -35,7 +35,7 @@ from flows.adapters.settings import Settings, attack_options
 from flows.adapters.vendor import open_vendor
 from flows.adapters.stage import stage_main
 from securemark.attacks import AttackData, create_attack
-from securemark.evaluation.grid import draw_coalitions, evaluate, innocents, is_coalition, traced, tracing_summary, tradeoff, worth_it
+from securemark.evaluation.grid import draw_coalitions, innocents, is_coalition, traced, tracing_summary, tradeoff, worth_it
 from securemark.errors import InvalidConfig
 from securemark.model import SplitNet, accuracy
 from securemark.tracing import codebook_indices
@@ -56,16 +56,13 @@ def run_family(paths: Paths, settings: Settings, config: dict, targets: list[lis
     grid). Opens the vendor's state itself: no secret travels as an argument."""
     attack = create_attack(config["attack"], **attack_options(config))
     vendor = open_vendor(paths, settings)
-    extractor = vendor.extractor()
-    indices, codewords, trace = codebook_indices(vendor.codebook), vendor.issued_codewords(), settings.trace
-    api = vendor.api_probe() if settings.blackbox.enabled else None  # the label-only channel
     rows = []
     for trial, coalition in enumerate(targets):
         generator = torch.Generator().manual_seed(settings.base.seed + trial)
         attacked = attack([copies[c] for c in coalition], data, generator)
         rows.append({"attack": attack.name, "strength": float(attack.strength), "coalition_size": len(coalition), "trial": trial,
                      "copy_accuracy": float(np.mean([copy_accuracy[c] for c in coalition])),
-                     **evaluate(attacked, coalition, vendor.codebook, codewords, extractor, indices, test, trace.epsilon, trace.scorer, trace.decoder, api)})
+                     **vendor.evaluate_attacked(attacked, coalition, test)})
     return rows
 
 

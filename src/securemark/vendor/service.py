@@ -13,8 +13,9 @@ secret, the state and the vendor's data live) and a
   base model's bytes, the vendor's data, the key id, the configs), so a later process
   loads them instead of rebuilding them;
 - the use cases: :meth:`embed` (issuing), :meth:`trace_weights` (a model file's
-  tensors), :meth:`trace_api` (a prediction API) and :meth:`null_verdict` (a model under
-  the vendor's or another vendor's key).
+  tensors), :meth:`trace_api` (a prediction API), :meth:`null_verdict` (a model under
+  the vendor's or another vendor's key) and :meth:`evaluate_attacked` (an attacked model
+  judged through both channels, as the attack grid does).
 
 Entry points (stages, the CLI, deployments, benchmarks) read settings, open a Vendor,
 call a use case and log what it returns; files other than the vendor's own state
@@ -350,6 +351,20 @@ class Vendor:
         key = self.key_matrix if secret is None else draw_key(secret, self.key.layer, self.codebook.length, self.key.n_weights)
         return decide_readings(extractor.readings(aligned, key), self.codebook, codebook_indices(self.codebook), cfg.epsilon, cfg.scorer,
                                cfg.decoder)
+
+
+    def evaluate_attacked(self, model, colluders: list[str], test: tuple[torch.Tensor, torch.Tensor], cfg: TraceConfig | None = None) -> dict:
+        """An attacked model (a copy, or a coalition's copies, after an attack) judged the way
+        the attack grid judges it (:func:`securemark.evaluation.grid.evaluate`): accuracy on
+        ``test``, BER and the verdicts through both channels, its weights and, with the
+        black-box fingerprint on, its answers to the keys. ``colluders``: the issued
+        customers whose copies went into it."""
+        from securemark.evaluation.grid import evaluate
+
+        cfg = cfg or self.config.trace
+        api = self.api_probe() if self.config.blackbox.enabled else None  # the label-only channel
+        return evaluate(model, colluders, self.codebook, self.issued_codewords(), self.extractor(), codebook_indices(self.codebook), test,
+                        cfg.epsilon, cfg.scorer, cfg.decoder, api)
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
