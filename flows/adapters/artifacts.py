@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import sys
 
-import mlflow
-
 ISSUED = "issued-copies"
 TRACE_VERDICT = "trace-verdict"
 TRACE_SCORES = "trace-scores"
@@ -38,6 +36,8 @@ def mlflow_run_url(run_id: str, experiment_id: str) -> str:
     """A browser link to an MLflow run: the tracking server itself when MLflow is served
     over HTTP, otherwise ``SECUREMARK_MLFLOW_UI`` (default ``http://127.0.0.1:5000``,
     where ``make mlflow-ui`` serves the project's store)."""
+    import mlflow
+
     uri = mlflow.get_tracking_uri()
     base = uri if uri.startswith(("http://", "https://")) else os.environ.get(MLFLOW_UI_ENV, "http://127.0.0.1:5000")
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

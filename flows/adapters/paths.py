@@ -137,6 +137,11 @@ class Paths:
         return self.root / "mlflow.db"
 
     @property
+    def trace_outbox(self) -> Path:
+        """Trace records waiting for their MLflow run (flows.adapters.trace_log)."""
+        return self.root / ".securemark-outbox"
+
+    @property
     def mlruns(self) -> Path:
         return self.root / "mlruns"
 

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from securemark.codes import Codebook  # noqa: E402
-from securemark.key import FingerprintKey  # noqa: E402
-from securemark.tracing.blackbox import BOUND_DESCRIPTION as API_BOUND_DESCRIPTION  # noqa: E402
-from securemark.tracing import BOUND_DESCRIPTION, Verdict  # noqa: E402
+from securemark.codes import Codebook
+from securemark.key import FingerprintKey
+from securemark.tracing.blackbox import BOUND_DESCRIPTION as API_BOUND_DESCRIPTION
+from securemark.tracing import BOUND_DESCRIPTION, Verdict
 
 
 UNASSIGNED = "(unassigned)"
@@ -103,16 +99,23 @@ def _who(row: dict) -> str:
     return row["customer_id"] if row.get("customer_id") is not None else f"{UNASSIGNED} word {row['codeword_index']}"
 
 
-def score_plot(verdict: Verdict, indices: np.ndarray, path: Path) -> Path:
-    """Every code word's score against the threshold, accused ones in red (PNG at ``path``)."""
+def score_plot_of(plot: dict, path: Path) -> Path:
+    """Every code word's score against the threshold, accused ones in red (PNG at ``path``).
+    ``plot``: ``indices``, ``scores``, ``threshold``, ``epsilon``, ``scorer`` and the
+    ``accused`` code-word indices (:func:`flows.adapters.trace_log.record`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    indices, scores = np.asarray(plot["indices"]), np.asarray(plot["scores"])
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    accused = {c.codeword_index for c in verdict.accused}
-    mask = np.isin(indices, list(accused))
-    ax.scatter(indices[~mask], verdict.scores[~mask], s=6, color="tab:gray", label="customers")
-    ax.scatter(indices[mask], verdict.scores[mask], s=30, color="tab:red", label="accused")
-    ax.axhline(verdict.threshold, color="tab:red", linestyle="--", label=f"threshold (epsilon={verdict.epsilon:g})")
+    mask = np.isin(indices, list(plot["accused"]))
+    ax.scatter(indices[~mask], scores[~mask], s=6, color="tab:gray", label="customers")
+    ax.scatter(indices[mask], scores[mask], s=30, color="tab:red", label="accused")
+    ax.axhline(plot["threshold"], color="tab:red", linestyle="--", label=f"threshold (epsilon={plot['epsilon']:g})")
     ax.set_xlabel("code word index")
-    ax.set_ylabel(f"{verdict.scorer} score")
+    ax.set_ylabel(f"{plot['scorer']} score")
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,8 +1,8 @@
 """The ``securemark`` command: a thin layer over the flows.
 
     securemark issue --customer ID [--customer ID ...]
-    securemark trace --model PATH|models:/NAME@ALIAS [--json] [--epsilon E] [--scorer S]
-    securemark trace --endpoint URL [--budget N] [--protocol auto|mlflow|json] [--json] [--epsilon E]
+    securemark trace --model PATH|models:/NAME@ALIAS [--json] [--epsilon E] [--scorer S] [--log-now]
+    securemark trace --endpoint URL [--budget N] [--protocol auto|mlflow|json] [--json] [--epsilon E] [--log-now]
     securemark registry list [--json]
 
 Exit codes: 0 success (``trace``: no one accused), 10 someone accused, 11 inconclusive (no one
@@ -50,7 +50,8 @@ def _issue(args, paths: Paths, settings: Settings) -> int:
 def _trace(args, paths: Paths, settings: Settings) -> int:
     """Trace a model: as a Prefect flow when a Prefect server is configured
     (``PREFECT_API_URL``: the verdict is also published as artifacts), else directly,
-    without starting a temporary Prefect server (the MLflow run and report are the same)."""
+    without starting a temporary Prefect server; the MLflow run is then written by a
+    background process after the verdict is printed (``--log-now``: before)."""
     if args.budget is not None and args.budget < 1:  # before any import or query: nothing to read
         raise InvalidInput(f"--budget must be at least 1 query, got {args.budget}")
     from flows.adapters.reports import trace_markdown
@@ -62,11 +63,14 @@ def _trace(args, paths: Paths, settings: Settings) -> int:
         from flows.trace import trace_endpoint_flow, trace_flow
 
         quiet_expected_errors()
+    log = "now" if args.log_now else "queue"  # queue: the verdict first, its MLflow run written in the background
     if args.endpoint:
-        run = trace_endpoint_flow if in_flow else trace_endpoint
-        report = run(paths, settings, args.endpoint, args.budget, args.protocol, trace)
+        if in_flow:
+            report = trace_endpoint_flow(paths, settings, args.endpoint, args.budget, args.protocol, trace)
+        else:
+            report = trace_endpoint(paths, settings, args.endpoint, args.budget, args.protocol, trace, log=log)
     else:
-        report = (trace_flow if in_flow else trace_model)(paths, settings, args.model, trace)
+        report = trace_flow(paths, settings, args.model, trace) if in_flow else trace_model(paths, settings, args.model, trace, log=log)
     print(json.dumps(report, indent=2) if args.json else trace_markdown(report))
     if report["accused"]:
         return EXIT_ACCUSED
@@ -112,6 +116,8 @@ def parser() -> argparse.ArgumentParser:
     trace.add_argument("--json", action="store_true", help="print the report as JSON")
     trace.add_argument("--epsilon", type=float, default=None, help="whole-trace false-accusation probability (default: params)")
     trace.add_argument("--scorer", default=None, help="correlation | tardos (default: params)")
+    trace.add_argument("--log-now", action="store_true", help="write the trace's MLflow run before answering (default: the verdict first, "
+                       "the run written by a background process from the outbox .securemark-outbox/; inside a Prefect flow always now)")
     trace.set_defaults(run=_trace)
     registry = sub.add_parser("registry", help="the model registry joined with the customer ledger")
     registry_sub = registry.add_subparsers(dest="registry_command", required=True)

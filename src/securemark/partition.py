@@ -10,11 +10,14 @@ distribution drawn from Dirichlet(alpha); ``aux``, ``attacker`` and ``test`` sta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from securemark.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPLIT_MODES = ("iid", "dirichlet")
 TRAIN_TOTAL = 60_000
@@ -135,8 +138,10 @@ def split(train_labels: np.ndarray, test_labels: np.ndarray, spec: PartitionSpec
     return {name: result[name] for name in spec.names}
 
 
-def manifest(name: str, indices: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+def manifest(name: str, indices: np.ndarray, labels: np.ndarray) -> "pd.DataFrame":
     """One row per image: sample id (unique across the dataset), label, source index, partition."""
+    import pandas as pd  # here, not at import: the params parser reads this module, the trace command need not load pandas
+
     source = "test" if name == "test" else "train"
     return pd.DataFrame(
         {

@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
-from scipy.optimize import brentq
 from scipy.special import expit
 
 from securemark import checks
@@ -232,6 +231,8 @@ class _Cumulant:
             hi *= 2.0
             if hi > 1e12:  # z is within rounding of s_max: the bound is its limit
                 return hi
+        from scipy.optimize import brentq  # here, not at import: scipy.optimize costs ~0.8 s to load
+
         return brentq(lambda lam: self.slope(lam) - z, 0.0, hi, xtol=1e-12, rtol=1e-12)
 
     def log_bound(self, z: float) -> float:

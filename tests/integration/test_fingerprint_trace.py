@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import subprocess
+import time
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,11 +254,20 @@ def test_cli_trace_of_alice_exits_10_with_json_naming_her(issued):
 
 
 def test_local_trace_needs_no_prefect_server_and_still_logs_to_mlflow(issued):
+    """Outside a flow the command answers first; its MLflow run is written from the outbox
+    by a background process (flows.adapters.trace_log), and then it is all there."""
     proc = _cli(issued, str(issued.delivered("bob")), served=False)
     assert proc.returncode == 10, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(proc.stdout)
     assert _accused(report) == ["bob"]
-    _assert_trace_run(issued, report)
+    queued = Path(report["mlflow_queued"])
+    deadline = time.monotonic() + 180
+    while queued.exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not queued.exists(), (queued.parent / "drain.log").read_text()[-2000:]
+    (run,) = issued.client().search_runs([issued.client().get_experiment_by_name(TRACE_EXPERIMENT).experiment_id],
+                                         f"tags.trace_id = '{report['trace_id']}'")
+    _assert_trace_run(issued, {**report, "mlflow_run_id": run.info.run_id})
     assert report["model_sha256"] == __import__("hashlib").sha256(issued.delivered("bob").read_bytes()).hexdigest()
     assert report["codewords_assigned"] == 2 and report["customers_scored"] == SMALL.fingerprint.code.capacity
     # words of no customer are reported as unassigned; alice (innocent here) by name

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from securemark.attacks.base import attack_class
@@ -18,6 +17,9 @@ from securemark.codes import Codebook
 from securemark.fingerprint import bit_error_rate
 from securemark.model import accuracy
 from securemark.tracing import Extractor, decide_readings
+
+if TYPE_CHECKING:  # the summaries take data frames; reading a grid entry or judging a model does not need pandas
+    import pandas as pd
 
 __all__ = ["expand_grid", "is_coalition", "draw_coalitions", "evaluate", "api_columns", "traced", "innocents", "worth_it", "tracing_summary", "tradeoff", "compare_audits"]
 
@@ -144,6 +146,8 @@ def tracing_summary(rows: pd.DataFrame) -> dict[str, Any]:
     involved, innocents accused, and how many of the untraced ones the obfuscation check
     flags (their trace ends inconclusive, not clean)."""
     hit = traced(rows)
+    import pandas as pd
+
     flagged = rows["obfuscated"].astype(bool) if "obfuscated" in rows else pd.Series(False, index=rows.index)
     return {
         "untraced_flagged_obfuscated": int((~hit & flagged).sum()),
