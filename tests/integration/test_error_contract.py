@@ -55,7 +55,8 @@ def test_issue_stage_bogus_code_family(tmp_path):
 def test_the_cli_exits_with_the_stages_code_and_help_loads_no_torch():
     """The CLI's exit code for invalid input is the stages' one, and ``--help`` answers
     without importing torch (it must be fast: lazy imports on the CLI path)."""
-    from flows.entry import cli, stage
+    from flows.adapters import stage
+    from flows.entry import cli
 
     assert cli.EXIT_INVALID == stage.EXIT_INVALID == 2
     proc = subprocess.run([sys.executable, "-c", "import sys, flows.entry.cli as c\n"

@@ -271,7 +271,7 @@ def test_a_served_copy_is_traced_through_its_api_and_the_base_is_not(ops_project
 
     copy, base = load_weights(ops_project.customer_copy("op-alice")).eval(), load_weights(ops_project.base_model).eval()
     with serve_predictions(copy) as url:
-        traced = _trace_endpoint(ops_project, url)
+        traced = _trace_endpoint(ops_project, url, "--log-now")  # the MLflow run written before the answer
     assert traced.returncode == 10, traced.stderr[-3000:]
     report = _report(traced)
     assert [a["customer_id"] for a in report["accused"]] == ["op-alice"]
@@ -282,6 +282,7 @@ def test_a_served_copy_is_traced_through_its_api_and_the_base_is_not(ops_project
     assert clean.returncode == 0, clean.stderr[-3000:]
     assert _report(clean)["accused"] == [] and _report(clean)["queries"] == SMALL.blackbox.keys  # no early stop without evidence
     assert _report(clean)["inconclusive"] is False  # read in full: the base plainly carries no one's word
+    assert _report(clean)["mlflow_queued"] and "mlflow_run_id" not in _report(clean)  # by default: queued, written in the background
 
 
 def test_a_read_too_short_to_accuse_is_inconclusive_and_no_budget_is_refused(ops_project):
