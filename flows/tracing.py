@@ -29,7 +29,6 @@ from flows.adapters.logs import run_logger
 from flows.adapters.paths import Paths
 from flows.adapters.settings import Settings
 from flows.adapters.vendor import open_vendor
-from securemark.errors import InvalidInput
 from securemark.suspect import examine, expected_shapes
 from securemark.tracing import codebook_indices
 from securemark.vendor import TraceConfig, Vendor
@@ -78,9 +77,7 @@ def trace_endpoint(paths: Paths, settings: Settings, url: str, budget: int | Non
     report like a file trace (MLflow run, markdown, JSON), with the queries spent."""
     cfg = trace or settings.trace
     bb = settings.blackbox
-    if budget is not None and budget < 1:
-        raise InvalidInput(f"--budget must be at least 1 query, got {budget}")
-    vendor = vendor or open_vendor(paths, settings)
+    vendor = vendor or open_vendor(paths, settings)  # query_limit refuses a budget below 1 before any query
     api = PredictionAPI(url, protocol, bb.batch, bb.timeout, bb.retries, bb.max_response_bytes, budget=vendor.query_limit(budget))
     read = vendor.trace_api(api.predict, budget, cfg)
     result = read.result
