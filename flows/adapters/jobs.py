@@ -4,6 +4,7 @@ schedule to know which owner image each feature-bank row came from)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from flows.adapters.paths import VARIANTS, Paths
 from flows.adapters.settings import Settings
 from securemark.errors import ConfigError
+from securemark.model import ModelSpec
 from securemark.privacy.defence import DefenceConfig
 from securemark.split.protocol import SplitJob
 from securemark.storage import read_partition
@@ -28,11 +30,23 @@ class OwnerPartitions:
         return part.as_float(), part.labels
 
 
+REFERENCE_CUT = 1  # the undefended reference: the classic early cut, after the first conv block
+
+
+def reference_spec(spec: ModelSpec) -> ModelSpec:
+    """The undefended reference of the product's architecture: the same network without
+    the client's bottleneck (part of the defence), cut after the first conv block."""
+    return dataclasses.replace(spec, bottleneck=0, cut=REFERENCE_CUT)
+
+
 def split_job(paths: Paths, settings: Settings, variant: str) -> SplitJob:
-    """Split training of ``variant``: ``defended`` uses the ``defence`` settings,
-    ``undefended`` the same profile without any defence (the audit's reference)."""
+    """Split training of ``variant``: ``defended`` is the product (``model``, with its
+    bottleneck, and the ``defence`` settings), ``undefended`` the audit's reference: the
+    same profile without any defence (:func:`reference_spec`, no noise, no penalty)."""
     if variant not in VARIANTS:
         raise ConfigError("variant", f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    defence = settings.defence if variant == "defended" else DefenceConfig()
+    defended = variant == "defended"
+    defence = settings.defence if defended else DefenceConfig()
+    spec = settings.model if defended else reference_spec(settings.model)
     sizes = tuple(len(read_partition(paths.partition(n)).labels) for n in settings.prepare.owner_names)
-    return SplitJob(settings.model, settings.train.config, defence, sizes, OwnerPartitions(paths.partitions))
+    return SplitJob(spec, settings.train.config, defence, sizes, OwnerPartitions(paths.partitions))

@@ -1,8 +1,9 @@
 """The classifier, built in two parts: ``server(client(x))``.
 
-``client`` is the privacy partition (the first conv blocks, run by each data owner);
-``server`` is the rest (run by the vendor): the remaining conv blocks, then dense
-(fully connected) blocks, then the linear head. Parameter names are stable and
+``client`` is the privacy partition (the first conv blocks, run by each data owner,
+optionally ending in a narrow dense *bottleneck*, ``client.neck``); ``server`` is the
+rest (run by the vendor): the remaining conv blocks, then dense (fully connected)
+blocks, then the linear head. Parameter names are stable and
 readable, e.g. ``client.block1.conv.weight``, ``server.block2.bn.running_var``,
 ``server.dense1.linear.weight``, ``server.fc.weight``; the full model saves and loads
 as one state dict.
@@ -50,6 +51,7 @@ class ModelSpec:
     cut: int = 1
     norm: str = "batch"
     dropout: float = 0.4
+    bottleneck: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
@@ -66,6 +68,10 @@ class ModelSpec:
             raise ConfigError("model.norm", f"must be one of {list(NORMS)}, got {self.norm!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}")
+        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 0:
+            raise ConfigError("model.bottleneck", f"must be an integer >= 0 (0: none), got {self.bottleneck!r}")
+        if self.bottleneck and self.cut != len(self.widths):
+            raise ConfigError("model.bottleneck", f"a bottleneck ends the client after every conv block: set model.cut to {len(self.widths)}, got {self.cut}")
 
     @property
     def normed(self) -> bool:
@@ -78,19 +84,36 @@ class ModelSpec:
         return size
 
     @property
-    def cut_shape(self) -> tuple[int, int, int]:
-        """Shape (C, H, W) of one smashed feature map: what crosses the boundary."""
+    def cut_shape(self) -> tuple[int, ...]:
+        """Shape of what crosses the boundary for one image: (C, H, W) of the feature map
+        after the client's conv blocks, or (bottleneck,) when the client ends in one."""
+        if self.bottleneck:
+            return (self.bottleneck,)
         s = self.spatial(self.cut)
         return (self.widths[self.cut - 1], s, s)
 
     @property
-    def flat_features(self) -> int:
-        """Inputs of the first dense layer (or of the head): the last conv block, flattened."""
+    def conv_features(self) -> int:
+        """The last conv block's output, flattened."""
         s = self.spatial(len(self.widths))
         return self.widths[-1] * s * s
 
+    @property
+    def flat_features(self) -> int:
+        """Inputs of the server's first dense layer (or of the head): the bottleneck's
+        width, else the last conv block flattened."""
+        return self.bottleneck or self.conv_features
+
+    @property
+    def client_units(self) -> int:
+        """Parameterised blocks in the client: its conv blocks, plus the bottleneck."""
+        return self.cut + (1 if self.bottleneck else 0)
+
     def to_dict(self) -> dict:
-        return {"widths": list(self.widths), "hidden": list(self.hidden), "cut": self.cut, "norm": self.norm, "dropout": self.dropout}
+        out = {"widths": list(self.widths), "hidden": list(self.hidden), "cut": self.cut, "norm": self.norm, "dropout": self.dropout}
+        if self.bottleneck:  # absent when off: specs saved before the option read back unchanged
+            out["bottleneck"] = self.bottleneck
+        return out
 
 
 class ConvBlock(nn.Sequential):
@@ -134,7 +157,12 @@ class DenseBlock(nn.Sequential):
 
 def build_client(spec: ModelSpec) -> nn.Sequential:
     channels = (1, *spec.widths)
-    return nn.Sequential(OrderedDict((f"block{i + 1}", ConvBlock(channels[i], channels[i + 1], spec.normed)) for i in range(spec.cut)))
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        (f"block{i + 1}", ConvBlock(channels[i], channels[i + 1], spec.normed)) for i in range(spec.cut))
+    if spec.bottleneck:
+        layers["flatten"] = nn.Flatten()
+        layers["neck"] = DenseBlock(spec.conv_features, spec.bottleneck, spec.normed, dropout=0.0)
+    return nn.Sequential(layers)
 
 
 def build_server(spec: ModelSpec) -> nn.Sequential:
@@ -240,7 +268,7 @@ def server_inputs_of(model: SplitNet, index: int, features: torch.Tensor) -> tor
     output at the cut): the server's earlier units applied (flattened for a dense unit)."""
     x = features
     for i, (_, block) in enumerate(units(model)):
-        if i < model.spec.cut:
+        if i < model.spec.client_units:
             continue
         if not isinstance(block, ConvBlock) and x.dim() > 2:
             x = x.flatten(1)

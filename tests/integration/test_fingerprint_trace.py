@@ -337,7 +337,8 @@ def _obfuscated(issued: Issued, tmp_path: Path, scale: float) -> Path:
     from securemark.weights import load_weights, save_weights
 
     own = read_partition(issued.paths.partition("attacker"))
-    noise = create_attack("obfuscate", layers=["server.dense1"], directions=64, scale=scale, samples=len(own.labels))
+    carrier = SMALL.fingerprint.embed.layer.rsplit(".", 2)[0]  # the fingerprinted block, e.g. server.dense2
+    noise = create_attack("obfuscate", layers=[carrier], directions=64, scale=scale, samples=len(own.labels))
     model = noise([load_weights(issued.delivered("alice"))], AttackData(own.as_float(), own.labels), torch.Generator().manual_seed(0))
     return save_weights(model, tmp_path / f"obfuscated-{scale:g}.safetensors")
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from securemark import data as fmnist
-from securemark.errors import InvalidConfig, UnknownName
+from securemark.errors import InvalidConfig, InvalidInput, UnknownName
 from securemark.privacy import (
     FLOOR,
     AuditConfig,
@@ -22,7 +22,10 @@ from securemark.privacy import (
 )
 
 AUX, OWNERS = 1200, 200
-FAST = {"decoder": {"epochs": 10, "lr": 3e-3}, "strong_decoder": {"epochs": 4, "width": 16, "blocks": 1}, "inversion": {"steps": 150}, FLOOR: {}}
+FAST = {"decoder": {"epochs": 10, "lr": 3e-3}, "strong_decoder": {"epochs": 4, "width": 16, "blocks": 1}, "inversion": {"steps": 150},
+        "fora": {"epochs": 4, "width": 16, "blocks": 1, "substitute_epochs": 1},
+        "prior_inversion": {"steps": 100, "refine": 100, "prior_epochs": 6, "latent": 16}, FLOOR: {}}
+TRAINED = ["decoder", "strong_decoder", "inversion", "fora", "prior_inversion"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
@@ -56,12 +59,19 @@ class LabelOnly(nn.Module):
         return F.one_hot(labels, 10).float()[:, :, None, None].expand(-1, -1, 7, 7).contiguous()
 
 
-def run_zoo(client: nn.Module, images) -> dict[str, dict[str, float]]:
+class FlatIdentityLike(nn.Module):
+    """A client with a flat cut (as a bottleneck has): the image pooled to 7 x 7, flattened."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, 4).flatten(1)
+
+
+def run_zoo(client: nn.Module, images, attackers=FAST) -> dict[str, dict[str, float]]:
     (aux, aux_labels), (owned, labels) = images
-    view = VendorView(client, 0.0, aux, aux_labels)
     with torch.no_grad():
         received = client(owned)
-    return audit(view, received, labels, owned, AuditConfig(attackers=FAST, seed=0)).scores
+    view = VendorView(client, 0.0, aux, aux_labels, received=received, received_labels=labels)
+    return audit(view, received, labels, owned, AuditConfig(attackers=attackers, seed=0)).scores
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +86,14 @@ def label_only_scores(images):
     return run_zoo(LabelOnly(lookup), images)
 
 
-@pytest.mark.parametrize("name", ["decoder", "strong_decoder", "inversion"])
+@pytest.mark.parametrize("name", TRAINED)
 def test_every_attacker_rebuilds_images_from_an_identity_like_client(identity_scores, name):
     floor = identity_scores[FLOOR]["ssim"]
     assert identity_scores[name]["ssim"] > floor + 0.15, identity_scores
     assert identity_scores[name]["psnr"] > identity_scores[FLOOR]["psnr"]
 
 
-@pytest.mark.parametrize("name", ["decoder", "strong_decoder", "inversion"])
+@pytest.mark.parametrize("name", TRAINED)
 def test_no_attacker_beats_the_floor_by_much_when_only_the_label_crosses(identity_scores, label_only_scores, name):
     floor = label_only_scores[FLOOR]["ssim"]
     assert label_only_scores[name]["ssim"] < floor + 0.05, label_only_scores
@@ -114,3 +124,19 @@ def test_audit_config_checks_the_zoo_before_any_training():
         AuditConfig(attackers={"decoder": {"epochs": 0}})
     with pytest.raises(InvalidConfig, match="unknown option"):
         AuditConfig(attackers={"inversion": {"epochs": 3}})
+
+
+def test_decoders_read_a_flat_cut_and_train_to_convergence(images):
+    zoo = {"strong_decoder": {"epochs": 30, "width": 16, "blocks": 1, "patience": 2}, "fora": {"epochs": 8, "width": 16, "blocks": 1, "substitute_epochs": 1},
+           FLOOR: {}}
+    scores = run_zoo(FlatIdentityLike(), images, zoo)
+    assert scores["strong_decoder"]["ssim"] > scores[FLOOR]["ssim"] + 0.15, scores
+    assert scores["fora"]["ssim"] > scores[FLOOR]["ssim"] + 0.1, scores
+    assert 1 <= scores["strong_decoder"]["epochs"] < 30  # stopped when the held-out SSIM stopped improving
+    assert scores["fora"]["epochs"] == 8  # no patience: the epochs asked for
+
+
+def test_fora_needs_the_received_features(images):
+    (aux, aux_labels), _ = images
+    with pytest.raises(InvalidInput, match="received"):
+        create_attacker("fora", epochs=1).fit(VendorView(IdentityLike(), 0.0, aux, aux_labels), torch.Generator())

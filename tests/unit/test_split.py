@@ -100,6 +100,33 @@ def test_model_spec_rejects_impossible_architectures(widths, cut, key):
         assert info.value.key == named
 
 
+def test_a_bottleneck_ends_the_client_and_only_its_width_crosses():
+    spec = ModelSpec(widths=(4, 8), hidden=(16, 8), cut=2, bottleneck=5)
+    net = build_model(spec, seed=0).eval()
+    x = torch.rand(6, 1, 28, 28)
+    assert spec.cut_shape == (5,) and net.client(x).shape == (6, 5) and net(x).shape == (6, 10)
+    assert "client.neck.linear.weight" in net.state_dict() and net.server.dense1.linear.in_features == 5
+    assert ModelSpec(**spec.to_dict()) == spec
+    assert "bottleneck" not in ModelSpec().to_dict()  # specs saved before the option read back unchanged
+    with pytest.raises(ConfigError) as info:
+        ModelSpec(widths=(4, 8), cut=1, bottleneck=5)  # a flat cut needs every conv block in the client
+    assert info.value.key == "model.bottleneck"
+    with pytest.raises(ConfigError):
+        ModelSpec(widths=(4, 8), cut=2, bottleneck=-1)
+
+
+def test_split_training_through_a_bottleneck_sends_flat_noisy_features():
+    spec = ModelSpec(widths=(4, 8), hidden=(8,), cut=2, bottleneck=3)
+    job = synthetic_job((48, 32), batch=16, local_steps=2, epochs=1)
+    job = SplitJob(spec, job.train, DefenceConfig(sigma=0.5), job.owner_sizes, job.load_owner)
+    result = create_transport("inprocess").train(job, progress=False)
+    assert result.bank["features"].shape == (80, 3)
+    images = job.load_owner(1)[0][:8]
+    with torch.no_grad():
+        clean = result.model.eval().client(images)
+    assert not torch.allclose(result.bank["features"][:8].float(), clean, atol=1e-2)  # what crossed carried the noise
+
+
 # ----------------------------------------------------------------- the server's gate
 @pytest.fixture
 def server() -> SplitServer:

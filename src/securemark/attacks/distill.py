@@ -79,6 +79,7 @@ class Distill(Attack):
             return spec
         widths = tuple(self.widths) if self.widths is not None else spec.widths
         hidden = tuple(self.hidden) if self.hidden is not None else spec.hidden
+        # the attacker's own architecture: no bottleneck (nothing of it is split-trained)
         return ModelSpec(widths=widths, hidden=hidden, cut=min(spec.cut, len(widths)), norm=spec.norm, dropout=spec.dropout)
 
     def apply(self, models, data, generator):

@@ -96,6 +96,8 @@ def audit(view: VendorView, features: torch.Tensor, labels: torch.Tensor, origin
         attacker.fit(view, torch.Generator().manual_seed(cfg.seed), progress)
         recon = attacker.reconstruct(features, labels)
         scores[name] = {**reconstruction_scores(recon, originals), "seconds": round(time.perf_counter() - start, 1)}
+        if getattr(attacker, "epochs_run", 0):
+            scores[name]["epochs"] = attacker.epochs_run
         recons[name] = recon
         if on_result is not None:
             on_result(name, attacker, scores[name])

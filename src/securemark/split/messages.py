@@ -36,10 +36,10 @@ class GradientReply:
     loss: float
 
 
-def check_smashed(msg: SmashedBatch, cut_shape: tuple[int, int, int], num_classes: int) -> None:
+def check_smashed(msg: SmashedBatch, cut_shape: tuple[int, ...], num_classes: int) -> None:
     """Raise :class:`MessageRejected` unless ``msg`` is a well-formed batch of smashed features."""
     f, y = msg.features, msg.labels
-    if not isinstance(f, torch.Tensor) or f.ndim != 4 or tuple(f.shape[1:]) != tuple(cut_shape):
+    if not isinstance(f, torch.Tensor) or f.ndim != 1 + len(cut_shape) or tuple(f.shape[1:]) != tuple(cut_shape):
         shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
         raise MessageRejected(f"owner {msg.owner}: features must have shape [B, {', '.join(map(str, cut_shape))}], got {shape}")
     if f.dtype != torch.float32:

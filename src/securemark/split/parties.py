@@ -113,7 +113,7 @@ class Simulator:
     decoder trained, one step per client step, to rebuild the owner's images from the
     features it sends; its SSIM above ``tau`` is the client's penalty."""
 
-    def __init__(self, cut_shape: tuple[int, int, int], defence: DefenceConfig, lr: float) -> None:
+    def __init__(self, cut_shape: tuple[int, ...], defence: DefenceConfig, lr: float) -> None:
         self.decoder = StrongDecoder(cut_shape, width=defence.simulator_width, blocks=1)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=lr)
         self.weight, self.tau = defence.adversary, defence.tau
@@ -156,7 +156,7 @@ class FeatureBank:
 class SplitServer:
     """The vendor's half: computes the loss on received features, steps, returns dL/dz."""
 
-    def __init__(self, server: nn.Module, cut_shape: tuple[int, int, int], recipe: Recipe, total_steps: int, num_classes: int = 10,
+    def __init__(self, server: nn.Module, cut_shape: tuple[int, ...], recipe: Recipe, total_steps: int, num_classes: int = 10,
                  dropout_seed: int = 0) -> None:
         self.server = server
         self.cut_shape = tuple(cut_shape)
@@ -177,7 +177,8 @@ class SplitServer:
     def handle(self, msg: SmashedBatch) -> GradientReply:
         check_smashed(msg, self.cut_shape, self.num_classes)  # raw images never get past here
         self.server.train()
-        z = msg.features.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        z = msg.features.detach()
+        z = (z.contiguous(memory_format=torch.channels_last) if z.dim() == 4 else z.contiguous()).requires_grad_(True)
         with scoped_rng(self._dropout):
             logits = self.server(z)
             loss = self.recipe.loss(logits, msg.labels)

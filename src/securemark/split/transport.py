@@ -166,7 +166,7 @@ class GlooServerInbox:
         dist.recv(header, rank)
         ndim = int(header[1])
         shape = tuple(int(d) for d in header[2 : 2 + ndim])
-        ok = header[0] == FLOAT32 and ndim == 4 and shape[1:] == self.server.cut_shape and shape[0] > 0
+        ok = header[0] == FLOAT32 and ndim == 1 + len(self.server.cut_shape) and shape[1:] == self.server.cut_shape and shape[0] > 0
         dist.send(torch.tensor([0 if ok else 1], dtype=torch.int64), rank)
         if not ok:
             raise MessageRejected(f"owner rank {rank} sent a tensor of shape {shape}; only [B, {self.server.cut_shape}] float32 features are accepted")
