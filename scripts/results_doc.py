@@ -67,8 +67,10 @@ def render(metrics: Path) -> str:
     for variant in ("defended", "undefended"):
         v = pv[variant]
         ssims = ", ".join(f"{name} {a['ssim']:.3f}" for name, a in v["attackers"].items())
-        rows.append((f"privacy audit, {variant}: leakage beyond labels (strongest: {v['strongest']}); SSIM per attacker",
-                     f"{v['leakage']:.3f}; {ssims}", "privacy"))
+        bound = v.get("mse_lower_bound")
+        certified = f"; certified MSE >= {bound:.3f} (dFIL)" if bound else "; nothing certified (no noise)"
+        rows.append((f"privacy audit ({pv.get('zoo', 'budgeted')} zoo), {variant}: leakage beyond labels (strongest: {v['strongest']}); SSIM per attacker",
+                     f"{v['leakage']:.3f}; {ssims}{certified}", "privacy"))
     rows.append(("attack grid: attacked models, innocents accused", f"{att['attacked_models']}, {att['innocents_accused_total']}", "attacks"))
     lines = [BEGIN, "", "| what | value | `metrics/` |", "|---|---|---|"]
     lines += [f"| {what} | {value} | `{name}.json` |" for what, value, name in rows]

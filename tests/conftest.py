@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_OVERRIDES = {
     "base": {"seed": 7, "profile": "default"},  # the sections below replace the default profile's values
     "prepare": {"owners": 2, "owner_size": 300, "aux_size": 200, "attacker_size": 200, "test_size": 500},
-    "model": {"widths": [8, 16], "hidden": [128, 32], "cut": 2, "bottleneck": 8},  # the product's shape, small
+    "model": {"widths": [8, 16], "hidden": [32], "cut": 1},
     "train": {"epochs": 2, "batch_size": 64, "lr": 0.004, "local_steps": 3, "transport": "inprocess"},
     "defence": {"alpha": 0.5, "sigma": 0.1},
     "privacy_audit": {"sample": 100, "attackers": {"decoder": {"epochs": 2}, "strong_decoder": {"epochs": 1, "width": 8, "blocks": 1},
@@ -43,8 +43,6 @@ SMALL_OVERRIDES = {
         "max_steps": 3000,
         "accuracy_tolerance": 0.1,
         "eval_rows": 200,
-        "rank": 32,
-        "subspace": 64,
     },
     "blackbox": {"patterns": 16, "per_pattern": 4, "checkpoints": [32, 64], "null_secrets": 2, "cost_copies": 1, "distill_trials": 1},
     "issue": {"customers": 2},
