@@ -93,7 +93,7 @@ def audit_variant(paths: Paths, settings: Settings, variant: str, parent: mlflow
     aux = read_partition(paths.partition("aux"))
     bank = load_file(str(paths.bank(variant)))
     client = load_weights(paths.model(variant)).client
-    view = VendorView(client, job.defence.sigma, aux.as_float(), aux.labels, received=bank["features"].float(), received_labels=bank["labels"])
+    view = VendorView(client, job.defence.sigma, aux.as_float(), aux.labels, received=bank["features"].float())
     features, labels, originals, owners = owner_sample(paths, settings, variant)
 
     def log_attacker(name, attacker, scores) -> None:

@@ -70,7 +70,7 @@ def run_zoo(client: nn.Module, images, attackers=FAST) -> dict[str, dict[str, fl
     (aux, aux_labels), (owned, labels) = images
     with torch.no_grad():
         received = client(owned)
-    view = VendorView(client, 0.0, aux, aux_labels, received=received, received_labels=labels)
+    view = VendorView(client, 0.0, aux, aux_labels, received=received)
     return audit(view, received, labels, owned, AuditConfig(attackers=attackers, seed=0)).scores
 
 

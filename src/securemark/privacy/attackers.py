@@ -20,7 +20,7 @@ once on the vendor's view and then asked to reconstruct the received features:
   the class-mean image.
 - ``prior_inversion``: inversion through the known client with a learnt image prior: a
   label-conditioned autoencoder fitted on ``aux``; the search runs over its latent
-  code, so every candidate looks like a garment.
+  code (every candidate looks like a garment), then refines the pixels.
 - ``label_floor``: the class-mean ``aux`` image of each label: what the labels alone
   give, the baseline that leakage is measured beyond.
 """
@@ -58,7 +58,6 @@ class VendorView:
         aux_labels: their labels, int64 [N].
         received: the features the owners sent (the feature bank), float [M, *cut], if
             the attacker may use them beyond the rows it reconstructs (``fora`` must).
-        received_labels: their labels, int64 [M] (optional).
     """
 
     client: nn.Module
@@ -66,13 +65,10 @@ class VendorView:
     aux: torch.Tensor
     aux_labels: torch.Tensor
     received: torch.Tensor | None = None
-    received_labels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.aux.dim() != 4 or tuple(self.aux.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE) or len(self.aux) != len(self.aux_labels):
             raise InvalidInput(f"aux must be [N, 1, 28, 28] with N labels, got {tuple(self.aux.shape)} and {len(self.aux_labels)} labels")
-        if self.received_labels is not None and (self.received is None or len(self.received) != len(self.received_labels)):
-            raise InvalidInput("received_labels need the received features, one label per row")
         self.client.eval()
         for p in self.client.parameters():
             p.requires_grad_(False)
