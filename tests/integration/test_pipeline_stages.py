@@ -72,12 +72,16 @@ def test_privacy_audit_writes_metrics_and_grid(staged):
 
     results = privacy_audit_flow(staged, SETTINGS)
     on_disk = json.loads((staged.metrics / "privacy.json").read_text())
-    assert set(on_disk) == {"defended", "undefended", "accuracy_gap_pt"}
+    assert set(on_disk) == {"defended", "undefended", "accuracy_gap_pt", "zoo", "owners"} and on_disk["zoo"] == "budgeted"
+    assert set(on_disk["owners"]) == {"1", "2"}  # a privacy report per owner: its leakage, picture, MLflow run
+    for owner, report in on_disk["owners"].items():
+        assert report["images"] > 0 and report["leakage"] >= 0 and report["strongest"] in report["ssim"]
+        assert (staged.reports / f"privacy_owner_{owner}.png").exists()
     zoo = set(SETTINGS.privacy_audit.attackers)
     assert {"decoder", "strong_decoder", "inversion", "label_floor"} <= zoo
     for variant in ("defended", "undefended"):
         v = on_disk[variant]
-        assert {"test_accuracy", "label_floor_ssim", "leakage", "strongest", "feature_dcor", "attackers"} <= set(v)
+        assert {"test_accuracy", "label_floor_ssim", "leakage", "strongest", "feature_dcor", "attackers", "mse_lower_bound", "dfil"} <= set(v)
         assert set(v["attackers"]) == zoo
         for scores in v["attackers"].values():
             assert -1.0 <= scores["ssim"] <= 1.0 and 0.0 <= scores["dcor"] <= 1.0 and scores["psnr"] > 0
@@ -92,6 +96,8 @@ def test_privacy_audit_writes_metrics_and_grid(staged):
     tracking.configure(staged)
     runs = mlflow.search_runs(experiment_names=["securemark-train"], filter_string="tags.stage = 'privacy_audit' and tags.attacker = 'inversion'")
     assert set(runs["tags.variant"]) == {"defended", "undefended"}
+    owners = mlflow.search_runs(experiment_names=["securemark-train"], filter_string="tags.stage = 'privacy_audit' and tags.owner = '1'")
+    assert len(owners) == 1 and owners["metrics.leakage"].iloc[0] >= 0
 
 
 def test_issue_stage_metrics(staged):
