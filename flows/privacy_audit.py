@@ -47,13 +47,12 @@ from securemark.weights import load_weights
 GRID_COLUMNS = 8
 
 
-def owner_sample(paths: Paths, settings: Settings, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fixed sample (``privacy_audit.sample`` rows of the feature bank, drawn with the
-    base seed): features as received, their labels, the owner images they came from and
-    the owner (1-based) of each."""
+def owner_sample(paths: Paths, settings: Settings, variant: str, bank: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed sample (``privacy_audit.sample`` rows of the feature ``bank``, drawn with
+    the base seed): features as received, their labels, the owner images they came from
+    and the owner (1-based) of each."""
     cfg = settings.privacy_audit
     job = split_job(paths, settings, variant)
-    bank = load_file(str(paths.bank(variant)))
     owners, positions = bank_positions(job)
     pick = torch.randperm(len(owners), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.sample]
     images = {k: read_partition(paths.partition(f"owner_{k}")).as_float() for k in range(1, job.owners + 1)}
@@ -94,7 +93,7 @@ def audit_variant(paths: Paths, settings: Settings, variant: str, parent: mlflow
     bank = load_file(str(paths.bank(variant)))
     client = load_weights(paths.model(variant)).client
     view = VendorView(client, job.defence.sigma, aux.as_float(), aux.labels, received=bank["features"].float())
-    features, labels, originals, owners = owner_sample(paths, settings, variant)
+    features, labels, originals, owners = owner_sample(paths, settings, variant, bank)
 
     def log_attacker(name, attacker, scores) -> None:
         logger.info("%s / %s: %s", variant, name, {k: round(v, 4) for k, v in scores.items()})
