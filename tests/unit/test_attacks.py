@@ -36,8 +36,10 @@ CONFIGS: dict[str, dict] = {
     "obfuscate": {"directions": 3, "scale": 2.0, "samples": 64},
     "serve_coalition": {"mode": "vote"},
     "query_filter": {"detector": "distance", "refuse": 0.1, "fallback": "alone", "epochs": 1},
+    "invariance": {"family": "blocks", "epochs": 1, "batch_size": 64},
+    "purify": {"method": "denoiser", "epochs": 1, "width": 4},
 }
-SERVING = {"serve_coalition", "query_filter"}  # answer through an API: a module without readable weights
+SERVING = {"serve_coalition", "query_filter", "purify"}  # answer through an API: a module without readable weights
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +134,39 @@ def test_a_query_filter_refuses_about_what_it_was_tuned_to_on_the_attackers_imag
         assert torch.equal(api(images).argmax(1)[flagged], top2[flagged, 1])  # flagged: the runner-up label
 
 
+def test_random_blocks_blend_a_binary_block_pattern_of_the_drawn_size():
+    from securemark.attacks.invariance import random_blocks
+
+    images = torch.zeros(64, 1, 28, 28)
+    out = random_blocks(images, gen(1), (4, 4), (0.5, 0.5))
+    assert set(out.unique().tolist()) <= {0.0, 0.5}  # 0.5 x image (0) + 0.5 x {0, 1}
+    assert torch.equal(out[:, :, ::7, ::7].repeat_interleave(7, 2).repeat_interleave(7, 3), out)  # 4 x 4 cells of 7 pixels
+    varied = random_blocks(torch.rand(64, 1, 28, 28, generator=gen(2)), gen(3), (2, 14), (0.2, 0.6))
+    assert varied.min() >= 0 and varied.max() <= 1
+
+
+@pytest.mark.parametrize("family", ["blocks", "mixup"])
+def test_invariance_training_is_reproducible_and_changes_the_copy(family, models, data):
+    out = create_attack("invariance", family=family, epochs=1, batch_size=64)(models, data, gen(5))
+    again = create_attack("invariance", family=family, epochs=1, batch_size=64)(models, data, gen(5))
+    assert same_state(snapshot(out), snapshot(again)) and not same_state(snapshot(out), snapshot(models[0]))
+    assert create_attack("invariance", family=family).name == f"invariance_{family}"
+
+
+def test_pca_purifier_keeps_the_attackers_images_and_removes_what_is_outside_their_span(models):
+    g = gen(6)
+    basis = torch.linalg.qr(torch.randn(784, 8, generator=g)).Q  # the attacker's images live in 8 directions
+    images = (0.5 + 0.05 * (torch.randn(300, 8, generator=g) @ basis.T)).reshape(-1, 1, 28, 28)
+    data = AttackData(images, torch.randint(0, 10, (300,), generator=g))
+    api = create_attack("purify", method="pca", components=8)(models, data, gen(7))
+    assert torch.allclose(api.purifier(images), images, atol=1e-4)
+    off = torch.randn(1, 784, generator=g)
+    off = off - (off @ basis) @ basis.T  # orthogonal to the data's span
+    bumped = (images[:1] + 0.1 * (off / off.norm()).reshape(1, 1, 28, 28))
+    assert torch.allclose(api.purifier(bumped), images[:1], atol=1e-4)
+    assert torch.equal(api(images[:8]).argmax(1), models[0].eval()(api.purifier(images[:8])).argmax(1))
+
+
 def test_unknown_attack_lists_the_valid_names():
     with pytest.raises(UnknownName) as err:
         create_attack("gaussian_blur")
@@ -163,6 +198,11 @@ def test_unknown_parameter_lists_the_accepted_ones():
         ("compose", {"steps": []}),
         ("compose", {"steps": [{"attack": "prune", "rate": 2.0}]}),
         ("compose", {"steps": [{"rate": 0.5}]}),
+        ("invariance", {"family": "stripes"}),
+        ("invariance", {"cells": [14, 2]}),
+        ("invariance", {"blend": [0.2]}),
+        ("purify", {"method": "blur"}),
+        ("purify", {"components": 0}),
     ],
 )
 def test_invalid_config_is_the_projects_error_naming_the_key(name, cfg):

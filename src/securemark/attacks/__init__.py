@@ -11,6 +11,8 @@ One registry (:mod:`securemark.attacks.base`), one module per family of attacks:
 - :mod:`~securemark.attacks.distill`: ``distill`` (a fresh student imitating the copy);
 - :mod:`~securemark.attacks.serving`: ``serve_coalition`` (a coalition's API: random
   member or majority vote per query), ``query_filter`` (an API refusing unusual queries);
+- :mod:`~securemark.attacks.invariance`: ``invariance`` (fine-tuning that ignores the published
+  key family), ``purify`` (a purifier fitted on the attacker's images in front of the copy);
 - :mod:`~securemark.attacks.compose`: ``compose`` (a sequence of the others).
 
 Only the plug-ins live here: scoring attacked models through both channels (the grid the
@@ -23,6 +25,7 @@ from securemark.attacks.collusion import Average
 from securemark.attacks.compose import Compose
 from securemark.attacks.compression import Prune, Quantize
 from securemark.attacks.distill import Distill
+from securemark.attacks.invariance import Invariance, Purify
 from securemark.attacks.obfuscate import Obfuscate
 from securemark.attacks.perturb import Noise
 from securemark.attacks.reparam import Permute, Rescale
@@ -37,6 +40,8 @@ __all__ = [
     "create_attack",
     "available_attacks",
     "FineTune",
+    "Invariance",
+    "Purify",
     "Prune",
     "Average",
     "Quantize",
