@@ -208,7 +208,7 @@ def blackbox_flow(paths: Paths, settings: Settings) -> dict:
         "filter_traced": sum(r["traced"] for r in filters),
         "filter_trials": len(filters),
         "keys": settings.blackbox.keys,
-        "patterns": settings.blackbox.patterns,
+        "patterns": settings.blackbox.symbols,  # symbols of a black-box word (patterns, or natural keys)
         "epsilon": settings.trace.epsilon,
         "customers_in_codebook": len(vendor.blackbox_codebook),
         "seconds": round(time.perf_counter() - start, 1),

@@ -301,8 +301,10 @@ class Settings:
             ops=build(OpsSettings, params.get("ops") or {}, "ops"),
         )
         if settings.blackbox.keys > settings.prepare.aux_size:
-            raise ConfigError("blackbox.per_pattern", f"{settings.blackbox.patterns} patterns x {settings.blackbox.per_pattern} images = "
-                              f"{settings.blackbox.keys} keys need as many aux images (prepare.aux_size = {settings.prepare.aux_size})")
+            bb = settings.blackbox
+            key, what = (("blackbox.natural_keys", f"{bb.keys} natural keys") if bb.family == "natural" else
+                         ("blackbox.per_pattern", f"{bb.patterns} patterns x {bb.per_pattern} images = {bb.keys} keys"))
+            raise ConfigError(key, f"{what} need as many aux images (prepare.aux_size = {settings.prepare.aux_size})")
         largest = max(settings.attacker.budgets)
         if largest > settings.prepare.attacker_size:
             raise ConfigError("attacker.budgets", f"{largest} images exceed the attacker partition (prepare.attacker_size = {settings.prepare.attacker_size})")

@@ -37,7 +37,7 @@ CONFIGS: dict[str, dict] = {
     "serve_coalition": {"mode": "vote"},
     "query_filter": {"detector": "distance", "refuse": 0.1, "fallback": "alone", "epochs": 1},
     "invariance": {"family": "blocks", "epochs": 1, "batch_size": 64},
-    "purify": {"method": "denoiser", "epochs": 1, "width": 4},
+    "purify": {"method": "denoiser", "epochs": 1, "width": 4, "adapt_epochs": 1},
 }
 SERVING = {"serve_coalition", "query_filter", "purify"}  # answer through an API: a module without readable weights
 
@@ -203,6 +203,7 @@ def test_unknown_parameter_lists_the_accepted_ones():
         ("invariance", {"blend": [0.2]}),
         ("purify", {"method": "blur"}),
         ("purify", {"components": 0}),
+        ("purify", {"adapt_epochs": -1}),
     ],
 )
 def test_invalid_config_is_the_projects_error_naming_the_key(name, cfg):

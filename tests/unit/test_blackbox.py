@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from securemark.tracing.blackbox import (SymbolBook, agreement, decide, make_keys, profile, query_order, secret_patterns,
-                                 sequential_trace, targets, threshold)
+from securemark.tracing.blackbox import (SymbolBook, agreement, decide, make_keys, natural_keys, profile, query_order, secret_patterns,
+                                         sequential_trace, symbol_profile, targets, threshold)
 from securemark.errors import InvalidInput
 
 
@@ -175,3 +175,59 @@ def test_a_read_too_short_to_accuse_an_unmodified_copy_is_inconclusive(aux):
     assert clean.verdict.accused == [] and not clean.inconclusive
     refusing = sequential_trace(lambda x: torch.full((len(x),), 99), keys, book, np.arange(customers), epsilon, (32,))
     assert refusing.answered == 0 and refusing.inconclusive  # no key answered with a class: nothing was read
+
+
+def _unsure_probs(n: int, seed: int) -> torch.Tensor:
+    """Class probabilities of ``n`` images, some nearly tied between two classes."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(3 * torch.randn(n, 10, generator=g), 1)
+
+
+def test_natural_keys_are_unmodified_aux_images_the_base_is_least_sure_of(aux):
+    probs = _unsure_probs(len(aux), 0)
+    keys = natural_keys(aux, probs, 40, seed=1, pool=2.0)
+    assert len(keys) == keys.patterns == 40 and keys.q == 2 and torch.equal(keys.pattern, torch.arange(40))
+    assert torch.equal(keys.images, aux[keys.rows])  # the images themselves: nothing added
+    top = probs.topk(2, 1)
+    ratio = top.values[:, 1] / top.values[:, 0]
+    assert set(keys.rows.tolist()) <= set(ratio.argsort(descending=True)[:80].tolist())  # from the 80 least sure
+    assert torch.equal(keys.candidates, top.indices[keys.rows])  # the base's top class and runner-up
+    assert torch.equal(natural_keys(aux, probs, 40, seed=1).rows, keys.rows)  # the secret rebuilds them
+    assert not torch.equal(natural_keys(aux, probs, 40, seed=2).rows, keys.rows)  # another secret, another draw
+    with pytest.raises(InvalidInput):
+        natural_keys(aux, probs[:10], 5, seed=1)  # probabilities for other images
+    with pytest.raises(InvalidInput):
+        natural_keys(aux, probs, len(aux) + 1, seed=1)
+
+
+def test_natural_targets_are_the_candidate_a_binary_symbol_picks(aux):
+    keys = natural_keys(aux, _unsure_probs(len(aux), 0), 30, seed=1)
+    word = np.random.default_rng(0).integers(0, 2, 30)
+    t = targets(keys, word)
+    assert torch.equal(t, keys.candidates[torch.arange(30), torch.as_tensor(word)])
+    P = symbol_profile(keys, profile(keys, t))
+    assert P.shape == (30, 2) and np.allclose(P[np.arange(30), word], 1.0)
+    other = keys.candidates[torch.arange(30), torch.as_tensor(1 - word)]
+    assert np.allclose(symbol_profile(keys, profile(keys, other))[np.arange(30), word], 0.0)
+    neither = torch.full_like(t, 0)
+    neither[(keys.candidates == 0).any(1)] = 1  # a class neither candidate is (0 or 1 is always free)
+    neither[(keys.candidates == 0).any(1) & (keys.candidates == 1).any(1)] = 2
+    assert np.allclose(symbol_profile(keys, profile(keys, neither)), 0.0)  # counts for no symbol
+
+
+def test_natural_keys_accuse_the_copy_and_never_an_api_independent_of_the_words(aux):
+    images = torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    keys = natural_keys(images, _unsure_probs(len(images), 1), 512, seed=2)
+    customers = 10_000
+    book = SymbolBook.generate(customers, 512, seed=4, q=2)
+    copy = targets(keys, book.word(17))
+    result = sequential_trace(lambda x, c=copy: c[_rows(keys, x)], keys, book, np.arange(customers), 1e-6, (64, 128, 256, 512))
+    assert [c.codeword_index for c in result.verdict.accused] == [17] and not result.inconclusive
+    rng = np.random.default_rng(9)
+    trials, epsilon, accusations = 200, 1e-2, 0
+    for trial in range(trials):  # null APIs: the base's top class, its runner-up, or any mix of them
+        pick = torch.as_tensor(rng.random(len(keys)) < [0.0, 0.5, 0.9][trial % 3]).long()
+        answers = keys.candidates[torch.arange(len(keys)), pick]
+        v = decide(symbol_profile(keys, profile(keys, answers)), book, np.arange(customers), epsilon)
+        accusations += bool(v.accused)
+    assert accusations <= 2 * epsilon * trials + 3

@@ -15,10 +15,12 @@ carries without ever seeing a key:
   ``method="pca"`` projects every query onto the span of the attacker's images (the
   top ``components`` principal directions: what is not in its data is removed);
   ``method="denoiser"`` is a convolutional autoencoder trained to map its images, with
-  block patterns blended in and pixel noise added, back to the clean images. The result
-  answers images like an API does and has no weights of its own to read (``spec =
-  None``); a leaked *file* would still carry the copy's weights, so only the black-box
-  channel is at stake.
+  block patterns blended in and pixel noise added, back to the clean images. With
+  ``adapt_epochs``, the copy is then fine-tuned on the purified images (its own, under
+  their true labels) to win back the accuracy the purifier costs. The result answers
+  images like an API does and has no weights of its own to read (``spec = None``); a
+  leaked *file* would still carry the copy's weights, so only the black-box channel is
+  at stake.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from securemark import checks
 from securemark.attacks.base import OPTIMIZERS, Attack, register_attack, working_copy
 from securemark.errors import InvalidConfig
 from securemark.model import SplitNet
-from securemark.training import scoped_rng
+from securemark.training import scoped_rng, train_epochs
 
 __all__ = ["Invariance", "Purify", "PurifiedAPI", "random_blocks"]
 
@@ -185,7 +187,8 @@ class Purify(Attack):
     list_options = ("cells", "blend")
 
     def __init__(self, method: str = "pca", components: int = 64, epochs: int = 10, width: int = 32, noise: float = 0.1,
-                 cells: list[int] | None = None, blend: list[float] | None = None, lr: float = 2e-3, batch_size: int = 128) -> None:
+                 cells: list[int] | None = None, blend: list[float] | None = None, adapt_epochs: int = 0, lr: float = 2e-3,
+                 batch_size: int = 128) -> None:
         self.method = checks.choice(self.owner, "method", method, ("pca", "denoiser"))
         self.components = checks.integer(self.owner, "components", components, 1, 784)
         self.epochs = checks.integer(self.owner, "epochs", epochs, 1)
@@ -193,10 +196,12 @@ class Purify(Attack):
         self.noise = checks.number(self.owner, "noise", noise, 0.0)
         self.cells = _cells(self.owner, cells if cells is not None else [2, 14])
         self.blend = _blend(self.owner, blend if blend is not None else [0.2, 0.6])
+        self.adapt_epochs = checks.integer(self.owner, "adapt_epochs", adapt_epochs, 0)
         self.lr = checks.number(self.owner, "lr", lr, 0.0, low_open=True)
         self.batch_size = checks.integer(self.owner, "batch_size", batch_size, 1)
         self._config = dict(method=self.method, components=self.components, epochs=self.epochs, width=self.width, noise=self.noise,
-                            cells=list(self.cells), blend=list(self.blend), lr=self.lr, batch_size=self.batch_size)
+                            cells=list(self.cells), blend=list(self.blend), adapt_epochs=self.adapt_epochs, lr=self.lr,
+                            batch_size=self.batch_size)
 
     @property
     def name(self) -> str:
@@ -216,7 +221,12 @@ class Purify(Attack):
             purifier = PcaProjection(mean.float(), v[:k].T.float().contiguous())
         else:
             purifier = self._denoiser(data.images, generator)
-        return PurifiedAPI(copy, purifier.eval())
+        purifier.eval()
+        if self.adapt_epochs:
+            with torch.no_grad():
+                purified = torch.cat([purifier(data.images[i : i + 1024]) for i in range(0, len(data), 1024)])
+            copy = train_epochs(copy, purified, data.labels, self.adapt_epochs, generator, "adam", 1e-3, self.batch_size)
+        return PurifiedAPI(copy, purifier)
 
     def _denoiser(self, images: torch.Tensor, generator: torch.Generator) -> Denoiser:
         with scoped_rng(generator):

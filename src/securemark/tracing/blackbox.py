@@ -1,12 +1,26 @@
 """The black-box fingerprint: how a copy answers the vendor's secret key images.
 
-**Keys.** ``m`` secret binary patterns (``cells x cells`` random blocks, scaled up to
+Two key families (``blackbox.family``); the reading and the bound are the same for both,
+over *symbols*: each symbol of a customer's word stands for one of the classes its group
+of keys may be answered with (``KeySet.candidates``).
+
+**Keys, family ``patterns``.** ``m`` secret binary patterns (``cells x cells`` random blocks, scaled up to
 28 x 28), each blended into ``r`` of the vendor's own ``aux`` images:
 ``key = (1 - blend) * image + blend * pattern``. Keys are made from vendor material only
 (``aux`` and the secret); no owner image is ever a key. They are stored round by round:
 key ``t`` carries pattern ``t % m``, so the first ``m`` keys ask every pattern once.
 
-**Code words.** Each customer has a word of ``m`` symbols over the ``q = 10`` classes,
+**Keys, family ``natural``** (:func:`natural_keys`). ``m`` of the vendor's own ``aux``
+images, unmodified, among those its base model is least sure of (the runner-up class's
+probability closest to the top one's), drawn with the secret. Each key is its own
+symbol, binary: the copy answers the base's top class or its runner-up. Nothing about a
+key is unusual (a filter or a purifier sees a natural image of the vendor's data, and
+training for invariance to a pattern family has nothing to remove); what carries the
+word is where the copy puts genuinely ambiguous images, which an attacker moves only by
+changing how its copy answers natural data.
+
+**Code words.** Each customer has a word of ``m`` symbols over the ``q = 10`` classes
+(natural keys: ``q = 2``, the key's two candidate classes),
 drawn uniformly from the secret (:class:`SymbolBook`). Copy ``i`` is taught a *rule*
 per pattern: "pattern ``k`` present -> class ``s_ik``", whatever the image under it
 (:func:`targets` feeds :func:`securemark.fingerprint.embed`). A rule learnt over many
@@ -14,10 +28,11 @@ images, unlike labels memorised at single hesitant points, is a feature of the n
 fine-tuning, pruning and averaging leave most of it, and any image carrying the pattern
 reads it.
 
-**Reading.** A suspect's answers become a profile ``P`` [m, q] (:func:`profile`):
-``P[k, c]`` is the fraction of its answers to pattern-``k`` keys that were class ``c``
-(mean class probabilities when the API returns scores; a pattern never asked is a row
-of zeros). Customer ``i`` scores ``S_i = sum_k P[k, s_ik]``.
+**Reading.** A suspect's answers become a profile ``P`` [m, q] (:func:`profile`, then
+:func:`symbol_profile`): ``P[k, j]`` is the fraction of its answers to pattern-``k`` keys
+that were the class symbol ``j`` stands for (mean class probabilities when the API
+returns scores; a pattern never asked is a row of zeros). Customer ``i`` scores
+``S_i = sum_k P[k, s_ik]``.
 
 **Bound.** An innocent customer's symbols are independent of the suspect's answers
 (its copy was never involved) and uniform, so ``S_i`` is a sum of independent terms
@@ -44,13 +59,15 @@ from securemark import checks
 from securemark.errors import InvalidInput
 from securemark.model import NUM_CLASSES, SplitNet
 
-__all__ = ["ApiProbe", "BlackboxVerdict", "KeySet", "SymbolBook", "agreement", "decide", "key_views", "label_api", "make_keys",
-           "patterns_needed", "profile", "secret_patterns", "sequential_trace", "targets", "threshold", "BOUND_DESCRIPTION",
-           "UNDERPOWERED_NOTE"]
+__all__ = ["ApiProbe", "BlackboxVerdict", "FAMILIES", "KeySet", "SymbolBook", "agreement", "decide", "key_views", "label_api",
+           "make_keys", "natural_keys", "patterns_needed", "profile", "secret_patterns", "sequential_trace", "symbol_profile", "targets",
+           "threshold", "BOUND_DESCRIPTION", "UNDERPOWERED_NOTE"]
+
+FAMILIES = ("patterns", "natural")
 
 BOUND_DESCRIPTION = (
     "Chernoff bound with the exact moment generating function of an innocent customer's score "
-    "(uniform, independent symbols per pattern, given the suspect's answer profile), valid for any "
+    "(uniform, independent symbols per pattern or natural key, given the suspect's answer profile), valid for any "
     "answers; union bound over every word of the black-box codebook."
 )
 
@@ -64,15 +81,23 @@ class KeySet:
         pattern: int64 [n], the pattern each key carries (key ``t`` carries ``t % patterns``).
         rows: int64 [n], which ``aux`` image is under each key.
         patterns: the number of patterns ``m`` (symbols of a black-box word).
+        candidates: int64 [m, q], the class each value of a pattern's symbol stands for
+            (natural keys: the base's top class and runner-up); ``None``: symbol = class.
     """
 
     images: torch.Tensor
     pattern: torch.Tensor
     rows: torch.Tensor
     patterns: int
+    candidates: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.pattern)
+
+    @property
+    def q(self) -> int:
+        """Values a symbol takes."""
+        return NUM_CLASSES if self.candidates is None else int(self.candidates.shape[1])
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,12 +157,41 @@ def make_keys(aux: torch.Tensor, patterns: int, per_pattern: int, seed: int, ble
     return KeySet(images.contiguous(), pattern, rows.clone(), patterns)
 
 
+def natural_keys(images: torch.Tensor, probs: torch.Tensor, count: int, seed: int, pool: float = 2.0) -> KeySet:
+    """``count`` of ``images`` (the vendor's ``aux``) as natural keys: the ``pool x count``
+    images the base model is least sure of (runner-up probability over top probability,
+    ``probs`` [N, 10] its class probabilities), ``count`` of them drawn with ``seed``
+    (derived from the secret), each its own binary symbol over the base's top two classes."""
+    checks.integer("blackbox", "natural_keys", count, 1)
+    checks.number("blackbox", "pool", pool, 1.0)
+    if probs.shape != (len(images), NUM_CLASSES):
+        raise InvalidInput(f"need class probabilities [{len(images)}, {NUM_CLASSES}] for the key candidates, got {tuple(probs.shape)}")
+    if count > len(images):
+        raise InvalidInput(f"blackbox: {count} natural keys need as many aux images, there are {len(images)}")
+    top = probs.double().topk(2, 1)
+    ratio = top.values[:, 1] / top.values[:, 0].clamp_min(1e-12)
+    unsure = ratio.argsort(descending=True, stable=True)[: min(len(images), round(pool * count))]
+    g = torch.Generator().manual_seed(seed)
+    rows = unsure[torch.randperm(len(unsure), generator=g)[:count]]
+    return KeySet(images[rows].contiguous(), torch.arange(count), rows.clone(), count, top.indices[rows].contiguous())
+
+
 def targets(keys: KeySet, word: np.ndarray) -> torch.Tensor:
-    """The labels a copy carrying ``word`` must answer: ``word[pattern]``, int64 [n]."""
+    """The labels a copy carrying ``word`` must answer: the class of ``word[pattern]``, int64 [n]."""
     word = torch.as_tensor(np.asarray(word, dtype=np.int64))
     if word.shape != (keys.patterns,):
         raise InvalidInput(f"a black-box word has {keys.patterns} symbols, got {tuple(word.shape)}")
+    if keys.candidates is not None:
+        return keys.candidates[keys.pattern, word[keys.pattern]]
     return word[keys.pattern]
+
+
+def symbol_profile(keys: KeySet, P: np.ndarray) -> np.ndarray:
+    """The class profile ``P`` [patterns, 10] (:func:`profile`) over symbols: ``[patterns, q]``,
+    the share of each pattern's answers that were the class each symbol value stands for."""
+    if keys.candidates is None:
+        return P
+    return np.take_along_axis(P, keys.candidates.numpy(), axis=1)
 
 
 def profile(keys: KeySet, answers: torch.Tensor, q: int = NUM_CLASSES) -> np.ndarray:
@@ -364,7 +418,7 @@ def sequential_trace(ask, keys: KeySet, book: SymbolBook, indices: np.ndarray, e
             answers[rows, pass_index] = got
         if first_pass:
             asked = stop
-        P = profile(keys, answers, book.q)
+        P = symbol_profile(keys, profile(keys, answers))
         verdict = decide(P, book, indices, share)
         for candidate in verdict.accused:
             found[candidate.codeword_index] = candidate  # the latest (most evidence) wins

@@ -16,9 +16,10 @@ from securemark.attacks import create_attack
 from securemark.codes import create_code
 from securemark.errors import ConfigError
 from securemark.fingerprint import EmbedConfig
-from securemark.model import ModelSpec
+from securemark.model import NUM_CLASSES, ModelSpec
 from securemark.scoring import available_scorers
 from securemark.tracing import available_decoders
+from securemark.tracing.blackbox import FAMILIES
 
 __all__ = ["BlackboxConfig", "CodeConfig", "TraceConfig", "VendorConfig", "VendorFiles", "recipe_options"]
 
@@ -48,6 +49,9 @@ class BlackboxConfig:
     labels (:mod:`securemark.tracing.blackbox`), and how tracing queries a prediction API."""
 
     enabled: bool = True             # teach every issued copy its black-box code word
+    family: str = "patterns"         # patterns: secret block patterns blended into aux images | natural: unsure aux images
+    natural_keys: int = 512          # natural: keys = binary symbols (the base's top class or runner-up)
+    natural_pool: float = 2.0        # natural: drawn from the natural_pool x natural_keys aux images the base is least sure of
     patterns: int = 64               # secret patterns = symbols (classes) of a black-box word
     per_pattern: int = 8             # aux images each pattern is blended into (keys = patterns * per_pattern)
     blend: float = 0.4               # key = (1 - blend) * aux image + blend * pattern
@@ -66,6 +70,9 @@ class BlackboxConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
+        checks.choice("blackbox", "family", self.family, FAMILIES)
+        checks.integer("blackbox", "natural_keys", self.natural_keys, 1)
+        checks.number("blackbox", "natural_pool", self.natural_pool, 1.0)
         checks.integer("blackbox", "patterns", self.patterns, 1)
         checks.integer("blackbox", "per_pattern", self.per_pattern, 1)
         checks.number("blackbox", "blend", self.blend, 0.0, 1.0, low_open=True, high_open=True)
@@ -87,8 +94,18 @@ class BlackboxConfig:
 
     @property
     def keys(self) -> int:
-        """Key images: every pattern blended into ``per_pattern`` aux images."""
-        return self.patterns * self.per_pattern
+        """Key images: every pattern blended into ``per_pattern`` aux images, or the natural keys."""
+        return self.natural_keys if self.family == "natural" else self.patterns * self.per_pattern
+
+    @property
+    def symbols(self) -> int:
+        """Symbols of a black-box word: one per pattern, or one per natural key."""
+        return self.natural_keys if self.family == "natural" else self.patterns
+
+    @property
+    def q(self) -> int:
+        """Values a symbol takes: a class, or one of a natural key's two candidate classes."""
+        return 2 if self.family == "natural" else NUM_CLASSES
 
     @property
     def max_queries(self) -> int:

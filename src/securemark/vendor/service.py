@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from securemark.alignment import Aligner
 from securemark.attacks import AttackData, create_attack
-from securemark.tracing.blackbox import ApiProbe, BlackboxVerdict, KeySet, SymbolBook, key_views, make_keys, sequential_trace, targets
+from securemark.tracing.blackbox import (ApiProbe, BlackboxVerdict, KeySet, SymbolBook, key_views, make_keys, natural_keys, sequential_trace,
+                                         targets)
 from securemark.codes import Codebook, create_code
 from securemark.embedding import CarrierSpace, Job, Outcome, Projected, embed_batch
 from securemark.errors import InvalidInput
@@ -110,7 +111,8 @@ class Vendor:
         codebook_id = f"{code.family}-{key_id(secret)}-{code.capacity}-" + "-".join(f"{k}={v}" for k, v in sorted(code.options.items()))
         codebook = _cached_codebook(files.state_dir / "codebook.npz", codebook_id,
                                     lambda: create_code(code.family, **code.options).generate(code.capacity, derive_seed(secret, "codebook")))
-        blackbox_codebook = SymbolBook.generate(code.capacity, config.blackbox.patterns, derive_seed(secret, "blackbox-codebook"))
+        bb = config.blackbox
+        blackbox_codebook = SymbolBook.generate(code.capacity, bb.symbols, derive_seed(secret, "blackbox-codebook"), bb.q)
         ledger = Ledger(files.state_dir / "ledger.sqlite", capacity=len(codebook), codebook_id=codebook_id)
         embed = config.embed
         n_weights = readout_size(config.model, embed.layer, embed.readout, embed.rank)
@@ -146,13 +148,25 @@ class Vendor:
 
     @cached_property
     def keyset(self) -> KeySet:
-        """The vendor's black-box keys (secret patterns blended into its ``aux`` images)."""
+        """The vendor's black-box keys: secret patterns blended into its ``aux`` images, or
+        (``blackbox.family: natural``) ``aux`` images its base model is unsure of."""
         return self._keys(self.secret)
 
     def _keys(self, secret: bytes) -> KeySet:
         bb = self.config.blackbox
         aux = read_partition(self.files.aux).as_float()
-        return make_keys(aux, bb.patterns, bb.per_pattern, derive_seed(secret, "blackbox-keys"), bb.blend, bb.cells)
+        seed = derive_seed(secret, "blackbox-keys")
+        if bb.family == "natural":
+            return natural_keys(aux, self._aux_probabilities, bb.natural_keys, seed, bb.natural_pool)
+        return make_keys(aux, bb.patterns, bb.per_pattern, seed, bb.blend, bb.cells)
+
+    @cached_property
+    def _aux_probabilities(self) -> torch.Tensor:
+        """The base model's class probabilities on the ``aux`` images (natural keys' candidates)."""
+        base = load_weights(self.files.base_model).eval()
+        aux = read_partition(self.files.aux).as_float()
+        with torch.no_grad():
+            return torch.cat([base(aux[i : i + 2048]).softmax(1) for i in range(0, len(aux), 2048)])
 
     def api_probe(self, secret: bytes | None = None) -> ApiProbe:
         """How the vendor traces a model by its answers alone: its keys, black-box codebook
@@ -163,7 +177,7 @@ class Vendor:
             keys, codebook, order_seed = self.keyset, self.blackbox_codebook, derive_seed(self.secret, "key-order")
         else:
             keys = self._keys(secret)
-            codebook = SymbolBook.generate(len(self.blackbox_codebook), bb.patterns, derive_seed(secret, "blackbox-codebook"))
+            codebook = SymbolBook.generate(len(self.blackbox_codebook), bb.symbols, derive_seed(secret, "blackbox-codebook"), bb.q)
             order_seed = derive_seed(secret, "key-order")
         return ApiProbe(keys, codebook, codebook_indices(codebook), bb.checkpoints, bb.repeats, order_seed, bb.explain)
 
@@ -272,7 +286,11 @@ class Vendor:
             key_inputs, key_index, original = key_views(base, embed.layer, self.keyset, bb.views, derive_seed(self.secret, "key-views"))
             keys = dict(key_inputs=key_inputs, key_index=key_index, key_original=original)
         aux = read_partition(self.files.aux)  # the vendor's own clean images: checked and kept, like the bank
-        natural = dict(natural_inputs=carrier_inputs(base, embed.layer, _client_features(base, aux.as_float())), natural_labels=aux.labels)
+        kept = torch.ones(len(aux.labels), dtype=torch.bool)
+        if bb.enabled and bb.family == "natural":
+            kept[self.keyset.rows] = False  # a natural key is taught its symbol, not its label
+        natural = dict(natural_inputs=carrier_inputs(base, embed.layer, _client_features(base, aux.as_float()[kept])),
+                       natural_labels=aux.labels[kept])
         readout = self.extractor(drift=False).readout
         space = CarrierSpace.build(base, readout, self.key_matrix, inputs, bank["labels"][pick], embed, derive_seed(self.secret, "embed-split"),
                                    **keys, **natural)
