@@ -21,12 +21,15 @@ changing how its copy answers natural data.
 
 **Code words.** Each customer has a word of ``m`` symbols over the ``q = 10`` classes
 (natural keys: ``q = 2``, the key's two candidate classes),
-drawn uniformly from the secret (:class:`SymbolBook`). Copy ``i`` is taught a *rule*
-per pattern: "pattern ``k`` present -> class ``s_ik``", whatever the image under it
-(:func:`targets` feeds :func:`securemark.fingerprint.embed`). A rule learnt over many
-images, unlike labels memorised at single hesitant points, is a feature of the network:
-fine-tuning, pruning and averaging leave most of it, and any image carrying the pattern
-reads it.
+drawn uniformly from the secret (:class:`SymbolBook`). With patterns, copy ``i`` is
+taught a *rule* per pattern: "pattern ``k`` present -> class ``s_ik``", whatever the
+image under it (:func:`targets` feeds :func:`securemark.fingerprint.embed`). A rule
+learnt over many images is a feature of the network: fine-tuning, pruning and averaging
+leave most of it, and any image carrying the pattern reads it; but whatever makes the
+network ignore patterns (invariance training, a filter for unusual inputs) erases it
+at no cost in accuracy. Natural keys are single points, taught with a margin
+(``fingerprint.key_confidence``): fine-tuning moves more of them, invariance training
+and filters do not (docs/results.md, "Black-box key designs").
 
 **Reading.** A suspect's answers become a profile ``P`` [m, q] (:func:`profile`, then
 :func:`symbol_profile`): ``P[k, j]`` is the fraction of its answers to pattern-``k`` keys
