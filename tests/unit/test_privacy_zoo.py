@@ -22,8 +22,8 @@ from securemark.privacy import (
 )
 
 AUX, OWNERS = 1200, 200
-FAST = {"decoder": {"epochs": 10, "lr": 3e-3}, "strong_decoder": {"epochs": 2, "width": 16, "blocks": 1, "lr": 4e-3}, "inversion": {"steps": 150},
-        "fora": {"epochs": 2, "width": 16, "blocks": 1, "substitute_epochs": 1, "lr": 4e-3},
+FAST = {"decoder": {"epochs": 10, "lr": 3e-3}, "strong_decoder": {"epochs": 3, "width": 16, "blocks": 1, "lr": 3e-3}, "inversion": {"steps": 150},
+        "fora": {"epochs": 3, "width": 16, "blocks": 1, "substitute_epochs": 1, "lr": 3e-3},
         "prior_inversion": {"steps": 60, "refine": 60, "prior_epochs": 4, "latent": 16}, FLOOR: {}}
 TRAINED = ["decoder", "strong_decoder", "inversion", "fora", "prior_inversion"]
 

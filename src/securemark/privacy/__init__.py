@@ -18,6 +18,7 @@ import torch
 
 from securemark import checks
 from securemark.errors import InvalidConfig
+from securemark.training import scoped_rng
 from securemark.privacy.attackers import (
     ATTACKERS,
     PrivacyAttacker,
@@ -88,13 +89,16 @@ def audit(view: VendorView, features: torch.Tensor, labels: torch.Tensor, origin
           progress: Progress | None = None, on_result=None) -> AuditResult:
     """Fit every attacker of ``cfg`` on ``view`` and score its reconstructions of the
     received ``features`` (with their ``labels``) against the owners' ``originals``.
+    A function of ``cfg.seed``: the same inputs give the same scores in any process.
     ``on_result(name, attacker, scores)`` is called after each attacker (for logging)."""
     scores, recons = {}, {}
     for name, options in cfg.attackers.items():
         start = time.perf_counter()
         attacker: PrivacyAttacker = create_attacker(name, **options)
-        attacker.fit(view, torch.Generator().manual_seed(cfg.seed), progress)
-        recon = attacker.reconstruct(features, labels)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        with scoped_rng(generator):  # weight init and dropout draw from torch's global RNG: run it on the audit's seed
+            attacker.fit(view, generator, progress)
+            recon = attacker.reconstruct(features, labels)
         scores[name] = {**reconstruction_scores(recon, originals), "seconds": round(time.perf_counter() - start, 1)}
         if getattr(attacker, "epochs_run", 0):
             scores[name]["epochs"] = attacker.epochs_run
