@@ -38,19 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from flows.adapters.partitions import attacker_data, test_set
-from flows.adapters.paths import Paths
-from flows.adapters.settings import Settings
-from results_io import report  # sibling module: scripts run as python benchmarks/<name>.py
+from embedding_setup import scratch_setup  # sibling module: scripts run as python benchmarks/<name>.py
+from results_io import report
 from securemark.attacks import create_attack
-from securemark.fingerprint import EmbeddingFailed, KeyTargets, Readout, carrier_inputs, embed
-from securemark.key import projection, random_secret
+from securemark.fingerprint import EmbeddingFailed, KeyTargets, carrier_inputs, embed
 from securemark.model import accuracy, predict
-from securemark.storage import read_partition
 from securemark.tracing.blackbox import KeySet, key_views, make_keys, threshold
-from securemark.weights import load_weights
 
 OUT = Path(__file__).resolve().parent / "results" / "blackbox_designs.json"
 DESIGNS = ["patterns:64:8:0.4:7@0.5/0.9", "points:256@0.5/0.9", "points:512@0.5/0.75", "regions:128:0.5@0.5/0.6"]
@@ -154,20 +148,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    paths = Paths.from_env()
-    settings = Settings.load(paths.params)
-    base = load_weights(paths.base_model).eval()
-    bank = load_file(str(paths.bank("defended")))
-    cfg0 = dataclasses.replace(settings.fingerprint.embed, max_steps=args.max_steps)
-    pick = torch.randperm(len(bank["labels"]), generator=torch.Generator().manual_seed(0))[: cfg0.eval_rows + cfg0.train_rows]
-    inputs, labels = carrier_inputs(base, cfg0.layer, bank["features"][pick]), bank["labels"][pick]
-    test = test_set(paths)
-    aux = read_partition(paths.partition("aux")).as_float()
-    data = attacker_data(paths, settings)
-    readout = Readout.build(cfg0.readout, base, cfg0.layer, aux[: settings.trace.probe_size], cfg0.rank)
-    code_length = settings.fingerprint.code.options["code_length"]
-    K = projection(random_secret(), readout.layer, code_length, readout.features(base).numel())
-    base_accuracy = accuracy(base, *test)
+    scratch = scratch_setup(args.max_steps)
+    settings, base, cfg0, inputs, labels = scratch.settings, scratch.base, scratch.cfg, scratch.inputs, scratch.labels
+    test, aux, data, readout, K = scratch.test, scratch.aux, scratch.data, scratch.readout, scratch.key_matrix
+    code_length, base_accuracy = scratch.code_length, scratch.base_accuracy
     delta = settings.trace.epsilon / len(settings.blackbox.checkpoints) / args.customers
     rows = []
     for spec in args.designs:
