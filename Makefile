@@ -39,11 +39,15 @@ PROFILE ?= default
 run: setup
 	$(BIN)/python -m flows.entry.pipeline --profile $(PROFILE)
 
+# The suite runs on TEST_WORKERS processes (pytest-xdist; each test file stays in one
+# worker, so its module fixtures are built once); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: setup
-	$(BIN)/python -m pytest tests
+	$(PYTEST) tests
 
 test-fast: setup
-	$(BIN)/python -m pytest tests -m "not slow and not integration"
+	$(PYTEST) tests -m "not slow and not integration"
 
 dag: setup
 	$(BIN)/dvc dag

@@ -37,7 +37,7 @@ from flows.adapters.stage import stage_main
 from securemark.attacks import AttackData, create_attack
 from securemark.evaluation.grid import draw_coalitions, innocents, is_coalition, traced, tracing_summary, tradeoff, worth_it
 from securemark.errors import InvalidConfig
-from securemark.model import SplitNet, accuracy
+from securemark.model import SplitNet
 from securemark.tracing import codebook_indices
 from securemark.weights import load_weights
 
@@ -121,7 +121,7 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
     rng = np.random.default_rng(settings.base.seed)
     configs = cfg.configs()
     start = time.perf_counter()
-    copy_accuracy = {c: accuracy(m, *test) for c, m in tqdm(copies.items(), desc="copies' accuracy", unit="copy")}
+    copy_accuracy = {c: vendor.copy_test_accuracy(m, test) for c, m in tqdm(copies.items(), desc="copies' accuracy", unit="copy")}
     futures = []
     for config in configs:  # coalitions are drawn here, in order, so results do not depend on scheduling
         if is_coalition(config):

@@ -26,6 +26,16 @@ from securemark import data as fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`make test` runs two workers on this 2-core machine), each worker and
+# every process it starts gets its share of the cores, so that workers do not fight over them
+# and a test comparing in-process with multi-process results sees the same thread count.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = _THREADS
+    torch.set_num_threads(int(_THREADS))
+
 # A tiny profile of every stage (seconds per stage on 2 cores): the committed
 # params.yaml with these keys overridden, so the tests follow the real schema.
 SMALL_OVERRIDES = {

@@ -581,6 +581,29 @@ def copy_model(space: CarrierSpace, p: _Params, i: int) -> SplitNet:
     return model.eval()
 
 
+def changes_only_carrier(space: CarrierSpace, model: SplitNet, tolerance: float = 1e-3) -> bool:
+    """Whether ``model`` differs from ``space``'s base only where issuing changes a copy: the
+    carrying block's weight inside the basis (up to ``tolerance`` of the change, float32
+    rounding), its batch norm's affine parameters and the head; every other parameter and
+    buffer bit-identical. Then :func:`copy_accuracy` is exact for it (an issued copy, not
+    one changed since)."""
+    try:
+        block = fingerprint_unit(model, space.layer)
+    except InvalidInput:
+        return False
+    free = {id(t) for t in (block.linear.weight, block.bn.weight, block.bn.bias, model.server.fc.weight, model.server.fc.bias)}
+    base, state = space.base.state_dict(), model.state_dict(keep_vars=True)
+    if state.keys() != base.keys() or block.linear.weight.shape != space.w0.shape:
+        return False
+    for name, value in state.items():
+        if id(value) not in free and (value.shape != base[name].shape or not torch.equal(value.detach(), base[name])):
+            return False
+    with torch.no_grad():
+        delta = block.linear.weight.detach() - space.w0
+        outside = delta - (delta @ space.basis) @ space.basis.T
+    return float(outside.norm()) <= tolerance * float(delta.norm()) + 1e-7 * float(space.w0.norm())
+
+
 def copy_accuracy(space: CarrierSpace, model: SplitNet, rows: Projected, labels: torch.Tensor) -> float:
     """A copy's accuracy on projected rows (e.g. the test set's): exact, since issuing
     changes only the carrying block inside the basis and the layers after it."""

@@ -233,10 +233,17 @@ def extract(model: SplitNet, readout: Readout, key_matrix: torch.Tensor, whiten=
         phi = readout.features(model).detach().to(torch.float64)
     if phi.numel() != key_matrix.shape[1]:
         raise InvalidInput(f"layer {readout.layer!r} gives {phi.numel()} values, key expects {key_matrix.shape[1]}")
-    K = key_matrix.to(torch.float64)
     if whiten is None:
-        return K @ phi
-    return {"plain": K @ phi, "drift": K @ whiten(phi)}
+        return project(key_matrix, phi[:, None])[:, 0]
+    both = project(key_matrix, torch.stack([phi, whiten(phi)], dim=1))
+    return {"plain": both[:, 0], "drift": both[:, 1]}
+
+
+def project(key_matrix: torch.Tensor, columns: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``K @ columns`` in float64 (``columns`` float64 [n_weights, c]), converting the float32
+    key ``rows`` rows at a time: the same sums as converting it whole, without allocating a
+    float64 copy of the key (0.5 GB for 2,048 x 32,768; a quarter of a second on the CLI)."""
+    return torch.cat([key_matrix[i : i + rows].to(torch.float64) @ columns for i in range(0, key_matrix.shape[0], rows)])
 
 
 def signs(bits: np.ndarray) -> torch.Tensor:
@@ -251,7 +258,7 @@ def bit_error_rate(y: torch.Tensor, bits: np.ndarray) -> float:
 def margin_scale(base: SplitNet, readout: Readout, key_matrix: torch.Tensor) -> float:
     """The unit of :attr:`EmbedConfig.margin`: the RMS of the base model's readout
     projected by the key (what ``y`` would be without the origin subtracted)."""
-    y = key_matrix.to(torch.float64) @ readout.origin.to(torch.float64)
+    y = project(key_matrix, readout.origin.to(torch.float64)[:, None])[:, 0]
     return float(y.pow(2).mean().sqrt())
 
 

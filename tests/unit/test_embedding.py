@@ -4,6 +4,7 @@ phase is what makes a strict accuracy tolerance reachable, failures name the cus
 
 from __future__ import annotations
 
+import copy as copy_module
 import dataclasses
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from securemark.embedding import CarrierSpace, Job, copy_accuracy, embed_batch, supports
+from securemark.embedding import CarrierSpace, Job, changes_only_carrier, copy_accuracy, embed_batch, supports
 from securemark.errors import InvalidConfig, InvalidInput
 from securemark.fingerprint import EmbedConfig, Readout, bit_error_rate, carrier_inputs, extract
 from securemark.key import projection
@@ -148,6 +149,23 @@ def test_copy_accuracy_is_the_full_models_accuracy(batch, space, world):
     assert copy_accuracy(space, model, space.project(test_x), test_y) == pytest.approx(direct, abs=1e-9)
     base_direct = float((forward_from(space.base, unit_index(space.base, "server.dense1"), test_x).argmax(1) == test_y).double().mean())
     assert copy_accuracy(space, space.base, space.project(test_x), test_y) == pytest.approx(base_direct, abs=1e-9)
+
+
+def test_changes_only_carrier_tells_an_issued_copy_from_a_changed_one(batch, space):
+    # the fast accuracy is exact only for an issued copy: anything changed since must take the slow path
+    _, outcomes = batch
+    copy = outcomes[0].result.model
+    assert changes_only_carrier(space, copy) and changes_only_carrier(space, space.base)
+    changed = [("client", lambda m: next(m.client.parameters()).add_(1e-4)),
+               ("running mean", lambda m: m.server.dense1.bn.running_mean.add_(1e-4)),
+               ("outside the basis", lambda m: m.server.dense1.linear.weight.add_(1e-3 * torch.randn(m.server.dense1.linear.weight.shape,
+                                                                                                  generator=torch.Generator().manual_seed(0))))]
+    for what, change in changed:
+        model = copy_module.deepcopy(copy)
+        with torch.no_grad():
+            change(model)
+        assert not changes_only_carrier(space, model), what
+    assert not changes_only_carrier(space, build_model(ModelSpec(widths=(4, 8), hidden=(16,), cut=1), 0))
 
 
 def test_restore_phase_reaches_a_strict_tolerance_that_keeping_the_base_alone_misses(world):

@@ -146,6 +146,25 @@ def test_bound_is_exact_for_one_position_and_valid_on_every_tiny_code():
             assert prob[s >= z - 1e-12].sum() <= math.exp(log_tail_bound(w, p, z)) * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("kind", ["fixed", "lowest_bias_1", "skewed_mix"])
+def test_bound_is_the_minimum_over_lambda(book, kind):
+    # the bound is min over lam >= 0 of K(lam) - lam z: the root finder must reach scipy's root
+    # and no lam on a fine grid may give a tighter bound
+    from scipy.optimize import brentq
+
+    from securemark.scoring import _Cumulant
+
+    k = _Cumulant(_adversarial_weights(book.biases, kind), book.biases)
+    for z in np.linspace(0.02, 0.98, 9) * k.s_max:
+        lam = k.best_lambda(z)
+        hi = 1.0
+        while k.slope(hi) < z:
+            hi *= 2.0
+        assert math.isclose(lam, brentq(lambda x: k.slope(x) - z, 0.0, hi, xtol=1e-12, rtol=1e-12), rel_tol=1e-9, abs_tol=1e-9)
+        grid = np.linspace(0.0, 2.0 * lam + 1.0, 2001)
+        assert k.log_bound(z) <= min(0.0, float((k.value(grid) - grid * z).min())) + 1e-9
+
+
 def _adversarial_weights(p: np.ndarray, kind: str) -> np.ndarray:
     m = p.size
     rng = np.random.default_rng(9)
