@@ -178,17 +178,19 @@ def scale_before_norm(model: SplitNet, index: int, scales: torch.Tensor | np.nda
 
 
 @torch.no_grad()
-def _activations(model: SplitNet, index: int, probe: torch.Tensor) -> torch.Tensor:
-    """Post-ReLU outputs of unit ``index`` on the probe, as [C, N * positions] float64."""
-    x = probe
-    for i, (_, block) in enumerate(units(model)):
+def _activations(model: SplitNet, probe: torch.Tensor) -> list[torch.Tensor]:
+    """Post-ReLU outputs of every unit on the probe, each as [C, N * positions] float64, from
+    one forward pass. A unit's outputs do not change when earlier units are aligned
+    (permuting a unit's channels permutes the next unit's inputs to match; a rescaling is
+    absorbed by its batch norm), so they can all be read before any unit is aligned."""
+    out, x = [], probe
+    for _, block in units(model):
         if not isinstance(block, ConvBlock) and x.dim() > 2:  # the first dense block reads the flattened conv output
             x = x.flatten(1)
         a = block.pre_pool(x)
-        if i == index:
-            return a.transpose(0, 1).reshape(a.shape[1], -1).to(torch.float64)
+        out.append(a.transpose(0, 1).reshape(a.shape[1], -1).to(torch.float64))
         x = block.pool(a) if isinstance(block, ConvBlock) else a
-    raise IndexError(index)
+    return out
 
 
 def _columns_out(model: SplitNet) -> torch.Tensor:
@@ -233,7 +235,7 @@ class Aligner:
         self.probe = probe.to(torch.float32)
         n_units = len(units(self.reference))
         self._metrics = [matrix_sqrt(input_covariance(self.reference, i, self.probe)) for i in range(n_units)]
-        self._activations = [_activations(self.reference, i, self.probe) for i in range(n_units)]
+        self._activations = _activations(self.reference, self.probe)
         self._rows = [_responses(self.reference, i, self._metrics[i]) for i in range(n_units)]
         self._head = _columns_out(self.reference)
 
@@ -279,10 +281,11 @@ class Aligner:
         model = fold_batchnorm(suspect.cpu())
         blocks = []
         n_units = len(units(model))
+        activations = _activations(model, self.probe)
         for index, (path, _) in enumerate(units(model)):
             last = index == n_units - 1
             ref_rows, sus_rows = self._rows[index], _responses(model, index, self._metrics[index])
-            sim = _similarity(self._activations[index], _activations(model, index, self.probe), centre=True)
+            sim = _similarity(self._activations[index], activations[index], centre=True)
             sim = sim + _similarity(ref_rows, sus_rows, centre=False)
             if last:
                 sim = sim + _similarity(self._head, _columns_out(model), centre=False)

@@ -86,6 +86,7 @@ def label_only_scores(images):
     return run_zoo(LabelOnly(lookup), images)
 
 
+@pytest.mark.slow  # the zoo is trained for two clients: ~1 min each
 @pytest.mark.parametrize("name", TRAINED)
 def test_every_attacker_rebuilds_images_from_an_identity_like_client(identity_scores, name):
     floor = identity_scores[FLOOR]["ssim"]
@@ -93,6 +94,7 @@ def test_every_attacker_rebuilds_images_from_an_identity_like_client(identity_sc
     assert identity_scores[name]["psnr"] > identity_scores[FLOOR]["psnr"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINED)
 def test_no_attacker_beats_the_floor_by_much_when_only_the_label_crosses(identity_scores, label_only_scores, name):
     floor = label_only_scores[FLOOR]["ssim"]
@@ -100,6 +102,7 @@ def test_no_attacker_beats_the_floor_by_much_when_only_the_label_crosses(identit
     assert label_only_scores[name]["ssim"] < identity_scores[name]["ssim"] - 0.15
 
 
+@pytest.mark.slow
 def test_leakage_is_measured_beyond_the_floor(identity_scores, label_only_scores):
     assert leakage(identity_scores)[0] > 0.15
     assert leakage(label_only_scores)[0] < 0.05
@@ -126,6 +129,7 @@ def test_audit_config_checks_the_zoo_before_any_training():
         AuditConfig(attackers={"inversion": {"epochs": 3}})
 
 
+@pytest.mark.slow  # ~20 s: trains to convergence
 def test_decoders_read_a_flat_cut_and_train_to_convergence(images):
     zoo = {"decoder": {"epochs": 60, "lr": 3e-3, "patience": 2},
            "fora": {"epochs": 4, "width": 16, "blocks": 1, "substitute_epochs": 1, "lr": 4e-3}, FLOOR: {}}
