@@ -241,7 +241,7 @@ def extract(model: SplitNet, readout: Readout, key_matrix: torch.Tensor, whiten=
 
 def project(key_matrix: torch.Tensor, columns: torch.Tensor, rows: int = 256) -> torch.Tensor:
     """``K @ columns`` in float64 (``columns`` float64 [n_weights, c]), converting the float32
-    key ``rows`` rows at a time: the same sums as converting it whole, without allocating a
+    key ``rows`` rows at a time: the same products (to rounding) as converting it whole, without allocating a
     float64 copy of the key (0.5 GB for 2,048 x 32,768; a quarter of a second on the CLI)."""
     return torch.cat([key_matrix[i : i + rows].to(torch.float64) @ columns for i in range(0, key_matrix.shape[0], rows)])
 
