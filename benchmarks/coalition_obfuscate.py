@@ -34,7 +34,7 @@ from pipeline_state import load_pipeline_state  # noqa: E402  sibling module: sc
 from securemark.attacks import create_attack  # noqa: E402
 from securemark.attacks.base import AttackData  # noqa: E402
 from securemark.evaluation.grid import draw_coalitions  # noqa: E402
-from securemark.fingerprint import effective_weight  # noqa: E402
+from securemark.fingerprint import effective_weight, extract  # noqa: E402
 from securemark.model import accuracy  # noqa: E402
 from securemark.tracing import codebook_indices, decide_readings, fit_drift  # noqa: E402
 
@@ -100,9 +100,7 @@ def main() -> None:
                 row = {"coalition_size": size, "scale": scale, "trial": trial, "accuracy": accuracy(model, *test),
                        "caught": len(accused & guilty), "innocents_accused": len(accused - guilty), "readings": verdict.readings}
                 if remedy is not None:
-                    with torch.no_grad():
-                        phi = extractor.readout.features(aligned).detach().to(torch.float64)
-                    y = (vendor.key_matrix.to(torch.float64) @ remedy.whiten(phi)).numpy()
+                    y = extract(aligned, extractor.readout, vendor.key_matrix, whiten=remedy.whiten)["drift"].numpy()
                     both = decide_readings({"plain": readings["plain"], "remedy": y}, codebook, indices, settings.trace.epsilon,
                                            settings.trace.scorer, settings.trace.decoder)
                     row["remedy_caught"] = len({a.codeword_index for a in both.accused} & guilty)

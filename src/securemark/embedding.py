@@ -38,7 +38,6 @@ The step cap (``max_steps``) stays as a guard; hitting it raises
 from __future__ import annotations
 
 import copy
-import functools
 import time
 from dataclasses import dataclass
 
@@ -165,12 +164,6 @@ class CarrierSpace:
             keys = KeyRows(project(key_x), key_index, key_original)
         return cls(**space, train=train, train_labels=train_y, train_logits=train_logits, check=check,
                    check_labels=check_labels, base_accuracy=base_accuracy, keys=keys)
-
-    @functools.cached_property
-    def key_matrix64(self) -> torch.Tensor:
-        """The key in float64, as tracing reads it (:func:`~securemark.fingerprint.extract`),
-        converted once for every copy's final check instead of once per copy."""
-        return self.key_matrix.to(torch.float64)
 
     def project(self, inputs: torch.Tensor) -> Projected:
         """Other rows (e.g. the test set's carrier inputs) projected like the bank's."""
@@ -563,43 +556,47 @@ def _step(space: CarrierSpace, batch: _Batch, cfg: EmbedConfig, target: float) -
 def _result(space: CarrierSpace, p: _Params, i: int, job: Job, steps: int, margin: float, agreement: float | None, accuracy: float,
             start: float, mark_steps: int | None = None) -> EmbedResult:
     model = copy_model(space, p, i)
-    y = extract(model, space.readout, space.key_matrix64)
+    y = extract(model, space.readout, space.key_matrix)
     return EmbedResult(model, steps, bit_error_rate(y, job.bits), margin, accuracy, space.base_accuracy,
                        time.perf_counter() - start, agreement, mark_steps)
+
+
+def issued_tensors(model: SplitNet, layer: str) -> tuple[torch.Tensor, ...]:
+    """What issuing changes in a copy of the base, in ``_Params`` order: the carrying
+    block's weight, its batch norm's scale and shift, the head's weight and bias."""
+    block = fingerprint_unit(model, layer)
+    return block.linear.weight, block.bn.weight, block.bn.bias, model.server.fc.weight, model.server.fc.bias
 
 
 @torch.no_grad()
 def copy_model(space: CarrierSpace, p: _Params, i: int) -> SplitNet:
     """Customer ``i``'s copy as a full model: the base with the carrying block and head replaced."""
     model = copy.deepcopy(space.base)
-    block = fingerprint_unit(model, space.layer)
-    block.linear.weight.copy_(space.w0 + p.d[i] @ space.basis.T)
-    block.bn.weight.copy_(p.gamma[i])
-    block.bn.bias.copy_(p.beta[i])
-    model.server.fc.weight.copy_(p.head_w[i])
-    model.server.fc.bias.copy_(p.head_b[i])
+    weight, *rest = issued_tensors(model, space.layer)
+    weight.copy_(space.w0 + p.d[i] @ space.basis.T)
+    for tensor, value in zip(rest, (p.gamma[i], p.beta[i], p.head_w[i], p.head_b[i])):
+        tensor.copy_(value)
     return model.eval()
 
 
 def changes_only_carrier(space: CarrierSpace, model: SplitNet, tolerance: float = 1e-3) -> bool:
-    """Whether ``model`` differs from ``space``'s base only where issuing changes a copy: the
-    carrying block's weight inside the basis (up to ``tolerance`` of the change, float32
-    rounding), its batch norm's affine parameters and the head; every other parameter and
-    buffer bit-identical. Then :func:`copy_accuracy` is exact for it (an issued copy, not
-    one changed since)."""
+    """Whether ``model`` differs from ``space``'s base only where issuing changes a copy
+    (:func:`issued_tensors`, the carrying block's weight inside the basis up to ``tolerance``
+    of the change, float32 rounding); every other parameter and buffer bit-identical. Then
+    :func:`copy_accuracy` is exact for it (an issued copy, not one changed since)."""
     try:
-        block = fingerprint_unit(model, space.layer)
+        changed = issued_tensors(model, space.layer)
     except InvalidInput:
         return False
-    free = {id(t) for t in (block.linear.weight, block.bn.weight, block.bn.bias, model.server.fc.weight, model.server.fc.bias)}
+    weight, free = changed[0], {id(t) for t in changed}
     base, state = space.base.state_dict(), model.state_dict(keep_vars=True)
-    if state.keys() != base.keys() or block.linear.weight.shape != space.w0.shape:
+    if state.keys() != base.keys() or weight.shape != space.w0.shape:
         return False
     for name, value in state.items():
         if id(value) not in free and (value.shape != base[name].shape or not torch.equal(value.detach(), base[name])):
             return False
     with torch.no_grad():
-        delta = block.linear.weight.detach() - space.w0
+        delta = weight.detach() - space.w0
         outside = delta - (delta @ space.basis) @ space.basis.T
     return float(outside.norm()) <= tolerance * float(delta.norm()) + 1e-7 * float(space.w0.norm())
 
@@ -607,8 +604,6 @@ def changes_only_carrier(space: CarrierSpace, model: SplitNet, tolerance: float 
 def copy_accuracy(space: CarrierSpace, model: SplitNet, rows: Projected, labels: torch.Tensor) -> float:
     """A copy's accuracy on projected rows (e.g. the test set's): exact, since issuing
     changes only the carrying block inside the basis and the layers after it."""
-    block = fingerprint_unit(model, space.layer)
-    d = (block.linear.weight.detach() - space.w0) @ space.basis
-    p = _Params(d[None], block.bn.weight.detach()[None], block.bn.bias.detach()[None],
-                model.server.fc.weight.detach()[None], model.server.fc.bias.detach()[None])
+    weight, *rest = (t.detach() for t in issued_tensors(model, space.layer))
+    p = _Params(((weight - space.w0) @ space.basis)[None], *(t[None] for t in rest))
     return _accuracy(space, p, 0, rows, labels)

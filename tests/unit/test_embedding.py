@@ -4,7 +4,7 @@ phase is what makes a strict accuracy tolerance reachable, failures name the cus
 
 from __future__ import annotations
 
-import copy as copy_module
+import copy
 import dataclasses
 
 import numpy as np
@@ -16,7 +16,7 @@ from securemark.embedding import CarrierSpace, Job, changes_only_carrier, copy_a
 from securemark.errors import InvalidConfig, InvalidInput
 from securemark.fingerprint import EmbedConfig, Readout, bit_error_rate, carrier_inputs, extract
 from securemark.key import projection
-from securemark.model import ModelSpec, SplitNet, build_model, forward_from, unit_index
+from securemark.model import ModelSpec, build_model, forward_from, unit_index
 
 SPEC = ModelSpec(widths=(4, 8), hidden=(32,), cut=1)
 LAYER = "server.dense1.linear.weight"
@@ -154,14 +154,14 @@ def test_copy_accuracy_is_the_full_models_accuracy(batch, space, world):
 def test_changes_only_carrier_tells_an_issued_copy_from_a_changed_one(batch, space):
     # the fast accuracy is exact only for an issued copy: anything changed since must take the slow path
     _, outcomes = batch
-    copy = outcomes[0].result.model
-    assert changes_only_carrier(space, copy) and changes_only_carrier(space, space.base)
+    issued = outcomes[0].result.model
+    assert changes_only_carrier(space, issued) and changes_only_carrier(space, space.base)
     changed = [("client", lambda m: next(m.client.parameters()).add_(1e-4)),
                ("running mean", lambda m: m.server.dense1.bn.running_mean.add_(1e-4)),
                ("outside the basis", lambda m: m.server.dense1.linear.weight.add_(1e-3 * torch.randn(m.server.dense1.linear.weight.shape,
                                                                                                   generator=torch.Generator().manual_seed(0))))]
     for what, change in changed:
-        model = copy_module.deepcopy(copy)
+        model = copy.deepcopy(issued)
         with torch.no_grad():
             change(model)
         assert not changes_only_carrier(space, model), what
