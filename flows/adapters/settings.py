@@ -41,7 +41,7 @@ def load_params(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "file not found")
-    params = yaml.safe_load(path.read_text()) or {}
+    params = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}  # libyaml's safe loader: 10x faster
     if not isinstance(params, dict):
         raise ConfigError(str(path), "top level must be a mapping of sections")
     return params

@@ -34,6 +34,7 @@ code word, so an innocent customer's code word stays independent of the extracte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -201,12 +202,20 @@ def _columns_out(model: SplitNet) -> torch.Tensor:
     return fc.weight.detach().view(fc.out_features, channels, per_channel).transpose(0, 1).reshape(channels, -1).to(torch.float64)
 
 
-def _similarity(a: torch.Tensor, b: torch.Tensor, centre: bool) -> np.ndarray:
-    """Correlation (``centre``) or cosine of every row of ``a`` with every row of ``b``;
-    0 where a row is constant. Both are blind to positive scaling of a row."""
+def _unit_rows(a: torch.Tensor, centre: bool) -> torch.Tensor:
+    """The rows of ``a`` (centred first with ``centre``) scaled to unit norm; NaN or inf
+    where a row is constant (:func:`_similarity` reads those as 0)."""
     if centre:
-        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    sim = (a @ b.T) / (a.norm(dim=1)[:, None] * b.norm(dim=1)[None, :])
+        a = a - a.mean(1, keepdim=True)
+    return a / a.norm(dim=1, keepdim=True)
+
+
+def _similarity(a: torch.Tensor, b: torch.Tensor, centre: bool, a_unit: torch.Tensor | None = None) -> np.ndarray:
+    """Correlation (``centre``) or cosine of every row of ``a`` with every row of ``b``;
+    0 where a row is constant. Both are blind to positive scaling of a row.
+    ``a_unit``: ``_unit_rows(a, centre)`` when the caller keeps it (the reference's side)."""
+    a_unit = _unit_rows(a, centre) if a_unit is None else a_unit
+    sim = a_unit @ _unit_rows(b, centre).T
     return torch.nan_to_num(sim, nan=0.0, posinf=0.0, neginf=0.0).numpy()
 
 
@@ -264,6 +273,12 @@ class Aligner:
             raise InvalidInput(f"aligner file lacks {exc}") from None
         return aligner
 
+    @cached_property
+    def _activation_units(self) -> list[torch.Tensor]:
+        """The reference's activations centred and scaled to unit rows (the reference's side
+        of every activation correlation, computed once for all suspects)."""
+        return [_unit_rows(a, centre=True) for a in self._activations]
+
     @torch.no_grad()
     def align(self, suspect: SplitNet) -> "Alignment":
         """Undo channel permutations and positive rescalings of ``suspect`` (same
@@ -285,7 +300,7 @@ class Aligner:
         for index, (path, _) in enumerate(units(model)):
             last = index == n_units - 1
             ref_rows, sus_rows = self._rows[index], _responses(model, index, self._metrics[index])
-            sim = _similarity(self._activations[index], activations[index], centre=True)
+            sim = _similarity(self._activations[index], activations[index], centre=True, a_unit=self._activation_units[index])
             sim = sim + _similarity(ref_rows, sus_rows, centre=False)
             if last:
                 sim = sim + _similarity(self._head, _columns_out(model), centre=False)

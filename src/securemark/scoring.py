@@ -149,8 +149,8 @@ def score_dense(bits: np.ndarray, w: np.ndarray, p: np.ndarray) -> np.ndarray:
     return centred_symbols(bits, p) @ w
 
 
-def score_all(codebook: Codebook, w: np.ndarray) -> np.ndarray:
-    """Scores ``S_j`` of every customer in ``codebook`` for unit weights ``w``.
+def score_all(codebook: Codebook, w: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Scores ``S_j`` of every customer in ``codebook`` (or of the code words ``rows``) for unit weights ``w``.
 
     ``S = B a + c`` with ``a_i = w_i / sqrt(p_i (1 - p_i))`` and ``c = -sum_i p_i a_i``.
     ``B a`` is read straight from the packed bytes: ``tables[k, v]`` is the sum of ``a``
@@ -159,7 +159,7 @@ def score_all(codebook: Codebook, w: np.ndarray) -> np.ndarray:
     (bounded memory) on a few threads (numpy's gather releases the GIL).
 
     Returns:
-        float64 [n], in customer (row) order.
+        float64 [n], in customer (row) order; with ``rows``, float64 [len(rows)] in that order.
     """
     w, p = _check_weights(w, codebook.biases)
     a = w / np.sqrt(p * (1.0 - p))
@@ -170,8 +170,8 @@ def score_all(codebook: Codebook, w: np.ndarray) -> np.ndarray:
     tables = (_BYTE_BITS @ a_padded.reshape(n_bytes, 8).T).T  # [n_bytes, 256]
     flat = np.ascontiguousarray(tables).ravel()
     byte_offsets = np.arange(n_bytes, dtype=np.intp) * 256
-    packed = codebook.packed
-    n = len(codebook)
+    packed = codebook.packed if rows is None else codebook.packed[np.asarray(rows, dtype=np.intp)]
+    n = packed.shape[0]
     scores = np.empty(n, dtype=np.float64)
 
     def score_chunk(start: int) -> None:
@@ -260,6 +260,33 @@ class _Cumulant:
             lam = step
         return lam
 
+    def threshold_lambda(self, target: float) -> float:
+        """The lam > 0 minimising ``(K(lam) - target) / lam`` for ``log_p_max < target < 0``:
+        the root of ``h(lam) = lam K'(lam) - K(lam) + target``, which increases from
+        ``target < 0`` (h' = lam K'' > 0) towards ``target - log_p_max > 0``. Safeguarded
+        Newton in a shrinking bracket, to 1e-12 relative."""
+        def h(lam: float) -> float:
+            return lam * self.slope(lam) - float(self.value(lam)) + target
+
+        lo, hi = 0.0, 1.0
+        while h(hi) < 0.0:
+            lo, hi = hi, 2.0 * hi
+            if hi > 1e12:  # the threshold is within rounding of s_max
+                return hi
+        lam = 0.5 * (lo + hi)
+        for _ in range(200):
+            gap = h(lam)
+            if gap == 0.0:
+                return lam
+            lo, hi = (lo, lam) if gap > 0.0 else (lam, hi)
+            step = lam - gap / (lam * self.curvature(lam))
+            if not lo < step < hi:
+                step = 0.5 * (lo + hi)
+            if abs(step - lam) <= 1e-12 * (1.0 + abs(lam)):
+                return step
+            lam = step
+        return lam
+
     def log_bound(self, z: float) -> float:
         """``min_{lam >= 0} K(lam) - lam z``: Chernoff bound on log P(S >= z)."""
         if z <= 0.0:
@@ -295,10 +322,13 @@ def threshold(w: np.ndarray, p: np.ndarray, epsilon: float, n_customers: int) ->
     """Smallest z with ``n_customers * P_bound(S >= z) <= epsilon``.
 
     Accusing every customer with ``S_j >= z`` then accuses an innocent with
-    probability at most ``epsilon`` (union bound over the ledger). Found by bisection
-    on the (non-increasing) bound; the upper end of the final bracket is returned, so
-    the guarantee holds exactly. ``inf`` when no reachable score is rare enough (code
-    too short or weights too concentrated for this epsilon): then no one is accused.
+    probability at most ``epsilon`` (union bound over the ledger). With ``t`` the target
+    log-probability, any ``lam > 0`` gives a valid threshold ``z(lam) = (K(lam) - t) / lam``
+    (Chernoff: ``log P(S >= z) <= K(lam) - lam z = t``), so the solver's precision only
+    decides how tight it is; the smallest is at the root of ``lam K'(lam) - K(lam) + t``
+    (increasing in lam), found as in :meth:`_Cumulant.best_lambda`. ``inf`` when no
+    reachable score is rare enough (code too short or weights too concentrated for this
+    epsilon): then no one is accused.
     """
     _check_eps_n(epsilon, n_customers)
     k = _Cumulant(w, p)
@@ -306,14 +336,8 @@ def threshold(w: np.ndarray, p: np.ndarray, epsilon: float, n_customers: int) ->
     if k.log_p_max > target:
         logger.warning("threshold: no reachable score meets epsilon=%g over %d customers", epsilon, n_customers)
         return math.inf
-    lo, hi = 0.0, k.s_max  # bound(lo) = 0 > target, bound(hi) <= target
-    while hi - lo > 1e-9 * max(1.0, hi):
-        mid = 0.5 * (lo + hi)
-        if k.log_bound(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    lam = k.threshold_lambda(target)
+    return (float(k.value(lam)) - target) / lam
 
 
 def p_values(

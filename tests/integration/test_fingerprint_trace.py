@@ -146,6 +146,16 @@ def test_delivered_file_holds_weights_only(issued):
             assert set(f.metadata()) == {SPEC_KEY}
 
 
+def test_the_persisted_key_is_the_secret_s_key_and_private(issued):
+    vendor = issued.vendor()
+    (path,) = sorted(vendor.files.state_dir.glob("key-*.safetensors"))
+    assert path.stat().st_mode & 0o077 == 0
+    assert torch.equal(vendor.key_matrix, vendor.key.matrix(vendor.secret))
+    path.unlink()  # a new file (a process may still map the old one)
+    path.write_bytes(b"damaged")  # a damaged file is drawn again, never read as a key
+    assert torch.equal(issued.vendor().key_matrix, vendor.key.matrix(vendor.secret))
+
+
 def test_issuing_again_returns_the_same_word_and_registers_nothing_new(issued):
     from flows.issue import issue_flow
     from securemark.weights import sha256_file

@@ -77,6 +77,8 @@ def test_score_all_matches_dense_computation(family, name):
     w = create_scorer(name).weights(y)
     dense = score_dense(small.words(slice(None)), w, small.biases)
     assert np.allclose(score_all(small, w), dense, atol=1e-10)
+    rows = np.array([31, 2, 17, 2])  # some customers (a trace scores the issued ones), any order, repeats
+    assert np.array_equal(score_all(small, w, rows), score_all(small, w)[rows])
 
 
 @pytest.mark.parametrize("name", SCORERS)
@@ -125,6 +127,22 @@ def test_threshold_is_monotone(book):
     assert all(a < b for a, b in itertools.pairwise(by_customers))
     # roughly Gaussian for spread weights: between the Gaussian quantile and a few units above
     assert 3.0 < threshold(w, p, 1e-3, 1) < 5.0
+
+
+@pytest.mark.parametrize("spread", [1.0, 3.0])
+def test_threshold_is_the_smallest_score_whose_bound_meets_epsilon(spread):
+    rng = np.random.default_rng(int(spread))
+    for m in (16, 301, 2048):
+        w = rng.standard_normal(m) * rng.random(m) ** spread  # spread 3: a few heavy positions
+        w /= np.linalg.norm(w)
+        p = rng.uniform(0.1, 0.9, m)
+        for epsilon, n in ((1e-6, 10_000), (1e-2, 1)):
+            z = threshold(w, p, epsilon, n)
+            if not math.isfinite(z):
+                continue
+            target = math.log(epsilon) - math.log(n)
+            assert log_tail_bound(w, p, z) <= target + 1e-9  # valid: the union bound holds at z
+            assert log_tail_bound(w, p, z * (1 - 1e-6)) > target  # tight: a little lower does not
 
 
 def test_bound_is_exact_for_one_position_and_valid_on_every_tiny_code():

@@ -95,7 +95,7 @@ def decide(
     if silent is not None:
         return silent
     w = create_scorer(scorer).weights(np.asarray(y, dtype=np.float64))
-    all_scores = score_all(codebook, w)[indices]
+    all_scores = score_all(codebook, w, indices)
     thr = threshold(w, codebook.biases, epsilon, len(indices))
     order = np.argsort(-all_scores)
     shown = order[: max(top, int((all_scores >= thr).sum()) + top)]
@@ -150,7 +150,7 @@ def decide_peeling(
     scores = thr = None
     for step_eps in budgets:
         w = create_scorer(scorer).weights(residual)
-        scores = score_all(codebook, w)[indices]
+        scores = score_all(codebook, w, indices)
         thr = threshold(w, p, step_eps, len(indices))
         new = [j for j in np.argsort(-scores) if scores[j] >= thr and int(indices[j]) not in taken]
         if not new:

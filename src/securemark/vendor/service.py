@@ -122,7 +122,15 @@ class Vendor:
     # ------------------------------------------------------------------ state
     @cached_property
     def key_matrix(self) -> torch.Tensor:
-        return self.key.matrix(self.secret)
+        """The fingerprint key ``K``, persisted in the state folder (``key-<digest>.safetensors``):
+        drawing it from the secret takes about 0.4 s, reading the file back is a memory map.
+        The file is as secret as the secret itself (the state folder is the vendor's, mode 0600)."""
+        key = self.key
+        digest = self._digest("key", key.to_dict())
+        shape = (key.code_length, key.n_weights)
+        tensors = persisted(self.files.state_dir, "key", digest, lambda: {"key": key.matrix(self.secret)},
+                            check=lambda t: tuple(t.get("key", torch.empty(0)).shape) == shape)
+        return tensors["key"]
 
     def customers_by_index(self) -> dict[int, str]:
         """Code-word index -> customer id, for every word the ledger has assigned."""
