@@ -22,6 +22,10 @@ artifact (``privacy-owner-<k>``) and an MLflow run (``privacy-owner-<k>``).
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -85,32 +89,63 @@ def image_rows(rows: list[tuple[str, torch.Tensor]], path: Path) -> Path:
     return path
 
 
-@task(name="audit-variant", cache_policy=NO_CACHE)
-def audit_variant(paths: Paths, settings: Settings, variant: str, parent: mlflow.ActiveRun) -> tuple[dict, AuditResult, torch.Tensor, torch.Tensor]:
-    logger = get_run_logger()
+@dataclass(frozen=True)
+class VariantAudit:
+    """One variant's audit, as computed in a worker process (:func:`compute_variant`)."""
+
+    summary: dict
+    result: AuditResult
+    originals: torch.Tensor
+    owners: torch.Tensor
+    attackers: list[tuple[str, dict, dict]]  # (name, options, scores) in the order they were fitted
+
+
+def compute_variant(paths: Paths, settings: Settings, variant: str, threads: int | None = None) -> VariantAudit:
+    """The attacker zoo and the certified bound against one variant, without logging (so it
+    can run in a process of its own; ``threads``: torch threads there). A function of the
+    settings' seed: the same inputs give the same scores in any process (with the same
+    thread count: floating-point sums follow it, which moves an SSIM in its 4th decimal)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     job = split_job(paths, settings, variant)
     aux = read_partition(paths.partition("aux"))
     bank = load_file(str(paths.bank(variant)))
     client = load_weights(paths.model(variant)).client
     view = VendorView(client, job.defence.sigma, aux.as_float(), aux.labels, received=bank["features"].float())
     features, labels, originals, owners = owner_sample(paths, settings, variant, bank)
-
-    def log_attacker(name, attacker, scores) -> None:
-        logger.info("%s / %s: %s", variant, name, {k: round(v, 4) for k, v in scores.items()})
-        tags = {"stage": "privacy_audit", "variant": variant, "attacker": name}
-        params = {f"attacker.{k}": v for k, v in attacker.options().items()} | {"attacker": name, "variant": variant}
-        tracking.child_run(parent, f"privacy-{variant}-{name}", tags, params, scores)
+    attackers = []
 
     def progress(it, name):
         return tqdm(it, desc=f"{name} ({variant})", unit="epoch")
 
-    result = audit(view, features, labels, originals, settings.privacy_audit, progress=progress, on_result=log_attacker)
+    result = audit(view, features, labels, originals, settings.privacy_audit, progress=progress,
+                   on_result=lambda name, attacker, scores: attackers.append((name, attacker.options(), scores)))
     bound = fisher_bound(client, originals, job.defence.sigma)
     summary = {"test_accuracy": json.loads(paths.train_metrics(variant).read_text())["test_accuracy"], **result.summary(),
                **bound.summary(), "cut_shape": list(job.spec.cut_shape)}
-    logger.info("%s: leakage beyond labels %.4f (strongest: %s; label floor SSIM %.4f); certified MSE >= %.4f",
-                variant, result.leakage, result.strongest, result.floor_ssim, bound.mse_lower_bound)
-    return summary, result, originals, owners
+    return VariantAudit(summary, result, originals, owners, attackers)
+
+
+@task(name="audit-variant", cache_policy=NO_CACHE)
+def audit_variant(paths: Paths, settings: Settings, variant: str, parent: mlflow.ActiveRun, threads: int | None) -> VariantAudit:
+    """One variant's audit, logged: in a spawned process of its own with ``threads`` torch
+    threads (the variants run side by side: two one-thread fits are faster on two cores than
+    one two-thread fit after the other), or here when ``threads`` is None."""
+    logger = get_run_logger()
+    if threads is None:
+        done = compute_variant(paths, settings, variant)
+    else:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = pool.submit(compute_variant, paths, settings, variant, threads).result()
+    for name, options, scores in done.attackers:
+        logger.info("%s / %s: %s", variant, name, {k: round(v, 4) for k, v in scores.items()})
+        tags = {"stage": "privacy_audit", "variant": variant, "attacker": name}
+        params = {f"attacker.{k}": v for k, v in options.items()} | {"attacker": name, "variant": variant}
+        tracking.child_run(parent, f"privacy-{variant}-{name}", tags, params, scores)
+    summary = done.summary
+    logger.info("%s: leakage beyond labels %.4f (strongest: %s; label floor SSIM %.4f); certified MSE >= %.4f", variant, summary["leakage"],
+                summary["strongest"], summary["label_floor_ssim"], summary["mse_lower_bound"])
+    return done
 
 
 def owner_reports(paths: Paths, parent: mlflow.ActiveRun, summary: dict, result: AuditResult, originals: torch.Tensor,
@@ -145,8 +180,16 @@ def privacy_audit_flow(paths: Paths, settings: Settings) -> dict:
     rows: list[tuple[str, torch.Tensor]] = []
     with tracking.run("privacy-audit", tracking.TRAIN_EXPERIMENT, paths, tags={"stage": "privacy_audit"}) as parent:
         mlflow.log_params({"privacy_audit.sample": cfg.sample, "privacy_audit.attackers": ",".join(cfg.attackers)})
+        side_by_side = min(len(VARIANTS), settings.ops.max_workers)  # ops.max_workers 1: one variant after the other, in this process
+        threads = max(1, (os.cpu_count() or 1) // side_by_side) if side_by_side > 1 else None
+        if threads is None:  # in this process: one after the other (the attackers' random state is the process's)
+            audits = {variant: audit_variant(paths, settings, variant, parent, None) for variant in VARIANTS}
+        else:
+            futures = {variant: audit_variant.submit(paths, settings, variant, parent, threads) for variant in VARIANTS}
+            audits = {variant: future.result() for variant, future in futures.items()}
         for variant in VARIANTS:
-            summary, result, originals, owners = audit_variant(paths, settings, variant, parent)
+            done = audits[variant]
+            summary, result, originals, owners = done.summary, done.result, done.originals, done.owners
             results[variant] = summary
             mlflow.log_metrics({f"{variant}.{k}": v for k, v in summary.items() if isinstance(v, float)})
             if not rows:
