@@ -7,7 +7,8 @@ its labels, the client it ships, the defence's noise model and every feature it
 received) and rebuilds a fixed sample of the owner images from the features the server
 received. The stage runs the budgeted zoo of params (it says so: ``zoo: budgeted``);
 ``benchmarks/privacy_tradeoff.py`` runs the zoo trained to convergence, which the
-defence's claim is made against.
+defence's claim is made against. The two variants are audited side by side, each in a
+spawned process with half the cores (``ops.max_workers`` 1: one after the other, here).
 
 Writes ``metrics/privacy.json`` (per variant: test accuracy, the label-only floor,
 leakage beyond it, the strongest attacker, each attacker's SSIM / PSNR / dCor (and
