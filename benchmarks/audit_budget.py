@@ -43,7 +43,7 @@ def main() -> None:
     from flows.adapters.jobs import split_job
     from flows.adapters.paths import Paths
     from flows.adapters.settings import Settings
-    from flows.privacy_audit import owner_sample
+    from flows.adapters.privacy import owner_sample
     from securemark.privacy import VendorView, audit
     from securemark.storage import read_partition
     from securemark.weights import load_weights
