@@ -279,7 +279,8 @@ class _Cumulant:
             if gap == 0.0:
                 return lam
             lo, hi = (lo, lam) if gap > 0.0 else (lam, hi)
-            step = lam - gap / (lam * self.curvature(lam))
+            slope = lam * self.curvature(lam)  # h'(lam); 0 only where the tilted distribution is a point mass
+            step = lam - gap / slope if slope > 0.0 else math.nan
             if not lo < step < hi:
                 step = 0.5 * (lo + hi)
             if abs(step - lam) <= 1e-12 * (1.0 + abs(lam)):
