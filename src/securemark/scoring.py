@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -191,6 +192,32 @@ def score_all(codebook: Codebook, w: np.ndarray, rows: np.ndarray | None = None)
 # --------------------------------------------------------------------------- Chernoff bound
 
 
+def _increasing_root(f: Callable[[float], float], derivative: Callable[[float], float]) -> float:
+    """The root on lam > 0 of ``f``, increasing with ``f(0) < 0``: a bracket doubled from
+    [0, 1] until ``f`` turns non-negative (1e12 when it never does), then Newton's method
+    kept inside the bracket, which shrinks at every step (bisection where Newton would leave
+    it or ``derivative`` is 0), to 1e-12 relative."""
+    lo, hi = 0.0, 1.0
+    while f(hi) < 0.0:
+        lo, hi = hi, 2.0 * hi
+        if hi > 1e12:
+            return hi
+    lam = 0.5 * (lo + hi)
+    for _ in range(200):
+        gap = f(lam)
+        if gap == 0.0:
+            return lam
+        lo, hi = (lo, lam) if gap > 0.0 else (lam, hi)
+        slope = derivative(lam)
+        step = lam - gap / slope if slope > 0.0 else math.nan
+        if not lo < step < hi:
+            step = 0.5 * (lo + hi)
+        if abs(step - lam) <= 1e-12 * (1.0 + abs(lam)):
+            return step
+        lam = step
+    return lam
+
+
 class _Cumulant:
     """Log moment generating function of an innocent's score, ``K(lam) = log E[exp(lam S)]``.
 
@@ -233,60 +260,21 @@ class _Cumulant:
         return float(np.dot(tilted_p * (1.0 - tilted_p), (self.hi - self.lo) ** 2))
 
     def best_lambda(self, z: float) -> float:
-        """The lam >= 0 minimising ``K(lam) - lam z`` for ``0 < z < s_max`` (root of K' = z).
-
-        Newton's method on the increasing K', kept inside a bracket that shrinks at every
-        step (bisection where Newton would leave it), to 1e-12 relative. Any lam >= 0 gives
-        a valid bound, so the root's precision only decides how tight the bound is."""
+        """The lam >= 0 minimising ``K(lam) - lam z`` for ``0 < z < s_max``: the root of the
+        increasing ``K'(lam) - z`` (:func:`_increasing_root`). Any lam >= 0 gives a valid
+        bound, so the root's precision only decides how tight the bound is. Past 1e12, z is
+        within rounding of s_max and the bound is its limit."""
         if self.slope(0.0) >= z:  # z within rounding of E[S] = 0
             return 0.0
-        lo, hi = 0.0, 1.0
-        while self.slope(hi) < z:
-            lo, hi = hi, 2.0 * hi
-            if hi > 1e12:  # z is within rounding of s_max: the bound is its limit
-                return hi
-        lam = 0.5 * (lo + hi)
-        for _ in range(200):
-            gap = self.slope(lam) - z
-            if gap == 0.0:
-                return lam
-            lo, hi = (lo, lam) if gap > 0.0 else (lam, hi)
-            curvature = self.curvature(lam)
-            step = lam - gap / curvature if curvature > 0.0 else math.nan
-            if not lo < step < hi:
-                step = 0.5 * (lo + hi)
-            if abs(step - lam) <= 1e-12 * (1.0 + abs(lam)):
-                return step
-            lam = step
-        return lam
+        return _increasing_root(lambda lam: self.slope(lam) - z, self.curvature)
 
     def threshold_lambda(self, target: float) -> float:
         """The lam > 0 minimising ``(K(lam) - target) / lam`` for ``log_p_max < target < 0``:
         the root of ``h(lam) = lam K'(lam) - K(lam) + target``, which increases from
-        ``target < 0`` (h' = lam K'' > 0) towards ``target - log_p_max > 0``. Safeguarded
-        Newton in a shrinking bracket, to 1e-12 relative."""
-        def h(lam: float) -> float:
-            return lam * self.slope(lam) - float(self.value(lam)) + target
-
-        lo, hi = 0.0, 1.0
-        while h(hi) < 0.0:
-            lo, hi = hi, 2.0 * hi
-            if hi > 1e12:  # the threshold is within rounding of s_max
-                return hi
-        lam = 0.5 * (lo + hi)
-        for _ in range(200):
-            gap = h(lam)
-            if gap == 0.0:
-                return lam
-            lo, hi = (lo, lam) if gap > 0.0 else (lam, hi)
-            slope = lam * self.curvature(lam)  # h'(lam); 0 only where the tilted distribution is a point mass
-            step = lam - gap / slope if slope > 0.0 else math.nan
-            if not lo < step < hi:
-                step = 0.5 * (lo + hi)
-            if abs(step - lam) <= 1e-12 * (1.0 + abs(lam)):
-                return step
-            lam = step
-        return lam
+        ``target < 0`` (h' = lam K'' > 0) towards ``target - log_p_max > 0``
+        (:func:`_increasing_root`; past 1e12 the threshold is within rounding of s_max)."""
+        return _increasing_root(lambda lam: lam * self.slope(lam) - float(self.value(lam)) + target,
+                                lambda lam: lam * self.curvature(lam))
 
     def log_bound(self, z: float) -> float:
         """``min_{lam >= 0} K(lam) - lam z``: Chernoff bound on log P(S >= z)."""
