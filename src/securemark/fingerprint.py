@@ -69,6 +69,7 @@ class EmbedConfig:
     restore_weight: float = 1.0  # once marked: weight of the bank labels' cross-entropy (the accuracy the stop criterion checks)
     natural_check: float = 0.5  # batched issuing: share of the vendor's aux images that checks accuracy (the rest is trained on)
     subspace: int = 256         # batched issuing: input directions of the carrying dense layer a copy may change (>= rank)
+    gradient_precision: str = "auto"  # batched issuing: the key matrix's precision in the hinge's gradient (auto | bfloat16 | float32)
 
     def __post_init__(self) -> None:
         for key in ("lam", "margin", "lr"):
@@ -85,6 +86,8 @@ class EmbedConfig:
                 raise ConfigError(f"fingerprint.{key}", f"must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.natural_check < 1.0:
             raise ConfigError("fingerprint.natural_check", f"must be in [0, 1), got {self.natural_check}")
+        if self.gradient_precision not in ("auto", "bfloat16", "float32"):
+            raise ConfigError("fingerprint.gradient_precision", f"must be auto, bfloat16 or float32, got {self.gradient_precision!r}")
         if self.readout not in READOUTS:
             raise ConfigError("fingerprint.readout", f"must be one of {list(READOUTS)}, got {self.readout!r}")
         if not self.layer.startswith("server."):

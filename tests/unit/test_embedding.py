@@ -226,3 +226,55 @@ def test_a_saved_carrier_space_issues_the_same_copies(batch, space, world, tmp_p
         assert torch.equal(a, b), name
     with pytest.raises(InvalidInput, match="carrier space file"):
         CarrierSpace.from_tensors({}, SPEC, LAYER, world["key_matrix"])
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_every_gradient_precision_issues_copies_that_pass_the_float32_checks(world, precision):
+    """The hinge's gradient may run in bfloat16 (fingerprint.gradient_precision); the marks
+    and the accuracy are still checked in float32, so every copy meets them either way."""
+    cfg = dataclasses.replace(CFG, gradient_precision=precision)
+    space = space_for(world, cfg)
+    for job, outcome in zip(jobs(2), embed_batch(space, jobs(2), cfg)):
+        assert outcome.error is None, outcome.error
+        y = extract(outcome.result.model, world["readout"], world["key_matrix"])
+        assert bit_error_rate(y, job.bits) == 0.0 and outcome.result.min_margin >= cfg.margin
+        assert copy_accuracy(space, outcome.result.model, space.check, space.check_labels) >= space.base_accuracy - cfg.accuracy_tolerance
+
+
+def test_an_unknown_gradient_precision_is_refused():
+    from securemark.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gradient_precision"):
+        dataclasses.replace(CFG, gradient_precision="float16")
+
+
+def test_the_per_customer_adam_is_torchs_adam_for_each_customer():
+    """Customers at different step counts share one update (securemark.embedding._Adam):
+    each must move exactly as torch's Adam would move it alone."""
+    from securemark.embedding import _Adam, _Params
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (3,), (3,), (5, 3), (5,)]
+    start = [[torch.randn(s, generator=g) for s in shapes] for _ in range(2)]
+    alone = [[t.clone().requires_grad_(True) for t in ts] for ts in start]
+    optimizers = [torch.optim.Adam(ts, lr=1e-2) for ts in alone]
+    adam = _Adam(1e-2)
+    params = _Params(*(t[None].clone() for t in start[0]))  # customer 0 trains alone for two steps
+    state, counts = adam.init(params), torch.tensor([0])
+    for step in range(5):
+        if step == 2:  # customer 1 joins, as _Batch.join adds a row: fresh moments, its own count
+            fresh = _Params(*(t[None].clone() for t in start[1]))
+            params = _Params(*(torch.cat([a, b]) for a, b in zip(params.tensors(), fresh.tensors())))
+            state = [(torch.cat([m, torch.zeros_like(t)]), torch.cat([v, torch.zeros_like(t)])) for (m, v), t in zip(state, fresh.tensors())]
+            counts = torch.cat([counts, torch.tensor([0])])
+        grads = tuple(torch.randn((len(counts),) + s, generator=g) for s in shapes)
+        counts += 1
+        adam.step(params, state, grads, counts)
+        for i in range(len(counts)):
+            for t, grad in zip(alone[i], grads):
+                t.grad = grad[i].clone()
+            optimizers[i].step()
+    assert counts.tolist() == [5, 3]
+    for i in range(2):
+        for t, ref in zip(params.tensors(), alone[i]):
+            assert torch.allclose(t[i], ref.detach(), rtol=1e-6, atol=1e-7)
