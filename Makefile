@@ -17,6 +17,12 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# glibc's allocator keeps freed memory for the next tensor instead of handing every large
+# block back to the kernel and faulting fresh zeroed pages in for the next one
+# (docs/pipeline.md "Allocator"; measured by benchmarks/allocator.py).
+export MALLOC_MMAP_THRESHOLD_ := 33554432
+export MALLOC_TRIM_THRESHOLD_ := 17179869184
+export MALLOC_TOP_PAD_ := 268435456
 
 .PHONY: setup run test test-fast data dag serve mlflow-ui prefect-ui clean
 
