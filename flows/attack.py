@@ -30,7 +30,7 @@ from flows.adapters import artifacts, tracking
 from flows.adapters.model_registry import CUSTOMER_MODEL, load_registered
 from flows.adapters.partitions import attacker_data, test_set
 from flows.adapters.paths import Paths
-from flows.adapters.scaleout import retry_unless_invalid, task_runner
+from flows.adapters.scaleout import results_in_order, retry_unless_invalid, task_runner
 from flows.adapters.settings import Settings, attack_options
 from flows.adapters.vendor import open_vendor
 from flows.adapters.stage import stage_main
@@ -122,7 +122,7 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
     configs = cfg.configs()
     start = time.perf_counter()
     copy_accuracy = {c: vendor.copy_test_accuracy(m, test) for c, m in tqdm(copies.items(), desc="copies' accuracy", unit="copy")}
-    futures = []
+    calls = []
     for config in configs:  # coalitions are drawn here, in order, so results do not depend on scheduling
         if is_coalition(config):
             targets = [coalition for c in cfg.sizes_for(config) if c <= len(customers)
@@ -130,11 +130,9 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
         else:
             targets = [[c] for c in customers[: config.get("targets", cfg.targets)]]
         involved = {c: copies[c] for t in targets for c in t}
-        futures.append(run_family.submit(paths, settings, config, targets, involved, data, test,
-                                         {c: copy_accuracy[c] for c in involved}))
+        calls.append(((paths, settings, config, targets, involved, data, test, {c: copy_accuracy[c] for c in involved}), {}))
     rows: list[dict] = []
-    for config, future in tqdm(list(zip(configs, futures)), desc="attack grid", unit="attack"):
-        family_rows = future.result()
+    for family_rows in tqdm(results_in_order(run_family, calls, settings.ops), total=len(calls), desc="attack grid", unit="attack"):
         rows += family_rows
         name = family_rows[0]["attack"]
         frame = pd.DataFrame(family_rows)

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from flows.adapters import artifacts, tracking
 from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, download_weights, pyfunc_template, register_weights, set_alias
 from flows.adapters.paths import Paths
-from flows.adapters.scaleout import retry_unless_invalid, task_runner
+from flows.adapters.scaleout import results_in_order, retry_unless_invalid, task_runner
 from flows.adapters.settings import Settings
 from flows.adapters.vendor import open_vendor
 from flows.adapters.stage import stage_main
@@ -172,13 +172,14 @@ def issue_flow(paths: Paths, settings: Settings, customers: list[str] | None = N
     space, test_rows, test_labels = vendor.carrier_space(base_file)  # built (or loaded) once here; the tasks load it
     base_accuracy = copy_accuracy(space, space.base, test_rows, test_labels)
     setup_seconds = time.perf_counter() - setup_start
-    futures = [embed_copies.submit(paths, settings, base_file, [(r.customer_id, r.codeword_index) for r in batch],
-                                   first=batch[0].customer_id, more=len(batch) - 1) for batch in batches]
+    calls = [((paths, settings, base_file, [(r.customer_id, r.codeword_index) for r in batch]),
+              dict(first=batch[0].customer_id, more=len(batch) - 1)) for batch in batches]
+    results = results_in_order(embed_copies, calls, settings.ops)
     rows, failures = [], []
     with tqdm(total=len(todo), desc="issuing copies", unit="copy") as bar, pyfunc_template() as template:
-        for batch, future in zip(batches, futures):
+        for batch, result in zip(batches, results):
             by_id = {r.customer_id: r for r in batch}
-            for embedded in future.result():
+            for embedded in result:
                 if "error" in embedded:
                     failures.append(embedded["error"])
                 else:

@@ -13,6 +13,7 @@ everything that writes to MLflow stays in the flow's process.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -36,6 +37,20 @@ def task_runner(ops: OpsSettings):
 
         return DaskTaskRunner(address=address)
     return ThreadPoolTaskRunner(max_workers=ops.max_workers)
+
+
+def results_in_order(task, calls: list[tuple[tuple, dict]], ops: OpsSettings) -> Iterator:
+    """Each call's result (``task(*args, **kwargs)``), in the order of ``calls``.
+
+    On a Dask cluster every call is submitted at once. Without one, each call runs in this
+    (the flow's) thread when its result is asked for, one after another: torch ran 1.5-2x
+    slower in a worker thread of Prefect's pool on this machine (issuing 2.4 vs 6.4 s per
+    copy, the same copies), and tasks that each use every core gain nothing from running
+    side by side."""
+    if dask_address(ops):
+        futures = [task.submit(*args, **kwargs) for args, kwargs in calls]
+        return (future.result() for future in futures)
+    return (task(*args, **kwargs) for args, kwargs in calls)
 
 
 def describe(ops: OpsSettings) -> str:
