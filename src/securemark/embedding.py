@@ -243,7 +243,7 @@ class _Params:
     beta: torch.Tensor   # [B, H]
     head_w: torch.Tensor  # [B, 10, H]
     head_b: torch.Tensor  # [B, 10]
-    rows: tuple | None = None  # (d.unbind(0), head_w.unbind(0)), taken once per training step (:meth:`unbound`)
+    slices: tuple | None = None  # (d.unbind(0), head_w.unbind(0)), taken once per training step (:meth:`unbound`)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.d, self.gamma, self.beta, self.head_w, self.head_b]
@@ -252,17 +252,17 @@ class _Params:
         """The same tensors, with each customer's ``d`` and head weight taken apart once:
         every product of the step then uses these views, so autograd stacks each of their
         gradients once per step rather than once per use."""
-        return _Params(*self.tensors(), rows=(self.d.unbind(0), self.head_w.unbind(0)))
+        return _Params(*self.tensors(), slices=(self.d.unbind(0), self.head_w.unbind(0)))
 
     def each(self) -> tuple:
         """Each customer's ``d`` and head weight: ``(d rows, head rows)``."""
-        return self.rows if self.rows is not None else (self.d.unbind(0), self.head_w.unbind(0))
+        return self.slices if self.slices is not None else (self.d.unbind(0), self.head_w.unbind(0))
 
     def subset(self, rows: list[int] | torch.Tensor) -> "_Params":
         """The customers ``rows``, still in this step's graph (gradients flow back here)."""
         picked = [int(r) for r in rows]
         d_rows, head_rows = self.each()
-        return _Params(*(t[picked] for t in self.tensors()), rows=(tuple(d_rows[r] for r in picked), tuple(head_rows[r] for r in picked)))
+        return _Params(*(t[picked] for t in self.tensors()), slices=(tuple(d_rows[r] for r in picked), tuple(head_rows[r] for r in picked)))
 
 
 def _logits(space: CarrierSpace, p: _Params, base: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
