@@ -164,7 +164,7 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
 
 
 def run_attacks(paths: Paths, settings: Settings, source: str = "files") -> dict:
-    """``attack_flow`` on the task runner the settings / environment ask for (thread pool or Dask)."""
+    """``attack_flow`` on the task runner the settings / environment ask for (the flow's thread or Dask)."""
     return attack_flow.with_options(task_runner=task_runner(settings.ops))(paths, settings, source)
 
 

@@ -198,7 +198,7 @@ def issue_flow(paths: Paths, settings: Settings, customers: list[str] | None = N
 
 
 def run_issue(paths: Paths, settings: Settings, customers: list[str] | None = None) -> list[dict]:
-    """``issue_flow`` on the task runner the settings / environment ask for (thread pool or Dask)."""
+    """``issue_flow`` on the task runner the settings / environment ask for (the flow's thread or Dask)."""
     return issue_flow.with_options(task_runner=task_runner(settings.ops))(paths, settings, customers)
 
 

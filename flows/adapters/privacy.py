@@ -36,7 +36,6 @@ def owner_sample(paths: Paths, settings: Settings, variant: str, bank: dict[str,
     return bank["features"][pick].float(), bank["labels"][pick], originals, owners[pick].clone()
 
 
-
 @dataclass(frozen=True)
 class VariantAudit:
     """One variant's audit, as computed in a worker process (:func:`compute_variant`)."""

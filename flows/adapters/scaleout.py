@@ -1,8 +1,8 @@
-"""Where the per-customer fan-out runs: Prefect's thread pool, or a Dask cluster.
+"""Where the per-customer fan-out runs: the flow's own thread, or a Dask cluster.
 
-Issuing (one task per customer) and auditing (one task per attack family) submit their
-tasks to the flow's task runner. By default that is Prefect's ``ThreadPoolTaskRunner``
-with ``ops.max_workers`` threads. When ``SECUREMARK_DASK_ADDRESS`` (environment) or
+Issuing (one task per ``issue.task`` customers) and auditing (one task per attack family)
+hand their tasks to :func:`results_in_order`. Without a cluster they run one after another
+in the flow's thread (torch is slower in a worker thread of Prefect's pool). When ``SECUREMARK_DASK_ADDRESS`` (environment) or
 ``ops.dask_address`` (params) names a Dask scheduler (``tcp://host:8786``), the same
 tasks run on that cluster through ``prefect-dask``. Dask workers must see the project
 directory at the same path (one machine, or a shared file system) and the same
@@ -51,11 +51,6 @@ def results_in_order(task, calls: list[tuple[tuple, dict]], ops: OpsSettings) ->
         futures = [task.submit(*args, **kwargs) for args, kwargs in calls]
         return (future.result() for future in futures)
     return (task(*args, **kwargs) for args, kwargs in calls)
-
-
-def describe(ops: OpsSettings) -> str:
-    address = dask_address(ops)
-    return f"Dask cluster at {address}" if address else f"thread pool ({ops.max_workers} workers)"
 
 
 def retry_unless_invalid(task, task_run, state) -> bool:
