@@ -30,7 +30,8 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from flows.adapters import artifacts, tracking
-from flows.adapters.model_registry import BASE_MODEL, CUSTOMER_MODEL, download_weights, pyfunc_template, register_weights, set_alias
+from flows.adapters.model_registry import (BASE_MODEL, CUSTOMER_MODEL, download_weights, ensure_registered_model, pyfunc_template,
+                                          register_weights, set_alias)
 from flows.adapters.paths import Paths
 from flows.adapters.scaleout import results_in_order, retry_unless_invalid, task_runner
 from flows.adapters.settings import Settings
@@ -39,6 +40,7 @@ from flows.adapters.stage import stage_main
 from securemark.embedding import copy_accuracy
 from securemark.errors import InvalidConfig, SecureMarkError
 from securemark.ledger import ISSUED
+from securemark.private_files import tighten
 from securemark.vendor import Vendor
 from securemark.weights import save_weights, sha256_file
 
@@ -95,32 +97,66 @@ def embed_copies(paths: Paths, settings: Settings, base_file: Path, customers: l
     return rows
 
 
-def register_copy(paths: Paths, vendor: Vendor, record, base_version: str, base_accuracy: float, embedded: dict, template: Path) -> dict:
-    """Log the copy to MLflow (run, registry version, alias, code word) and close its ledger record."""
-    start = time.perf_counter()
-    customer_id, sha = record.customer_id, embedded["weights_sha256"]
-    tags = {"customer_id": customer_id, "codeword_index": str(record.codeword_index), "key_id": vendor.key.key_id,
-            "base_version": base_version, "weights_sha256": sha}
-    version = _existing_version(customer_id, sha)
-    metrics = {"test_accuracy": embedded["test_accuracy"], "accuracy_drop": (base_accuracy - embedded["test_accuracy"]) * 100,
-               "ber": embedded["ber"], "min_margin": embedded["min_margin"], "embed_steps": embedded["embed_steps"],
-               "embed_seconds": embedded["embed_seconds"]}
-    if embedded.get("key_agreement") is not None:
-        metrics["key_agreement"] = embedded["key_agreement"]
-    params = {"customer_id": customer_id, "codeword_index": record.codeword_index, "key_id": vendor.key.key_id,
-              "base_version": base_version, **{f"fingerprint.{k}": v for k, v in asdict(vendor.config.embed).items()}}
-    with tracking.run(f"issue-{customer_id}", ISSUE_EXPERIMENT, paths, tags=tags) as active:
-        tracking.log_batch(active, params, metrics)
-        if version is None:
-            version = register_weights(Path(embedded["path"]), CUSTOMER_MODEL, tags, template)
-    set_alias(CUSTOMER_MODEL, f"customer-{customer_id}", version.version)
-    with tracking.run(f"codeword-{customer_id}", tracking.VENDOR_EXPERIMENT, paths, tags={"customer_id": customer_id}):
-        bits = vendor.codebook.word(record.codeword_index)
-        mlflow.log_dict({"customer_id": customer_id, "codeword_index": record.codeword_index, "key_id": vendor.key.key_id,
-                         "bits": "".join(map(str, bits.tolist()))}, f"codewords/{customer_id}.json")
-    vendor.ledger.complete(customer_id, str(version.version), sha, reissue=True)
-    return {"customer_id": customer_id, "path": embedded["path"], "model_version": str(version.version), **metrics,
-            "worker": embedded["worker"], "seconds": embedded["task_seconds"] + time.perf_counter() - start}
+def register_copies(paths: Paths, vendor: Vendor, issued: list[tuple], base_version: str, base_accuracy: float, template: Path,
+                    progress=None) -> list[dict]:
+    """Log the copies ``issued`` ((ledger record, embedded row) pairs) to MLflow and close
+    their ledger records, in order; returns one row per copy.
+
+    Each copy gets its own run in ``securemark-issue`` (params, metrics, the pyfunc model),
+    a registry version with the alias ``customer-<id>`` (an identical version already
+    registered is reused) and its code word in one vendor-only run for the whole batch
+    (``codewords/<id>.json``), before its ledger record is marked issued: a copy whose
+    registration fails stays pending and a re-run completes it. The experiments, the
+    registered model and the code-word run are set up once per batch, and the runs are
+    written through the client (no active-run bookkeeping per copy). ``progress``: called
+    after each copy."""
+    if not issued:
+        return []
+    tracking.configure(paths)
+    client = MlflowClient()
+    issue_experiment = tracking.experiment(ISSUE_EXPERIMENT, paths)
+    vendor_experiment = tracking.experiment(tracking.VENDOR_EXPERIMENT, paths)
+    tighten(paths.mlflow_db)  # the default store: owner-only (no-op for another store)
+    ensure_registered_model(CUSTOMER_MODEL, client)
+    key_id = vendor.key.key_id
+    config = {f"fingerprint.{k}": v for k, v in asdict(vendor.config.embed).items()}
+    first = issued[0][0].customer_id
+    codewords = client.create_run(vendor_experiment, run_name=f"codewords-{first}-and-{len(issued) - 1}-more", tags={"key_id": key_id})
+    codeword_store = tracking.artifact_store(codewords)
+    rows, status = [], "FAILED"
+    try:
+        for record, embedded in issued:
+            start = time.perf_counter()
+            customer_id, sha = record.customer_id, embedded["weights_sha256"]
+            tags = {"customer_id": customer_id, "codeword_index": str(record.codeword_index), "key_id": key_id,
+                    "base_version": base_version, "weights_sha256": sha}
+            metrics = {"test_accuracy": embedded["test_accuracy"], "accuracy_drop": (base_accuracy - embedded["test_accuracy"]) * 100,
+                       "ber": embedded["ber"], "min_margin": embedded["min_margin"], "embed_steps": embedded["embed_steps"],
+                       "embed_seconds": embedded["embed_seconds"]}
+            if embedded.get("key_agreement") is not None:
+                metrics["key_agreement"] = embedded["key_agreement"]
+            params = {"customer_id": customer_id, "codeword_index": record.codeword_index, "key_id": key_id, "base_version": base_version, **config}
+            run = client.create_run(issue_experiment, run_name=f"issue-{customer_id}", tags=tags)
+            try:
+                tracking.log_batch_to(client, run.info.run_id, params, metrics)
+                version = _existing_version(customer_id, sha) or register_weights(Path(embedded["path"]), CUSTOMER_MODEL, tags, template, run, client)
+            except BaseException:
+                client.set_terminated(run.info.run_id, status="FAILED")
+                raise
+            client.set_terminated(run.info.run_id)
+            set_alias(CUSTOMER_MODEL, f"customer-{customer_id}", version.version)
+            bits = vendor.codebook.word(record.codeword_index)
+            tracking.log_json(codeword_store, {"customer_id": customer_id, "codeword_index": record.codeword_index, "key_id": key_id,
+                                               "bits": "".join(map(str, bits.tolist()))}, f"codewords/{customer_id}.json")
+            vendor.ledger.complete(customer_id, str(version.version), sha, reissue=True)
+            rows.append({"customer_id": customer_id, "path": embedded["path"], "model_version": str(version.version), **metrics,
+                         "worker": embedded["worker"], "seconds": embedded["task_seconds"] + time.perf_counter() - start})
+            if progress is not None:
+                progress()
+        status = "FINISHED"
+    finally:
+        client.set_terminated(codewords.info.run_id, status=status)
+    return rows
 
 
 def missing_copies(paths: Paths, records: list) -> list:
@@ -179,13 +215,11 @@ def issue_flow(paths: Paths, settings: Settings, customers: list[str] | None = N
     with tqdm(total=len(todo), desc="issuing copies", unit="copy") as bar, pyfunc_template() as template:
         for batch, result in zip(batches, results):
             by_id = {r.customer_id: r for r in batch}
-            for embedded in result:
-                if "error" in embedded:
-                    failures.append(embedded["error"])
-                else:
-                    rows.append(register_copy(paths, vendor, by_id[embedded["customer_id"]], str(base_version), base_accuracy, embedded,
-                                             template))
-                bar.update(1)
+            failed = [e["error"] for e in result if "error" in e]
+            failures += failed
+            bar.update(len(failed))
+            embedded = [(by_id[e["customer_id"]], e) for e in result if "error" not in e]
+            rows += register_copies(paths, vendor, embedded, str(base_version), base_accuracy, template, progress=lambda: bar.update(1))
     for row in rows:
         row["setup_seconds"] = setup_seconds
         logger.info("issued %s -> %s (BER %.3f, min margin %.3f, accuracy drop %.2f pt, on %s)", row["customer_id"], row["path"], row["ber"], row["min_margin"], row["accuracy_drop"], row["worker"])

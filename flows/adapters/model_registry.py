@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from securemark.errors import InvalidModel
 from securemark.weights import load_weights
@@ -23,6 +24,7 @@ from securemark.weights import load_weights
 BASE_MODEL = "securemark-base"
 CUSTOMER_MODEL = "securemark-customer"
 WEIGHTS_ARTIFACT = "weights.safetensors"
+WEIGHTS_DIR = "artifacts"  # where mlflow.pyfunc.save_model puts an artifact inside the model folder
 _CODE = Path(__file__).with_name("pyfunc_model.py")
 _REQUIREMENTS = ["torch==2.14.1", "numpy", "safetensors", "securemark"]
 
@@ -59,31 +61,36 @@ def pyfunc_template() -> Iterator[Path]:
         folder = Path(tmp) / "model"
         mlflow.pyfunc.save_model(path=str(folder), python_model=str(_CODE), artifacts={"weights": str(placeholder)},
                                  pip_requirements=_REQUIREMENTS)
-        placeholder.unlink()
+        inside = folder / WEIGHTS_DIR / WEIGHTS_ARTIFACT
+        if not inside.is_file():
+            raise RuntimeError(f"mlflow.pyfunc.save_model did not put the weights artifact at {inside.relative_to(folder)}")
+        inside.unlink()  # each version adds its own (register_weights)
         yield folder
 
 
-def register_weights(weights: Path, registered_name: str, tags: dict[str, str], template: Path):
-    """Register ``weights`` as a new version of ``registered_name`` from the active run:
-    the run's artifacts get the pyfunc folder (``template``, from :func:`pyfunc_template`,
-    with this file as its weights), and the version points at it. Same model as
-    :func:`log_classifier` logs, at a fraction of the cost (no model code is re-packaged
-    per copy)."""
-    client = MlflowClient()
-    with tempfile.TemporaryDirectory(prefix="securemark-version-") as tmp:
-        folder = Path(tmp) / "model"
-        shutil.copytree(template, folder)
-        found = [p for p in folder.rglob(WEIGHTS_ARTIFACT)]
-        target = found[0] if found else folder / "artifacts" / WEIGHTS_ARTIFACT
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, target)
-        mlflow.log_artifacts(str(folder), "model")
-    run = mlflow.active_run()
+def ensure_registered_model(name: str, client: MlflowClient | None = None) -> None:
+    """Create the registered model ``name`` unless it exists (once per run of registrations)."""
     try:
-        client.create_registered_model(registered_name)
+        (client or MlflowClient()).create_registered_model(name)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+def register_weights(weights: Path, registered_name: str, tags: dict[str, str], template: Path, run, client: MlflowClient | None = None):
+    """Register ``weights`` as a new version of ``registered_name`` (which must exist:
+    :func:`ensure_registered_model`) from ``run`` (a :class:`mlflow.entities.Run`): the run's
+    artifacts get the pyfunc folder (``template``, from :func:`pyfunc_template`) and this file
+    as its weights, and the version points at them. Same model as :func:`log_classifier`
+    logs, at a fraction of the cost: no model code is re-packaged per copy, and the run's
+    artifact store is written directly (no run lookup per artifact)."""
+    client = client or MlflowClient()
+    store = get_artifact_repository(run.info.artifact_uri)
+    store.log_artifacts(str(template), "model")
+    with tempfile.TemporaryDirectory(prefix="securemark-version-") as tmp:
+        staged = Path(tmp) / WEIGHTS_ARTIFACT  # one stable artifact name, whatever the file is called
+        shutil.copyfile(weights, staged)
+        store.log_artifact(str(staged), f"model/{WEIGHTS_DIR}")
     return client.create_model_version(registered_name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags)
 
 

@@ -71,9 +71,32 @@ def child_run(parent: mlflow.ActiveRun, name: str, tags: dict[str, str], params:
 
 def log_batch(active: mlflow.ActiveRun, params: dict[str, Any], metrics: dict[str, float]) -> None:
     """Params and metrics of ``active`` in one store write (one transaction, not one per value)."""
+    log_batch_to(mlflow.MlflowClient(), active.info.run_id, params, metrics)
+
+
+def log_batch_to(client: mlflow.MlflowClient, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Params and metrics of the run ``run_id`` in one store write."""
     now = int(time.time() * 1000)
-    mlflow.MlflowClient().log_batch(active.info.run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                                    params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+
+
+def artifact_store(run: mlflow.entities.Run):
+    """The artifact repository of ``run``, written directly (MlflowClient.log_* looks the
+    run up again for every artifact)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(run.info.artifact_uri)
+
+
+def log_json(store, obj: Any, artifact_file: str) -> None:
+    """``obj`` as the JSON artifact ``artifact_file`` (a path inside the run) of an
+    :func:`artifact_store`."""
+    path = Path(artifact_file)
+    with tempfile.TemporaryDirectory(prefix="securemark-artifact-") as tmp:
+        local = Path(tmp) / path.name
+        local.write_text(json.dumps(obj, indent=2, sort_keys=True))
+        store.log_artifact(str(local), path.parent.as_posix() if path.parent != Path(".") else None)
 
 
 def write_json(obj: Any, path: Path) -> None:

@@ -242,10 +242,12 @@ def extract(model: SplitNet, readout: Readout, key_matrix: torch.Tensor, whiten=
     return {"plain": both[:, 0], "drift": both[:, 1]}
 
 
-def project(key_matrix: torch.Tensor, columns: torch.Tensor, rows: int = 256) -> torch.Tensor:
+def project(key_matrix: torch.Tensor, columns: torch.Tensor, rows: int = 16) -> torch.Tensor:
     """``K @ columns`` in float64 (``columns`` float64 [n_weights, c]), converting the float32
-    key ``rows`` rows at a time: the same products (to rounding) as converting it whole, without allocating a
-    float64 copy of the key (0.5 GB for 2,048 x 32,768; a quarter of a second on the CLI)."""
+    key ``rows`` rows at a time: the same products as converting it whole, without allocating a
+    float64 copy of the key (0.5 GB for 2,048 x 32,768). 16 rows (4 MB in float64) stay in the
+    CPU's cache between the conversion and the product: 0.05 s for that key, against 0.1-0.25 s
+    for 256-row chunks, whose 64 MB buffers are fresh pages every time (measured on 2 cores)."""
     return torch.cat([key_matrix[i : i + rows].to(torch.float64) @ columns for i in range(0, key_matrix.shape[0], rows)])
 
 

@@ -124,6 +124,28 @@ def test_registered_copy_round_trips_and_is_tagged(issued):
     assert version.tags["weights_sha256"] == record.weights_sha256
 
 
+def test_code_words_are_logged_to_the_vendor_only_experiment(issued):
+    from flows.adapters.tracking import VENDOR_EXPERIMENT
+
+    client = issued.client()
+    vendor = issued.vendor()
+    experiment = client.get_experiment_by_name(VENDOR_EXPERIMENT)
+    first = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])[0]  # the fixture's batch: one run
+    assert first.info.status == "FINISHED"
+    assert {Path(f.path).name for f in client.list_artifacts(first.info.run_id, "codewords")} == {f"{c}.json" for c in CUSTOMERS}
+    folder = issued.paths.mlruns / VENDOR_EXPERIMENT
+    assert folder.stat().st_mode & 0o077 == 0  # only the vendor may enter it
+    for customer in CUSTOMERS:
+        record = vendor.ledger.get(customer)
+        logged = json.loads(Path(client.download_artifacts(first.info.run_id, f"codewords/{customer}.json")).read_text())
+        assert logged["bits"] == "".join(map(str, vendor.codebook.word(record.codeword_index).tolist()))
+        assert logged["codeword_index"] == record.codeword_index and logged["key_id"] == vendor.key.key_id
+        version = client.get_model_version_by_alias(CUSTOMER_MODEL, f"customer-{customer}")
+        model_files = client.list_artifacts(version.run_id, "model")
+        assert "codewords" not in {Path(f.path).parts[0] for f in client.list_artifacts(version.run_id)}
+        assert any(f.path.endswith("MLmodel") for f in model_files)
+
+
 def test_delivered_file_holds_weights_only(issued):
     vendor = issued.vendor()
     secret_path = issued.paths.secret_file(SMALL.vendor.secret_file)
