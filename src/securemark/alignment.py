@@ -215,7 +215,14 @@ def _similarity(a: torch.Tensor, b: torch.Tensor, centre: bool, a_unit: torch.Te
     0 where a row is constant. Both are blind to positive scaling of a row.
     ``a_unit``: ``_unit_rows(a, centre)`` when the caller keeps it (the reference's side)."""
     a_unit = _unit_rows(a, centre) if a_unit is None else a_unit
-    sim = a_unit @ _unit_rows(b, centre).T
+    if not centre:
+        sim = a_unit @ _unit_rows(b, centre).T
+    else:  # b's rows centred and scaled, without writing a centred copy of b (activations: [C, N * positions])
+        mean = b.mean(1)
+        norm = torch.linalg.vector_norm(b, dim=1)
+        spread = (norm.square() - b.shape[1] * mean.square()).clamp_min(0.0).sqrt()
+        spread = torch.where(spread > 1e-6 * norm, spread, 0.0)  # constant to rounding: 0, read as 0 below
+        sim = (a_unit @ b.T - a_unit.sum(1, keepdim=True) * mean) / spread
     return torch.nan_to_num(sim, nan=0.0, posinf=0.0, neginf=0.0).numpy()
 
 

@@ -141,3 +141,18 @@ def test_a_saved_aligner_aligns_exactly_like_a_fresh_one(probe, tmp_path):
         assert torch.equal(value, other), key
     with pytest.raises(InvalidInput, match="lacks"):
         Aligner.from_tensors(base, probe, {})
+
+
+def test_activation_correlation_matches_the_centred_definition_and_reads_constant_rows_as_zero():
+    from securemark.alignment import _similarity, _unit_rows
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(6, 5000, generator=g, dtype=torch.float64) * 3 + 1
+    b = torch.relu(torch.randn(5, 5000, generator=g, dtype=torch.float64) + 0.5)
+    b[1] = 0.0  # a dead channel
+    b[3] = 2.5  # a constant, non-zero channel: centred, it is all zeros
+    explicit = torch.nan_to_num(_unit_rows(a, True) @ _unit_rows(b, True).T, nan=0.0, posinf=0.0, neginf=0.0).numpy()
+    sim = _similarity(a, b, centre=True)
+    assert np.allclose(sim, explicit, atol=1e-12)
+    assert (sim[:, 1] == 0).all() and (sim[:, 3] == 0).all()
+    assert np.allclose(_similarity(a, b, centre=True, a_unit=_unit_rows(a, True)), sim, atol=0)
