@@ -34,7 +34,9 @@ def test_impossible_params_rejected_before_any_work(tmp_path, raw_dataset, overr
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_data_stages_in_a_copy_of_the_repo(tmp_path, raw_dataset):
+def test_dvc_repro_runs_data_stages_in_a_copy_of_the_repo(tmp_path, raw_dataset, prefect_harness):
+    import prefect.settings
+
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -47,7 +49,8 @@ def test_dvc_repro_runs_data_stages_in_a_copy_of_the_repo(tmp_path, raw_dataset)
     make_project(root, raw_dataset, params)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     venv_bin = os.path.dirname(sys.executable)  # stages call `python`, as under `make run`
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PATH": f"{venv_bin}:{os.environ['PATH']}",
+           "PREFECT_API_URL": str(prefect.settings.PREFECT_API_URL.value())}  # the session's server, as `make run` gives its stages one
     env.pop("SECUREMARK_ROOT", None)
     dvc = [sys.executable, "-m", "dvc"]
     proc = subprocess.run([*dvc, "repro", "validate"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
