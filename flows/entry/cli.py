@@ -72,6 +72,11 @@ def _trace(args, paths: Paths, settings: Settings) -> int:
     else:
         report = trace_flow(paths, settings, args.model, trace) if in_flow else trace_model(paths, settings, args.model, trace, log=log)
     print(json.dumps(report, indent=2) if args.json else trace_markdown(report))
+    return exit_code(report)
+
+
+def exit_code(report: dict) -> int:
+    """A trace report's exit code: 10 someone accused, 11 inconclusive, 0 no one accused."""
     if report["accused"]:
         return EXIT_ACCUSED
     return EXIT_INCONCLUSIVE if report.get("inconclusive") else EXIT_NONE_ACCUSED

@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -163,15 +164,23 @@ def test_served_trace_deployment_publishes_its_verdict(ops_project, tmp_path):
             log.close()
 
 
-def test_registry_lookups_over_an_mlflow_server(ops_project, tmp_path):
+def test_registry_lookups_over_an_mlflow_server(ops_project, tmp_path, monkeypatch, capsys):
+    from flows.entry import cli
+
     port = free_port()
     root = ops_project.root
     with mlflow_server(port, f"sqlite:///{root / 'mlflow.db'}", root / "mlruns", log=tmp_path / "mlflow.log") as url:
         env = child_env(ops_project, MLFLOW_TRACKING_URI=url)
-        listed = subprocess.run([sys.executable, "-m", "flows.entry.cli", "registry", "list", "--json"], cwd=root, env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert listed.returncode == 0, listed.stderr[-3000:]
-        rows = {r["customer_id"]: r for r in json.loads(listed.stdout)}
+        for var in ("SECUREMARK_ROOT", "MLFLOW_TRACKING_URI"):  # `securemark registry list --json` in this process (the trace below is a command)
+            monkeypatch.setenv(var, env[var])
+        store = mlflow.get_tracking_uri()
+        try:
+            with pytest.raises(SystemExit) as listed:
+                cli.main(["registry", "list", "--json"])
+        finally:
+            mlflow.set_tracking_uri(store)  # not the server's, which stops with this block
+        assert listed.value.code == 0
+        rows = {r["customer_id"]: r for r in json.loads(capsys.readouterr().out)}
         assert set(CUSTOMERS) <= set(rows)
         for customer in CUSTOMERS:
             assert rows[customer]["model_version"] and rows[customer]["in_sync"] and rows[customer]["issued_at"]
