@@ -25,6 +25,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
@@ -120,8 +121,9 @@ def register_copies(paths: Paths, vendor: Vendor, issued: list[tuple], base_vers
     ensure_registered_model(CUSTOMER_MODEL, client)
     key_id = vendor.key.key_id
     config = {f"fingerprint.{k}": v for k, v in asdict(vendor.config.embed).items()}
+    context = resolve_tags()  # what mlflow.start_run adds (user, source, git commit), resolved once for the batch
     first = issued[0][0].customer_id
-    codewords = client.create_run(vendor_experiment, run_name=f"codewords-{first}-and-{len(issued) - 1}-more", tags={"key_id": key_id})
+    codewords = client.create_run(vendor_experiment, run_name=f"codewords-{first}-and-{len(issued) - 1}-more", tags={**context, "key_id": key_id})
     codeword_store = tracking.artifact_store(codewords)
     rows, status = [], "FAILED"
     try:
@@ -136,7 +138,7 @@ def register_copies(paths: Paths, vendor: Vendor, issued: list[tuple], base_vers
             if embedded.get("key_agreement") is not None:
                 metrics["key_agreement"] = embedded["key_agreement"]
             params = {"customer_id": customer_id, "codeword_index": record.codeword_index, "key_id": key_id, "base_version": base_version, **config}
-            run = client.create_run(issue_experiment, run_name=f"issue-{customer_id}", tags=tags)
+            run = client.create_run(issue_experiment, run_name=f"issue-{customer_id}", tags={**context, **tags})
             try:
                 tracking.log_batch_to(client, run.info.run_id, params, metrics)
                 version = _existing_version(customer_id, sha) or register_weights(Path(embedded["path"]), CUSTOMER_MODEL, tags, template, run, client)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+from flows.adapters.tracking import artifact_store
 from securemark.errors import InvalidModel
 from securemark.weights import load_weights
 
@@ -85,7 +85,7 @@ def register_weights(weights: Path, registered_name: str, tags: dict[str, str], 
     logs, at a fraction of the cost: no model code is re-packaged per copy, and the run's
     artifact store is written directly (no run lookup per artifact)."""
     client = client or MlflowClient()
-    store = get_artifact_repository(run.info.artifact_uri)
+    store = artifact_store(run)
     store.log_artifacts(str(template), "model")
     with tempfile.TemporaryDirectory(prefix="securemark-version-") as tmp:
         staged = Path(tmp) / WEIGHTS_ARTIFACT  # one stable artifact name, whatever the file is called

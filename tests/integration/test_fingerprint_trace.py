@@ -144,6 +144,8 @@ def test_code_words_are_logged_to_the_vendor_only_experiment(issued):
         model_files = client.list_artifacts(version.run_id, "model")
         assert "codewords" not in {Path(f.path).parts[0] for f in client.list_artifacts(version.run_id)}
         assert any(f.path.endswith("MLmodel") for f in model_files)
+        run_tags = client.get_run(version.run_id).data.tags
+        assert run_tags["customer_id"] == customer and "mlflow.user" in run_tags and "mlflow.source.type" in run_tags  # as start_run tags them
 
 
 def test_delivered_file_holds_weights_only(issued):
