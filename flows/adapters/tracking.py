@@ -62,9 +62,7 @@ def child_run(parent: mlflow.ActiveRun, name: str, tags: dict[str, str], params:
     client = mlflow.MlflowClient()
     child = client.create_run(parent.info.experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent.info.run_id})
     run_id = child.info.run_id
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, 0) for k, v in metrics.items()],
-                     params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    log_batch_to(client, run_id, params, metrics)
     client.set_terminated(run_id)
     return run_id
 
