@@ -43,7 +43,7 @@ from torch import nn
 from securemark.errors import InvalidInput
 from securemark.model import ConvBlock, SplitNet, fold_batchnorm, input_covariance, matrix_sqrt, units
 
-__all__ = ["BlockAlignment", "Alignment", "Aligner", "units", "permute_channels", "scale_channels", "scale_before_norm", "align"]
+__all__ = ["BlockAlignment", "Alignment", "Aligner", "ProbePass", "probe_pass", "units", "permute_channels", "scale_channels", "scale_before_norm", "align"]
 
 
 @dataclass(frozen=True)
@@ -178,20 +178,47 @@ def scale_before_norm(model: SplitNet, index: int, scales: torch.Tensor | np.nda
     bn.running_var.copy_(t * t * (bn.running_var + bn.eps) - bn.eps)
 
 
+@dataclass(frozen=True)
+class ProbePass:
+    """A suspect folded (:func:`~securemark.model.fold_batchnorm`: a new, norm-free model)
+    and run once on the probe: its units' post-ReLU activations (what alignment compares)
+    and its outputs (what a trace's checks read). :meth:`Aligner.align` re-aligns ``model``
+    in place: a pass serves one alignment."""
+
+    model: SplitNet
+    activations: list[torch.Tensor]
+    outputs: torch.Tensor
+
+
 @torch.no_grad()
-def _activations(model: SplitNet, probe: torch.Tensor) -> list[torch.Tensor]:
-    """Post-ReLU outputs of every unit on the probe, each as [C, N * positions] float64, from
-    one forward pass. A unit's outputs do not change when earlier units are aligned
-    (permuting a unit's channels permutes the next unit's inputs to match; a rescaling is
-    absorbed by its batch norm), so they can all be read before any unit is aligned."""
+def probe_pass(suspect: SplitNet, probe: torch.Tensor) -> ProbePass:
+    """``suspect`` folded and run on ``probe`` once (see :class:`ProbePass`); the suspect is
+    not modified. Folding changes the outputs only by float rounding."""
+    model = fold_batchnorm(suspect.cpu())
+    activations, outputs = _forward(model, probe)
+    return ProbePass(model, activations, outputs)
+
+
+@torch.no_grad()
+def _forward(model: SplitNet, probe: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Post-ReLU outputs of every unit on the probe, each as [C, N * positions] float64,
+    and the model's outputs [N, classes], from one forward pass of a folded (norm-free)
+    model. A unit's outputs do not change when earlier units are aligned (permuting a
+    unit's channels permutes the next unit's inputs to match; a rescaling is absorbed by
+    its batch norm), so they can all be read before any unit is aligned."""
     out, x = [], probe
     for _, block in units(model):
         if not isinstance(block, ConvBlock) and x.dim() > 2:  # the first dense block reads the flattened conv output
             x = x.flatten(1)
         a = block.pre_pool(x)
         out.append(a.transpose(0, 1).reshape(a.shape[1], -1).to(torch.float64))
-        x = block.pool(a) if isinstance(block, ConvBlock) else a
-    return out
+        x = block.pool(a) if isinstance(block, ConvBlock) else a  # a dense block's dropout: off in evaluation
+    return out, model.server.fc(x.flatten(1))
+
+
+def _activations(model: SplitNet, probe: torch.Tensor) -> list[torch.Tensor]:
+    """The units' activations of :func:`_forward`."""
+    return _forward(model, probe)[0]
 
 
 def _columns_out(model: SplitNet) -> torch.Tensor:
@@ -287,9 +314,11 @@ class Aligner:
         return [_unit_rows(a, centre=True) for a in self._activations]
 
     @torch.no_grad()
-    def align(self, suspect: SplitNet) -> "Alignment":
+    def align(self, suspect: SplitNet | ProbePass) -> "Alignment":
         """Undo channel permutations and positive rescalings of ``suspect`` (same
         architecture as the reference; not modified); returns a new, aligned, norm-free model.
+        ``suspect`` may be its :func:`probe_pass` on this aligner's probe, when the caller
+        has read its outputs already (the pass's folded model is then aligned in place).
 
         The suspect is first folded (:func:`~securemark.model.fold_batchnorm`). Then for
         each unit (the earlier ones already aligned), channel j of the reference is
@@ -300,10 +329,10 @@ class Aligner:
         response norms ``||W S||``: exact for a re-parametrisation, and blind to weight
         changes the data does not see.
         """
-        model = fold_batchnorm(suspect.cpu())
+        probed = suspect if isinstance(suspect, ProbePass) else probe_pass(suspect, self.probe)
+        model, activations = probed.model, probed.activations
         blocks = []
         n_units = len(units(model))
-        activations = _activations(model, self.probe)
         for index, (path, _) in enumerate(units(model)):
             last = index == n_units - 1
             ref_rows, sus_rows = self._rows[index], _responses(model, index, self._metrics[index])

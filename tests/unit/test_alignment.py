@@ -156,3 +156,23 @@ def test_activation_correlation_matches_the_centred_definition_and_reads_constan
     assert np.allclose(sim, explicit, atol=1e-12)
     assert (sim[:, 1] == 0).all() and (sim[:, 3] == 0).all()
     assert np.allclose(_similarity(a, b, centre=True, a_unit=_unit_rows(a, True)), sim, atol=0)
+
+
+@pytest.mark.parametrize("name", ["batch-norm", "no-norm"])
+def test_one_probe_pass_gives_the_outputs_and_the_same_alignment(name, probe):
+    """A trace runs the suspect on the probe once (securemark.vendor: its outputs for the
+    checks, its activations for alignment): the pass's outputs are the model's, and
+    aligning through it gives the model alignment gives without it, bit for bit."""
+    from securemark.alignment import probe_pass
+
+    base = trained_like(SPECS[name], 5)
+    suspect, _ = reparametrise(base, 12)
+    before = copy.deepcopy(suspect.state_dict())
+    probed = probe_pass(suspect, probe)
+    with torch.no_grad():
+        assert torch.allclose(probed.outputs, suspect.eval()(probe), atol=1e-5, rtol=1e-5)
+    aligner = Aligner(base, probe)
+    direct, through = aligner.align(suspect), aligner.align(probed)
+    for (key, value), other in zip(direct.model.state_dict().items(), through.model.state_dict().values()):
+        assert torch.equal(value, other), key
+    assert all(torch.equal(v, suspect.state_dict()[k]) for k, v in before.items())  # the suspect is not modified

@@ -15,7 +15,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from securemark.alignment import Aligner
+from securemark.alignment import Aligner, ProbePass, probe_pass
 from securemark.fingerprint import Readout, effective_weight, extract
 from securemark.model import ModelSpec, SplitNet, fold_batchnorm
 from securemark.tracing.drift import DriftModel
@@ -76,12 +76,23 @@ class Extractor:
         model.load_state_dict(state_or_model)
         return model
 
+    def probe_pass(self, state_or_model) -> ProbePass:
+        """The suspect folded and run once on the probe images: its outputs (a trace's
+        checks) and its activations (alignment), for :meth:`aligned`."""
+        return probe_pass(self.model(state_or_model), self.probe)
+
     def aligned(self, state_or_model) -> tuple[SplitNet, dict]:
         """The suspect aligned to the base model (batch norms folded), and the alignment
-        summary (empty when alignment is off)."""
-        if not self.align:
+        summary (empty when alignment is off). ``state_or_model`` may be the suspect's
+        :meth:`probe_pass` (which it consumes)."""
+        if isinstance(state_or_model, ProbePass):
+            if not self.align:
+                return state_or_model.model, {}
+            result = self.aligner.align(state_or_model)
+        elif not self.align:
             return fold_batchnorm(self.model(state_or_model)), {}
-        result = self.aligner.align(self.model(state_or_model))
+        else:
+            result = self.aligner.align(self.model(state_or_model))
         return result.model, result.summary()
 
     def __call__(self, state_or_model, key_matrix: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:

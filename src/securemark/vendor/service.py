@@ -50,7 +50,7 @@ from securemark.ledger import Ledger
 from securemark.model import SplitNet, accuracy
 from securemark.storage import read_partition
 from securemark.tracing import (OFF_DATA_NOTE, DriftModel, Extractor, Verdict, codebook_indices, decide_readings, degeneracy, fit_drift,
-                                no_verdict, probe_outputs, suspect_outputs_finite)
+                                no_verdict, suspect_outputs_finite)
 from securemark.vendor.cache import file_digest, folder_digest, persisted
 from securemark.vendor.config import TraceConfig, VendorConfig, VendorFiles, recipe_options
 from securemark.weights import load_weights
@@ -329,11 +329,11 @@ class Vendor:
         indices = codebook_indices(self.codebook)
         extractor = self.extractor()
         suspect = extractor.model(state)
-        outputs = probe_outputs(suspect, extractor.probe)  # one forward pass for both checks
-        note = degenerate = degeneracy(suspect, extractor.probe, self.key.layer, outputs)
-        if not suspect_outputs_finite(suspect, extractor.probe, outputs):
+        probed = extractor.probe_pass(suspect)  # one forward pass: the outputs both checks read, the activations alignment compares
+        note = degenerate = degeneracy(suspect, extractor.probe, self.key.layer, probed.outputs)
+        if not suspect_outputs_finite(suspect, extractor.probe, probed.outputs):
             return WeightsTrace(no_verdict(cfg, indices, note), {}, float("nan"), False, "degenerate" if degenerate else "")
-        aligned, alignment = extractor.aligned(suspect)
+        aligned, alignment = extractor.aligned(probed)
         verdict = decide_readings(extractor.readings(aligned), self.codebook, indices, cfg.epsilon, cfg.scorer, cfg.decoder)
         off_data, obfuscated = extractor.off_data_ratio(aligned), extractor.obfuscated(aligned)
         if obfuscated:
