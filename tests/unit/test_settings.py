@@ -40,8 +40,10 @@ def test_the_full_profile_overlays_only_evaluation_sizes():
     assert default == Settings.from_params(params) and default.base.profile == "default" and full.base.profile == "full"
     assert len(full.attack.configs()) > len(default.attack.configs()) and full.attack.trials >= 5
     assert full.trace.null_random_keys > default.trace.null_random_keys and full.blackbox.null_secrets > default.blackbox.null_secrets
-    for same in ("data", "prepare", "model", "train", "defence", "vendor", "fingerprint", "issue", "attacker"):
+    for same in ("data", "prepare", "model", "train", "defence", "vendor", "fingerprint", "issue"):
         assert getattr(full, same) == getattr(default, same), same  # the data, the models and the copies are shared
+    assert full.attacker.budget == default.attacker.budget and full.attacker.min_steps == default.attacker.min_steps  # what every attack uses
+    assert set(default.attacker.budgets) < set(full.attacker.budgets)  # the attacker-alone curve: an evaluation size
     assert full.trace.drift_recipes == default.trace.drift_recipes and full.blackbox.patterns == default.blackbox.patterns
 
 
