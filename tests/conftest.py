@@ -60,7 +60,7 @@ SMALL_OVERRIDES = {
     "attacker": {"budget": 100, "budgets": [100, 200], "min_steps": 10},
     "attack": {"targets": 1, "trials": 1, "coalition_sizes": [2], "grid": [{"attack": "fine_tune", "epochs": 1}]},
     # the `full` profile, tiny too (what the robustness-audit deployment runs)
-    "profiles": {"full": {"trace": {"null_random_keys": 2}, "blackbox": {"null_secrets": 2, "cost_copies": 1, "distill_trials": 1},
+    "profiles": {"full": {"attacker": {"budgets": [100, 200]}, "trace": {"null_random_keys": 2}, "blackbox": {"null_secrets": 2, "cost_copies": 1, "distill_trials": 1},
                           "attack": {"targets": 1, "trials": 1, "coalition_sizes": [2], "grid": [{"attack": "quantize", "bits": 8}]}}},
 }
 
