@@ -85,14 +85,10 @@ class Extractor:
         """The suspect aligned to the base model (batch norms folded), and the alignment
         summary (empty when alignment is off). ``state_or_model`` may be the suspect's
         :meth:`probe_pass` (which it consumes)."""
-        if isinstance(state_or_model, ProbePass):
-            if not self.align:
-                return state_or_model.model, {}
-            result = self.aligner.align(state_or_model)
-        elif not self.align:
-            return fold_batchnorm(self.model(state_or_model)), {}
-        else:
-            result = self.aligner.align(self.model(state_or_model))
+        suspect = state_or_model if isinstance(state_or_model, ProbePass) else self.model(state_or_model)
+        if not self.align:
+            return (suspect.model if isinstance(suspect, ProbePass) else fold_batchnorm(suspect)), {}
+        result = self.aligner.align(suspect)
         return result.model, result.summary()
 
     def __call__(self, state_or_model, key_matrix: torch.Tensor | None = None) -> tuple[np.ndarray, dict]:
