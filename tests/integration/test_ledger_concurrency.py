@@ -85,7 +85,8 @@ def test_concurrent_processes_never_share_a_code_word(tmp_path):
                 assert index == by_customer[cid], (w, cid)
     shared_seen = {cid for result in results for cid in result if cid in SHARED}
     assert shared_seen == set(SHARED)
-    # and their writes interleaved in the ledger (code words are handed out in commit order)
-    writers = [r.customer_id.split("-")[0] for r in records if r.customer_id.startswith("w")]
-    switches = sum(a != b for a, b in zip(writers, writers[1:]))
-    assert switches >= WORKERS, f"writes did not interleave: {switches} switches between writers"
+    # Commit order is the scheduler's, not the ledger's contract: SQLite's busy handler can
+    # let one writer commit a burst while the others sleep, so the records need not
+    # interleave (CI once saw four clean blocks). The overlap asserted above is what makes
+    # the writers contend; every process saw the others' writes, or it would have reused an
+    # index, which the checks above rule out.
