@@ -26,7 +26,11 @@ export MALLOC_TOP_PAD_ := 268435456
 
 .PHONY: setup run test test-fast data dag serve mlflow-ui prefect-ui clean
 
+# The project's own modules are byte-compiled too (only the changed ones, well under a
+# second): where PYTHONDONTWRITEBYTECODE is set, as on this machine, every command would
+# otherwise compile them from source again (0.12 s of a 3-s `securemark trace`).
 setup: $(STAMP) $(DATA_STAMP)
+	@$(BIN)/python -m compileall -q -j 0 src flows > /dev/null
 
 # pip byte-compiles every installed module on one core (100 of 210 s here); compileall does
 # the same on every core. Python 3.12-only files (a few in torch and whenever) do not compile

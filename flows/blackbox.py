@@ -157,10 +157,13 @@ def query_filters(paths: Paths, settings: Settings, vendor: Vendor) -> list[dict
     issued = vendor.issued_codewords()
     rows = []
     for copy in paths.issued_copies()[:1]:
+        alone = None  # the attacker's own network (fallback "alone"): the same for both detectors, so trained once
         for detector in tqdm(("softmax", "distance"), desc="query filters", unit="detector"):
             for fallback in ("alone", "second"):
-                api = create_attack("query_filter", detector=detector, refuse=0.05, fallback=fallback)(
+                api = create_attack("query_filter", detector=detector, refuse=0.05, fallback=fallback, alone=alone if fallback == "alone" else None)(
                     [load_weights(copy)], data, torch.Generator().manual_seed(settings.base.seed))
+                if fallback == "alone":
+                    alone = api.fallback
                 with serve_predictions(api) as url:
                     result = probe.trace(_api(url, settings).predict, cfg.epsilon)
                 accused = {c.codeword_index for c in result.verdict.accused}

@@ -134,6 +134,17 @@ def test_a_query_filter_refuses_about_what_it_was_tuned_to_on_the_attackers_imag
         assert torch.equal(api(images).argmax(1)[flagged], top2[flagged, 1])  # flagged: the runner-up label
 
 
+def test_a_query_filter_reuses_the_fallback_network_it_would_train_again(models, data):
+    first = create_attack("query_filter", **{**CONFIGS["query_filter"], "detector": "softmax"})(models, data, gen(6))
+    trained = create_attack("query_filter", **CONFIGS["query_filter"])(models, data, gen(6))
+    reused = create_attack("query_filter", **CONFIGS["query_filter"], alone=first.fallback)(models, data, gen(6))
+    assert reused.fallback is first.fallback
+    assert same_state(snapshot(trained.fallback), snapshot(reused.fallback))  # the same network, trained once
+    assert torch.equal(trained(data.images[:64]), reused(data.images[:64]))
+    with pytest.raises(InvalidConfig, match="alone"):
+        create_attack("query_filter", detector="distance", fallback="second", alone=first.fallback)
+
+
 def test_random_blocks_blend_a_binary_block_pattern_of_the_drawn_size():
     from securemark.attacks.invariance import random_blocks
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from securemark import checks
 from securemark.attacks.base import Attack, register_attack, working_copy
+from securemark.errors import InvalidConfig
 from securemark.model import SplitNet, build_model
 from securemark.training import Recipe, train_with_recipe
 
@@ -103,15 +104,21 @@ class FilteredAPI(nn.Module):
 
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        self.copy.eval()
+        """float [n]: how unusual each query is (higher = more unusual)."""
+        return self._answer(x)[1]
+
+    @torch.no_grad()
+    def _answer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The copy's logits and the detector's scores, from one forward pass."""
+        logits, features = logits_and_penultimate(self.copy, x)
         if self.detector == "softmax":
-            return -self.copy(x).softmax(1).max(1).values  # higher = more unusual
-        return torch.cdist(penultimate(self.copy, x), self.means).min(1).values
+            return logits, -logits.softmax(1).max(1).values
+        return logits, torch.cdist(features, self.means).min(1).values
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.copy.eval()(x)
-        flagged = self.unusual(x)
+        logits, scores = self._answer(x)
+        flagged = scores > self.threshold
         if flagged.any():
             if self.fallback is None:  # the copy's runner-up label
                 second = logits.topk(2, dim=1).indices[:, 1]
@@ -126,24 +133,40 @@ class FilteredAPI(nn.Module):
 @torch.no_grad()
 def penultimate(model: SplitNet, x: torch.Tensor) -> torch.Tensor:
     """What the model's head (``server.fc``) reads for images ``x``: [n, hidden]."""
-    seen = []
+    return logits_and_penultimate(model, x)[1]
+
+
+@torch.no_grad()
+def logits_and_penultimate(model: SplitNet, x: torch.Tensor, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits for images ``x`` and what its head read to make them, from one
+    forward pass (in evaluation mode) per ``batch`` images: a whole test set at once would
+    hold gigabytes of activations and run 2.5x slower here."""
+    seen, logits = [], []
     hook = model.server.fc.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].flatten(1)))
     try:
-        model.eval()(x)
+        model.eval()
+        logits = [model(x[i : i + batch]) for i in range(0, len(x), batch)]
     finally:
         hook.remove()
-    return seen[0]
+    return torch.cat(logits), torch.cat(seen)
 
 
 @register_attack("query_filter")
 class QueryFilter(Attack):
     """An API that refuses unusual queries (see the module docstring). Strength: ``refuse``."""
 
-    def __init__(self, detector: str = "distance", refuse: float = 0.05, fallback: str = "alone", epochs: int = 10) -> None:
+    def __init__(self, detector: str = "distance", refuse: float = 0.05, fallback: str = "alone", epochs: int = 10,
+                 alone: nn.Module | None = None) -> None:
         self.detector = checks.choice(self.owner, "detector", detector, ("softmax", "distance"))
         self.refuse = checks.number(self.owner, "refuse", refuse, 0.0, 1.0, low_open=True, high_open=True)
         self.fallback = checks.choice(self.owner, "fallback", fallback, ("alone", "second"))
         self.epochs = checks.integer(self.owner, "epochs", epochs, 1)
+        if alone is not None and (self.fallback != "alone" or not isinstance(alone, nn.Module)):
+            raise InvalidConfig(f"{self.owner}: `alone` is the fallback network of fallback 'alone' (an nn.Module), got {type(alone).__name__} "
+                                f"with fallback {self.fallback!r}")
+        # ``alone``: the network a filter with fallback "alone" built before on the same data and
+        # generator state (its ``.fallback``), reused instead of trained again: the same network
+        self.alone = alone
         self._config = dict(detector=self.detector, refuse=self.refuse, fallback=self.fallback, epochs=self.epochs)
 
     @property
@@ -162,7 +185,9 @@ class QueryFilter(Attack):
             means = torch.stack([features[data.labels == c].mean(0) for c in data.labels.unique()])
         filtered = FilteredAPI(copy, self.detector, math.inf, means, None)
         filtered.threshold = float(torch.quantile(filtered.scores(data.images).double(), 1.0 - self.refuse))
-        if self.fallback == "alone":
+        if self.fallback == "alone" and self.alone is not None:
+            filtered.fallback = self.alone.eval()
+        elif self.fallback == "alone":
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             alone = build_model(copy.spec, seed)
             train_with_recipe(alone, data.images, data.labels, Recipe(epochs=self.epochs, batch_size=128, lr=2e-3), generator)
