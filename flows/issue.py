@@ -15,6 +15,7 @@ after every other copy is delivered; its word stays reserved for the re-run.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import statistics
@@ -264,6 +265,10 @@ def _stage(paths: Paths, settings: Settings) -> None:
     start = time.perf_counter()
     rows = run_issue(paths, settings)
     wall = time.perf_counter() - start
+    if not rows:  # run by hand after every copy was issued (DVC removes the copies before it re-runs the stage)
+        logging.getLogger(__name__).info("every customer already holds its issued copy; %s describes those copies and is left as it is",
+                                         paths.fingerprint_metrics)
+        return
     code_length = open_vendor(paths, settings).codebook.length  # every family knows its length (bibd has no code_length param)
     tracking.write_json(fingerprint_metrics(rows, code_length, wall), paths.fingerprint_metrics)
 

@@ -10,7 +10,6 @@ import atexit
 import logging
 import os
 import sys
-import threading
 from typing import Any, Callable
 
 from flows.adapters.logs import quiet_expected_errors
@@ -54,14 +53,12 @@ def _run_as_command() -> bool:
 def end_process(code: int) -> None:
     """End a finished command without the interpreter's teardown of its modules (1.5-2.5 s
     here for a process that imported torch, MLflow and Prefect; a DVC stage pays it once
-    per stage): what teardown would do that matters is done first, in order: wait for
-    the threads that still work, run the exit handlers (Prefect drains its log and event
-    workers, MLflow ends its runs and flushes its queues), flush the log handlers and
-    the standard streams."""
-    main = threading.main_thread()
-    for thread in threading.enumerate():
-        if thread is not main and not thread.daemon:
-            thread.join()
+    per stage): what teardown would do that matters is done first: the exit handlers run
+    (Prefect drains its log and event workers, MLflow ends its runs and flushes its
+    queues, a temporary Prefect server stops), then the log handlers and the standard
+    streams are flushed. Threads are not joined: the work is done when the body returns,
+    and idle pool workers wait for a shutdown call only the interpreter's teardown makes
+    (joining them without it never returns)."""
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
