@@ -211,7 +211,7 @@ def _forward(model: SplitNet, probe: torch.Tensor) -> tuple[list[torch.Tensor], 
         if not isinstance(block, ConvBlock) and x.dim() > 2:  # the first dense block reads the flattened conv output
             x = x.flatten(1)
         a = block.pre_pool(x)
-        out.append(a.transpose(0, 1).reshape(a.shape[1], -1).to(torch.float64))
+        out.append(a.transpose(0, 1).to(torch.float64, memory_format=torch.contiguous_format).reshape(a.shape[1], -1))  # one copy, not two
         x = block.pool(a) if isinstance(block, ConvBlock) else a  # a dense block's dropout: off in evaluation
     return out, model.server.fc(x.flatten(1))
 
