@@ -51,9 +51,9 @@ def _run_as_command() -> bool:
 
 
 def end_process(code: int) -> None:
-    """End a finished command without the interpreter's teardown of its modules (1.5-2.5 s
-    here for a process that imported torch, MLflow and Prefect; a DVC stage pays it once
-    per stage): what teardown would do that matters is done first: the exit handlers run
+    """End a finished command (a stage, a plain ``securemark trace``) without the
+    interpreter's teardown of its modules (1.5-2.5 s here for a process that imported
+    torch, MLflow and Prefect; a DVC stage pays it once per stage): what teardown would do that matters is done first: the exit handlers run
     (Prefect drains its log and event workers, MLflow ends its runs and flushes its
     queues, a temporary Prefect server stops), then the log handlers and the standard
     streams are flushed. Threads are not joined: the work is done when the body returns,

@@ -144,19 +144,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"securemark: {exc}\n")
         code = EXIT_INVALID
     if argv is None and args.command == "trace" and not args.log_now and not os.environ.get("PREFECT_API_URL"):
-        _exit_now(code)
+        # the verdict is printed and its MLflow run waits in the outbox for the background writer:
+        # end without the interpreter's teardown (unloading torch is 0.3-0.4 s of a 3-s trace)
+        from flows.adapters.stage import end_process  # imports the settings, loaded by now; --help never gets here
+
+        end_process(code)
     sys.exit(code)
-
-
-def _exit_now(code: int) -> None:
-    """End the process without the interpreter's teardown (unloading torch takes 0.3-0.4 s of
-    a 3-s trace). Only for a plain trace run as a command: its verdict is printed and its MLflow
-    run is in the outbox for the background writer, so the standard streams and the log
-    handlers are all there is to flush."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
 
 
 if __name__ == "__main__":
