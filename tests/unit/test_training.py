@@ -50,3 +50,25 @@ def test_training_with_dropout_depends_on_the_generator_only():
     assert torch.equal(state, torch.random.get_rng_state())  # and it is left as it was
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+@pytest.mark.parametrize("size", [28, 14, 7])
+def test_the_fast_pool_gives_max_pool2ds_outputs_and_leaves_training_to_it(size):
+    """MaxPool2x2 without a gradient (every evaluation): the same values as max_pool2d, an
+    odd row and column dropped like it; with one, max_pool2d itself (same gradients)."""
+    from securemark.model import MaxPool2x2
+
+    x = torch.relu(torch.randn(8, 4, size, size, generator=torch.Generator().manual_seed(size)))
+    x[0, 0, 0, :2] = 3.0  # a tie inside a window
+    x[1, 1, 2, 2] = float("nan")
+    fast, reference = MaxPool2x2(), torch.nn.MaxPool2d(2)
+    with torch.no_grad():
+        got, want = fast(x), reference(x)
+    assert got.shape == want.shape == (8, 4, size // 2, size // 2)
+    assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0))
+    assert torch.isnan(got).sum() == torch.isnan(want).sum() == 1
+    xs = [x.nan_to_num(0.0).clone().requires_grad_() for _ in range(2)]
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+    fast(xs[0]).backward(g)
+    reference(xs[1]).backward(g)
+    assert torch.equal(xs[0].grad, xs[1].grad)
