@@ -4,7 +4,10 @@ Each command runs as a user would run it (a fresh process, no Prefect server), `
 times, ``--pause`` seconds apart so that the background process writing the previous
 trace's MLflow run (flows.adapters.trace_log) has finished; the vendor state is warmed by
 one trace first (the extractor and the drift model are built once per vendor state). The
-API trace reads a copy served on 127.0.0.1 (flows.adapters.api_server). Needs the
+API trace reads a copy served on 127.0.0.1 (flows.adapters.api_server). Beside each file
+trace, a bare ``python -c "import torch"`` is timed (``torch_import``): the fixed part of
+every command that reads a model, and the measure of how fast the machine is at that
+moment (on the 2-core machine it has taken from 1.3 to 2.8 s on the same day). Needs the
 pipeline's outputs and an issued copy; run from the repository root with the vendor's
 secret (``SECUREMARK_SECRET_FILE`` / ``SECUREMARK_VENDOR_DIR``):
 
@@ -51,7 +54,7 @@ def main() -> None:
     copy = paths.customer_copy(args.customer)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     cli = [sys.executable, "-m", "flows.entry.cli"]
-    rows = {"help": [], "trace_file": [], "trace_endpoint": []}
+    rows = {"help": [], "torch_import": [], "trace_file": [], "trace_endpoint": []}
     for _ in range(args.repeats):
         rows["help"].append(timed(cli + ["--help"], env)[0])
     seconds, code = timed(cli + ["trace", "--model", str(copy)], env)  # warm the vendor state once
@@ -60,6 +63,7 @@ def main() -> None:
         time.sleep(args.pause)
         seconds, code = timed(cli + ["trace", "--model", str(copy)], env)
         rows["trace_file"].append(seconds)
+        rows["torch_import"].append(timed([sys.executable, "-c", "import torch"], env)[0])  # after the trace: it runs as before, after the pause
         print(f"file trace: {seconds:.2f} s, exit {code}", flush=True)
     model = load_weights(copy).eval()
     lock = threading.Lock()
