@@ -53,10 +53,10 @@ def _run_as_command() -> bool:
 def end_process(code: int) -> None:
     """End a finished command (a stage, a plain ``securemark trace``) without the
     interpreter's teardown of its modules (1.5-2.5 s here for a process that imported
-    torch, MLflow and Prefect; a DVC stage pays it once per stage): what teardown would do that matters is done first: the exit handlers run
-    (Prefect drains its log and event workers, MLflow ends its runs and flushes its
-    queues, a temporary Prefect server stops), then the log handlers and the standard
-    streams are flushed. Threads are not joined: the work is done when the body returns,
+    torch, MLflow and Prefect; a DVC stage pays it once per stage). What teardown would
+    do that matters is done first: the exit handlers run (Prefect drains its log and
+    event workers, MLflow ends its runs and flushes its queues, a temporary Prefect
+    server stops), then the log handlers and the standard streams are flushed. Threads are not joined: the work is done when the body returns,
     and idle pool workers wait for a shutdown call only the interpreter's teardown makes
     (joining them without it never returns)."""
     atexit._run_exitfuncs()

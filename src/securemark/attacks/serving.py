@@ -111,9 +111,12 @@ class FilteredAPI(nn.Module):
     def _answer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The copy's logits and the detector's scores, from one forward pass."""
         logits, features = logits_and_penultimate(self.copy, x)
+        return logits, self._scores(logits, features)
+
+    def _scores(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         if self.detector == "softmax":
-            return logits, -logits.softmax(1).max(1).values
-        return logits, torch.cdist(features, self.means).min(1).values
+            return -logits.softmax(1).max(1).values
+        return torch.cdist(features, self.means).min(1).values
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,12 +131,6 @@ class FilteredAPI(nn.Module):
                 logits = logits.clone()
                 logits[flagged] = self.fallback.eval()(x[flagged])
         return logits
-
-
-@torch.no_grad()
-def penultimate(model: SplitNet, x: torch.Tensor) -> torch.Tensor:
-    """What the model's head (``server.fc``) reads for images ``x``: [n, hidden]."""
-    return logits_and_penultimate(model, x)[1]
 
 
 @torch.no_grad()
@@ -179,17 +176,15 @@ class QueryFilter(Attack):
 
     def apply(self, models, data, generator):
         copy = working_copy(models[0]).eval()
-        means = None
-        if self.detector == "distance":
-            features = penultimate(copy, data.images)
-            means = torch.stack([features[data.labels == c].mean(0) for c in data.labels.unique()])
+        logits, features = logits_and_penultimate(copy, data.images)  # one pass serves the class means and the threshold
+        means = torch.stack([features[data.labels == c].mean(0) for c in data.labels.unique()]) if self.detector == "distance" else None
         filtered = FilteredAPI(copy, self.detector, math.inf, means, None)
-        filtered.threshold = float(torch.quantile(filtered.scores(data.images).double(), 1.0 - self.refuse))
-        if self.fallback == "alone" and self.alone is not None:
-            filtered.fallback = self.alone.eval()
-        elif self.fallback == "alone":
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            alone = build_model(copy.spec, seed)
-            train_with_recipe(alone, data.images, data.labels, Recipe(epochs=self.epochs, batch_size=128, lr=2e-3), generator)
+        filtered.threshold = float(torch.quantile(filtered._scores(logits, features).double(), 1.0 - self.refuse))
+        if self.fallback == "alone":
+            alone = self.alone
+            if alone is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+                alone = build_model(copy.spec, seed)
+                train_with_recipe(alone, data.images, data.labels, Recipe(epochs=self.epochs, batch_size=128, lr=2e-3), generator)
             filtered.fallback = alone.eval()
         return filtered
