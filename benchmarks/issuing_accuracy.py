@@ -46,7 +46,7 @@ def with_overrides(cfg, overrides: dict):
     return cfg
 
 
-SPACE_KEYS = {"eval_rows", "train_rows", "natural_check", "subspace"}  # overrides that change the shared carrier space
+SPACE_KEYS = {"eval_rows", "train_rows", "natural_check", "subspace", "natural_views"}  # overrides that change the shared carrier space
 
 
 def main() -> None:

@@ -111,12 +111,16 @@ class CarrierSpace:
     def build(cls, base: SplitNet, readout: Readout, key_matrix: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor,
               cfg: EmbedConfig, split_seed: int, key_inputs: torch.Tensor | None = None, key_index: torch.Tensor | None = None,
               key_original: torch.Tensor | None = None, natural_inputs: torch.Tensor | None = None,
-              natural_labels: torch.Tensor | None = None) -> "CarrierSpace":
+              natural_labels: torch.Tensor | None = None, natural_views: list[torch.Tensor] | None = None) -> "CarrierSpace":
         """Build the shared space. ``inputs`` [N, F] / ``labels`` [N]: what the carrying
         block reads for the feature bank (:func:`~securemark.fingerprint.carrier_inputs`);
         the first ``cfg.eval_rows`` of a permutation drawn from ``split_seed`` check
         accuracy, the next ``cfg.train_rows`` are trained on. ``key_inputs`` (optional):
-        what the block reads for every key view, ``key_index`` the key of each view."""
+        what the block reads for every key view, ``key_index`` the key of each view.
+        ``natural_inputs`` / ``natural_labels``: the vendor's clean images, split by
+        ``cfg.natural_check``; ``natural_views``: other views of them (each [n_natural, F],
+        row ``i`` a view of image ``i``, labelled like it), trained on for the trained-on
+        images only (a checked image's view is never trained on)."""
         base = copy.deepcopy(base).eval()
         if not supports(base, cfg.layer):
             raise InvalidConfig(f"batched embedding needs the last dense block's weight as fingerprint.layer, got {cfg.layer!r}")
@@ -138,8 +142,10 @@ class CarrierSpace:
             n_check = int(len(split) * cfg.natural_check)
             check_x = torch.cat([check_x, natural_inputs[split[:n_check]].float()])
             check_y = torch.cat([check_y, natural_labels[split[:n_check]]])
-            train_x = torch.cat([train_x, natural_inputs[split[n_check:]].float()])
-            train_y = torch.cat([train_y, natural_labels[split[n_check:]]])
+            trained = split[n_check:]
+            views = [natural_inputs] + list(natural_views or [])
+            train_x = torch.cat([train_x] + [v[trained].float() for v in views])
+            train_y = torch.cat([train_y] + [natural_labels[trained]] * len(views))
         key_x = None if key_inputs is None else key_inputs.float()
         basis = subspace_basis(readout.metric, torch.cat([train_x] + ([key_x] if key_x is not None else [])), cfg.subspace,
                                split_seed)

@@ -70,6 +70,7 @@ class EmbedConfig:
     natural_check: float = 0.5  # batched issuing: share of the vendor's aux images that checks accuracy (the rest is trained on)
     subspace: int = 256         # batched issuing: input directions of the carrying dense layer a copy may change (>= rank)
     gradient_precision: str = "auto"  # batched issuing: the key matrix's precision in the hinge's gradient (auto | bfloat16 | float32)
+    natural_views: int = 0      # batched issuing: augmented copies (crop, flip) of each trained-on aux image, trained on too
 
     def __post_init__(self) -> None:
         for key in ("lam", "margin", "lr"):
@@ -81,6 +82,8 @@ class EmbedConfig:
         for key in ("key_agreement", "key_confidence"):
             if not 0.0 < getattr(self, key) <= 1.0:
                 raise ConfigError(f"fingerprint.{key}", f"must be in (0, 1], got {getattr(self, key)}")
+        if int(self.natural_views) < 0:
+            raise ConfigError("fingerprint.natural_views", f"must be a non-negative integer, got {self.natural_views}")
         for key in ("accuracy_tolerance", "slack", "key_weight", "restore_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"fingerprint.{key}", f"must be >= 0, got {getattr(self, key)}")

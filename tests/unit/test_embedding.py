@@ -196,6 +196,24 @@ def test_weights_only_batches_work_without_keys(world):
     assert all(o.error is None and o.result.key_agreement is None and o.result.ber == 0.0 for o in outcomes)
 
 
+def test_natural_views_are_trained_on_for_the_trained_on_images_only(world, space):
+    """Views of the vendor's clean images (fingerprint.natural_views) join the trained-on
+    rows with their image's label; a view of a checked image never does, or the accuracy
+    check would read images the copy was taught."""
+    aux_x, aux_y = world["aux"]
+    view = aux_x + 1000.0 * torch.arange(1, len(aux_x) + 1)[:, None]  # row i's view is told apart by its offset
+    with_views = CarrierSpace.build(world["base"], world["readout"], world["key_matrix"], *world["bank"], CFG, split_seed=11,
+                                    natural_inputs=aux_x, natural_labels=aux_y, natural_views=[view])
+    n_trained = len(aux_x) - int(len(aux_x) * CFG.natural_check)
+    assert len(with_views.train) == len(space.train) + n_trained
+    assert torch.equal(with_views.check_labels, space.check_labels)
+    nearest = lambda rows, among: torch.cdist(rows, among).argmin(1)  # noqa: E731 (which image a projected row is)
+    checked = nearest(with_views.check.sub[-(len(aux_x) - n_trained):], with_views.project(aux_x).sub)
+    viewed = nearest(with_views.train.sub[-n_trained:], with_views.project(view).sub)
+    assert len(set(viewed.tolist())) == n_trained and not set(viewed.tolist()) & set(checked.tolist())
+    assert torch.equal(with_views.train_labels[-n_trained:], aux_y[viewed])
+
+
 def test_mixed_or_mismatched_jobs_are_refused(space, world):
     with pytest.raises(Exception, match="black-box"):
         embed_batch(space, jobs(1, keys=False), CFG)

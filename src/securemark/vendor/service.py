@@ -49,6 +49,7 @@ from securemark.key import FingerprintKey, create_secret, derive_seed, draw_key,
 from securemark.ledger import Ledger
 from securemark.model import SplitNet, accuracy
 from securemark.storage import read_partition
+from securemark.training import augment
 from securemark.tracing import (OFF_DATA_NOTE, DriftModel, Extractor, Verdict, codebook_indices, decide_readings, degeneracy, fit_drift,
                                 no_verdict, suspect_outputs_finite)
 from securemark.vendor.cache import file_digest, folder_digest, persisted
@@ -297,14 +298,23 @@ class Vendor:
         kept = torch.ones(len(aux.labels), dtype=torch.bool)
         if bb.enabled and bb.family == "natural":
             kept[self.keyset.rows] = False  # a natural key is taught its symbol, not its label
-        natural = dict(natural_inputs=carrier_inputs(base, embed.layer, _client_features(base, aux.as_float()[kept])),
-                       natural_labels=aux.labels[kept])
+        images = aux.as_float()[kept]
+        natural = dict(natural_inputs=carrier_inputs(base, embed.layer, _client_features(base, images)), natural_labels=aux.labels[kept],
+                       natural_views=[carrier_inputs(base, embed.layer, _client_features(base, view)) for view in self._natural_views(images)])
         readout = self.extractor(drift=False).readout
         space = CarrierSpace.build(base, readout, self.key_matrix, inputs, bank["labels"][pick], embed, derive_seed(self.secret, "embed-split"),
                                    **keys, **natural)
         test = read_partition(self.files.test)
         test_rows = space.project(carrier_inputs(base, embed.layer, _client_features(base, test.as_float())))
         return space, test_rows, test.labels
+
+    def _natural_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``fingerprint.natural_views`` augmented copies (random crop and flip, drawn from
+        the secret) of the vendor's clean ``images``, which issuing trains on with their
+        labels: the restore phase then keeps the copy right on a neighbourhood of the
+        natural data, not just on the images themselves."""
+        g = torch.Generator().manual_seed(derive_seed(self.secret, "natural-views"))
+        return [augment(images, g) for _ in range(self.config.embed.natural_views)]
 
     # ------------------------------------------------------------------ use cases
     def embed(self, customers: list[tuple[str, int]], base_file: Path | None = None, progress=None, width: int | None = None) -> list[Outcome]:
