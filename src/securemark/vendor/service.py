@@ -311,8 +311,9 @@ class Vendor:
     def _natural_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``fingerprint.natural_views`` augmented copies (random crop and flip, drawn from
         the secret) of the vendor's clean ``images``, which issuing trains on with their
-        labels: the restore phase then keeps the copy right on a neighbourhood of the
-        natural data, not just on the images themselves."""
+        labels, so that issuing keeps the copy right around the natural images, not
+        only on them. All images get views; :meth:`CarrierSpace.build` trains on those of
+        its trained-on half only."""
         g = torch.Generator().manual_seed(derive_seed(self.secret, "natural-views"))
         return [augment(images, g) for _ in range(self.config.embed.natural_views)]
 
