@@ -3,7 +3,8 @@
 One row per (attack, coalition size, strength): trials, mean accuracy, how many were
 worth it and within 2 points of the copy, traced by the weights (and colluders caught
 on average), traced by the API (and colluders caught on average), and the mean share
-of keys answered with the first colluder's black-box word (0.1 is chance). Run from the
+of keys answered with the first colluder's black-box word (chance: 0.5 for natural keys, whose
+symbols are binary; 0.1 for patterns). Run from the
 repository root after ``dvc repro attack``:
 
     python benchmarks/attack_table.py

@@ -59,7 +59,7 @@ def render(metrics: Path) -> str:
          "blackbox"),
         ("null APIs: accusations / APIs", f"{bb['null_accusations']} / {bb['null_apis']}, max {bb['max_null_score_ratio']:.2f} x threshold", "blackbox"),
         ("accuracy cost of the black-box marks: max / mean", f"{_pt(bb['accuracy_cost_max'])} / {_pt(bb['accuracy_cost_mean'])}", "blackbox"),
-        ("hard-label distillation through the API: traced / trials (key agreement, chance 0.10)",
+        ("hard-label distillation through the API: traced / trials (key agreement; chance: 0.50 for natural keys, 0.10 for patterns)",
          f"{bb['distillation_traced']} / {bb['distillation_trials']} ({bb['distillation_key_agreement_mean']:.2f})", "blackbox"),
         ("query filters refusing 5 % of own images: traced / trials (keys refused, min-max)",
          f"{bb['filter_traced']} / {bb['filter_trials']} ({100 * bb['filter_refused_keys_min']:.0f}-{100 * bb['filter_refused_keys_max']:.0f} %)", "blackbox"),

@@ -54,7 +54,7 @@ SMALL_OVERRIDES = {
         "accuracy_tolerance": 0.1,
         "eval_rows": 200,
     },
-    "blackbox": {"patterns": 16, "per_pattern": 4, "checkpoints": [32, 64], "null_secrets": 2, "cost_copies": 1, "distill_trials": 1},
+    "blackbox": {"natural_keys": 64, "patterns": 16, "per_pattern": 4, "checkpoints": [32, 64], "null_secrets": 2, "cost_copies": 1, "distill_trials": 1},
     "issue": {"customers": 2},
     "trace": {"null_random_keys": 2, "drift_samples": 6},
     "attacker": {"budget": 100, "budgets": [100, 200], "min_steps": 10},

@@ -144,10 +144,11 @@ def test_blackbox_stage_traces_copies_through_their_apis_and_no_null_api(staged)
     assert abs(cost - round(cost)) < 1e-3 and abs(metrics["accuracy_cost_max"]) < 15
 
 
-def test_natural_keys_issue_copies_the_api_channel_traces(staged, tmp_path):
-    """``blackbox.family: natural``: the keys are aux images the base is unsure of; a copy
-    issued with them is traced through its label-only answers, the base and another
-    vendor's keys accuse no one."""
+def test_both_key_families_issue_copies_the_api_channel_traces(staged, tmp_path):
+    """The default ``blackbox.family: natural`` keys are unmodified aux images the base is
+    unsure of (binary symbols); ``patterns`` keys are secret block patterns blended into aux
+    images (one of 10 classes per pattern). A copy issued with either is traced through its
+    label-only answers; the base and another vendor's keys accuse no one."""
     import dataclasses
 
     from flows.adapters.vendor import vendor_config, vendor_files
@@ -156,20 +157,26 @@ def test_natural_keys_issue_copies_the_api_channel_traces(staged, tmp_path):
     from securemark.vendor import Vendor
     from securemark.weights import load_weights
 
-    settings = Settings.from_params(small_params(blackbox={"family": "natural", "natural_keys": 64, "checkpoints": [32, 64]}))
-    files = dataclasses.replace(vendor_files(staged, settings), state_dir=tmp_path / "vendor", secret=tmp_path / "vendor.key")
-    vendor = Vendor.open(files, vendor_config(settings))
-    keys = vendor.keyset
-    assert len(keys) == 64 and keys.q == 2 and vendor.blackbox_codebook.q == 2
-    assert torch.equal(keys.images, read_partition(staged.partition("aux")).as_float()[keys.rows])  # unmodified vendor images
+    assert SETTINGS.blackbox.family == "natural"  # the product's default, small
+    aux = read_partition(staged.partition("aux")).as_float()
+    for family, q in (("natural", 2), ("patterns", 10)):
+        settings = Settings.from_params(small_params(blackbox={"family": family}))
+        files = dataclasses.replace(vendor_files(staged, settings), state_dir=tmp_path / family / "vendor", secret=tmp_path / family / "vendor.key")
+        vendor = Vendor.open(files, vendor_config(settings))
+        keys = vendor.keyset
+        assert len(keys) == settings.blackbox.keys == 64 and keys.q == q and vendor.blackbox_codebook.q == q
+        if family == "natural":
+            assert torch.equal(keys.images, aux[keys.rows])  # unmodified vendor images
+        else:
+            assert not any(torch.equal(k, a) for k, a in zip(keys.images, aux[keys.rows]))  # each carries a pattern
 
-    [outcome] = vendor.embed([("customer-n1", 3)])
-    copy = outcome.result.model
-    result = vendor.trace_api(label_api(copy)).result
-    assert [c.codeword_index for c in result.verdict.accused] == [3] and result.queries <= 64
-    assert not vendor.trace_api(label_api(load_weights(files.base_model))).result.verdict.accused
-    other = vendor.api_probe(bytes(range(32)))  # another vendor's secret
-    assert not other.trace(label_api(copy), settings.trace.epsilon).verdict.accused
+        [outcome] = vendor.embed([("customer-n1", 3)])
+        copy = outcome.result.model
+        result = vendor.trace_api(label_api(copy)).result
+        assert [c.codeword_index for c in result.verdict.accused] == [3] and result.queries <= 64, family
+        assert not vendor.trace_api(label_api(load_weights(files.base_model))).result.verdict.accused
+        other = vendor.api_probe(bytes(range(32)))  # another vendor's secret
+        assert not other.trace(label_api(copy), settings.trace.epsilon).verdict.accused
 
 
 def test_attack_stage_traces_attacked_copies(staged):

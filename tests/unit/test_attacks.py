@@ -156,12 +156,27 @@ def test_random_blocks_blend_a_binary_block_pattern_of_the_drawn_size():
     assert varied.min() >= 0 and varied.max() <= 1
 
 
-@pytest.mark.parametrize("family", ["blocks", "mixup"])
+@pytest.mark.parametrize("family", ["blocks", "mixup", "boundary"])
 def test_invariance_training_is_reproducible_and_changes_the_copy(family, models, data):
     out = create_attack("invariance", family=family, epochs=1, batch_size=64)(models, data, gen(5))
     again = create_attack("invariance", family=family, epochs=1, batch_size=64)(models, data, gen(5))
     assert same_state(snapshot(out), snapshot(again)) and not same_state(snapshot(out), snapshot(models[0]))
     assert create_attack("invariance", family=family).name == f"invariance_{family}"
+
+
+def test_boundary_invariance_trains_on_the_images_the_copy_is_least_sure_of(models, data):
+    from securemark.attacks.invariance import _least_sure
+
+    model = models[0]
+    probs = model.eval()(data.images).softmax(1)
+    top2 = probs.topk(2, dim=1).values
+    picked = _least_sure(model, data.images, 0.1)
+    assert len(picked) == round(0.1 * len(data.images)) and model.training  # back in train mode
+    ratio = top2[:, 1] / top2[:, 0]
+    rest = torch.ones(len(ratio), dtype=torch.bool)
+    rest[picked] = False
+    assert ratio[picked].min() >= ratio[rest].max()  # the least sure first, as the vendor ranks its candidates
+    model.eval()
 
 
 def test_pca_purifier_keeps_the_attackers_images_and_removes_what_is_outside_their_span(models):

@@ -10,7 +10,12 @@ carries without ever seeing a key:
   patterns (random cell sizes and blend strengths) blended into the image, today's key
   family. ``family="mixup"``: pairs of its own images blended with mixed labels, what
   an attacker does against keys on natural images near the decision boundary (it
-  smooths the boundary the keys' answers sit on).
+  smooths the boundary the keys' answers sit on). ``family="boundary"``: aimed at the
+  natural keys themselves (unsure images answered with the top class or runner-up):
+  every epoch the attacker finds the ``unsure`` share of its own images the copy is
+  least sure of (runner-up over top probability, as the vendor picks its keys), and
+  that share of every batch is drawn from them, under their true labels, so the copy's
+  decisions are re-taught where the keys live.
 - ``purify``: a purifier fitted on the attacker's own images in front of the copy.
   ``method="pca"`` projects every query onto the span of the attacker's images (the
   top ``components`` principal directions: what is not in its data is removed);
@@ -37,7 +42,7 @@ from securemark.training import scoped_rng, train_epochs
 
 __all__ = ["Invariance", "Purify", "PurifiedAPI", "random_blocks"]
 
-FAMILIES = ("blocks", "mixup")
+FAMILIES = ("blocks", "mixup", "boundary")
 
 
 def random_blocks(images: torch.Tensor, generator: torch.Generator, cells: tuple[int, int], blend: tuple[float, float]) -> torch.Tensor:
@@ -83,23 +88,24 @@ class Invariance(Attack):
     list_options = ("cells", "blend")
 
     def __init__(self, family: str = "blocks", epochs: int = 3, share: float = 0.5, cells: list[int] | None = None,
-                 blend: list[float] | None = None, mixup_alpha: float = 0.4, optimizer: str = "adam", lr: float = 1e-3,
-                 batch_size: int = 128) -> None:
+                 blend: list[float] | None = None, mixup_alpha: float = 0.4, unsure: float = 0.2, optimizer: str = "adam",
+                 lr: float = 1e-3, batch_size: int = 128) -> None:
         self.family = checks.choice(self.owner, "family", family, FAMILIES)
         self.epochs = checks.integer(self.owner, "epochs", epochs, 0)
         self.share = checks.number(self.owner, "share", share, 0.0, 1.0, low_open=True)
         self.cells = _cells(self.owner, cells if cells is not None else [2, 14])
         self.blend = _blend(self.owner, blend if blend is not None else [0.2, 0.6])
         self.mixup_alpha = checks.number(self.owner, "mixup_alpha", mixup_alpha, 0.0, low_open=True)
+        self.unsure = checks.number(self.owner, "unsure", unsure, 0.0, 1.0, low_open=True)
         self.optimizer = checks.choice(self.owner, "optimizer", optimizer, OPTIMIZERS)
         self.lr = checks.number(self.owner, "lr", lr, 0.0, low_open=True)
         self.batch_size = checks.integer(self.owner, "batch_size", batch_size, 2)
         self._config = dict(family=self.family, epochs=self.epochs, share=self.share, cells=list(self.cells), blend=list(self.blend),
-                            mixup_alpha=self.mixup_alpha, optimizer=self.optimizer, lr=self.lr, batch_size=self.batch_size)
+                            mixup_alpha=self.mixup_alpha, unsure=self.unsure, optimizer=self.optimizer, lr=self.lr, batch_size=self.batch_size)
 
     @property
     def name(self) -> str:
-        """``invariance_blocks`` / ``invariance_mixup``: one family per row in reports."""
+        """``invariance_blocks`` / ``_mixup`` / ``_boundary``: one family per row in reports."""
         return f"{self.kind}_{self.family}"
 
     @property
@@ -113,11 +119,16 @@ class Invariance(Attack):
         beta = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha)
         with scoped_rng(generator):
             for _ in range(self.epochs):
+                unsure = _least_sure(model, data.images, self.unsure) if self.family == "boundary" else None
                 for idx in torch.randperm(len(data), generator=generator).split(self.batch_size):
                     x, y = data.images[idx], data.labels[idx]
                     k = max(1, round(self.share * len(idx)))
                     if self.family == "blocks":
                         x = torch.cat([random_blocks(x[:k], generator, self.cells, self.blend), x[k:]])
+                        loss = F.cross_entropy(model(x), y)
+                    elif self.family == "boundary":  # the first k rows: drawn from the images the copy is least sure of
+                        pick = unsure[torch.randint(len(unsure), (k,), generator=generator)]
+                        x, y = torch.cat([data.images[pick], x[k:]]), torch.cat([data.labels[pick], y[k:]])
                         loss = F.cross_entropy(model(x), y)
                     else:  # mixup: the first k rows mixed with a shuffled partner, labels mixed alike
                         lam = beta.sample((k,)).clamp(0.0, 1.0)  # drawn under scoped_rng, from the generator's seed
@@ -133,6 +144,19 @@ class Invariance(Attack):
                     loss.backward()
                     opt.step()
         return model.eval()
+
+
+@torch.no_grad()
+def _least_sure(model: nn.Module, images: torch.Tensor, share: float) -> torch.Tensor:
+    """Indices of the ``share`` of ``images`` ``model`` is least sure of: the largest
+    runner-up over top probability (how :func:`securemark.tracing.blackbox.natural_keys`
+    ranks the vendor's candidates), at least one. ``model`` is back in train mode after."""
+    model.eval()
+    probs = torch.cat([model(images[i : i + 1024]).softmax(1) for i in range(0, len(images), 1024)])
+    model.train()
+    top2 = probs.topk(2, dim=1).values
+    ratio = top2[:, 1] / top2[:, 0]
+    return ratio.argsort(descending=True)[: max(1, round(share * len(images)))]
 
 
 class PurifiedAPI(nn.Module):
