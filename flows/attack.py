@@ -42,7 +42,7 @@ from securemark.tracing import codebook_indices
 from securemark.weights import load_weights
 
 ATTACK_EXPERIMENT = "securemark-attacks"
-CSV_COLUMNS = ["attack", "strength", "coalition_size", "trial", "accuracy", "copy_accuracy", "attacker_alone_accuracy", "worth_it",
+CSV_COLUMNS = ["attack", "strength", "coalition_size", "trial", "attacker_budget", "accuracy", "copy_accuracy", "attacker_alone_accuracy", "worth_it",
                "ber", "ber_unaligned", "colluders", "caught", "innocents_accused",
                "caught_api", "innocents_accused_api", "queries_api", "key_agreement", "traced_by", "off_data_ratio", "obfuscated"]
 WITHIN_POINTS = 2.0  # "within 2 pt of the copy": the attacks tracing must survive when they are worth it
@@ -56,11 +56,13 @@ def run_family(paths: Paths, settings: Settings, config: dict, targets: list[lis
     grid). Opens the vendor's state itself: no secret travels as an argument."""
     attack = create_attack(config["attack"], **attack_options(config))
     vendor = open_vendor(paths, settings)
+    name = attack.name if len(data) == settings.attacker.budget else f"{attack.name}@{len(data)}"  # another budget: its own row name
     rows = []
     for trial, coalition in enumerate(targets):
         generator = torch.Generator().manual_seed(settings.base.seed + trial)
         attacked = attack([copies[c] for c in coalition], data, generator)
-        rows.append({"attack": attack.name, "strength": float(attack.strength), "coalition_size": len(coalition), "trial": trial,
+        rows.append({"attack": name, "strength": float(attack.strength), "coalition_size": len(coalition), "trial": trial,
+                     "attacker_budget": len(data),
                      "copy_accuracy": float(np.mean([copy_accuracy[c] for c in coalition])),
                      **vendor.evaluate_attacked(attacked, coalition, test)})
     return rows
@@ -115,8 +117,9 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
     indices = codebook_indices(vendor.codebook)
     copies = load_copies(paths, sorted(vendor.issued_codewords()), source)
     customers = sorted(copies)
-    data = attacker_data(paths, settings)
-    alone = attacker_alone_accuracy(paths, settings.attacker.budget)
+    budgets = sorted({settings.attacker.budget} | {config.get("budget", settings.attacker.budget) for config in cfg.configs()})
+    alone = {b: attacker_alone_accuracy(paths, b) for b in budgets}  # a budget without a baseline fails here, before any work
+    data = {b: attacker_data(paths, settings, b) for b in budgets}
     test = test_set(paths)
     rng = np.random.default_rng(settings.base.seed)
     configs = cfg.configs()
@@ -130,7 +133,8 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
         else:
             targets = [[c] for c in customers[: config.get("targets", cfg.targets)]]
         involved = {c: copies[c] for t in targets for c in t}
-        calls.append(((paths, settings, config, targets, involved, data, test, {c: copy_accuracy[c] for c in involved}), {}))
+        budget = config.get("budget", settings.attacker.budget)
+        calls.append(((paths, settings, config, targets, involved, data[budget], test, {c: copy_accuracy[c] for c in involved}), {}))
     rows: list[dict] = []
     for family_rows in tqdm(results_in_order(run_family, calls, settings.ops), total=len(calls), desc="attack grid", unit="attack"):
         rows += family_rows
@@ -144,13 +148,14 @@ def attack_flow(paths: Paths, settings: Settings, source: str = "files") -> dict
                                 "innocents_accused": int(innocents(frame).sum()), "ber_mean": frame["ber"].mean()})
             mlflow.log_table(frame, "attack_rows.json")
         logger.info("%s: %s", name, frame[["strength", "coalition_size", "accuracy", "ber", "caught", "caught_api", "innocents_accused"]].to_dict("records"))
-    df = worth_it(pd.DataFrame(rows), alone)[CSV_COLUMNS]
+    frame = pd.DataFrame(rows)
+    df = worth_it(frame, frame["attacker_budget"].map(alone))[CSV_COLUMNS]
     summary = {
         "attacked_models": len(df),
         "innocents_accused_total": int(innocents(df).sum()),
         "copy_accuracy_mean": statistics.fmean(copy_accuracy.values()),
         "attacker_budget": settings.attacker.budget,
-        "attacker_alone_accuracy": alone,
+        "attacker_alone_accuracy": alone[settings.attacker.budget],
         "tracing": summarise(df),
         "tradeoff": tradeoff(df),
         "seconds": round(time.perf_counter() - start, 1),

@@ -11,10 +11,12 @@ from securemark.partition import stratified_subset
 from securemark.storage import read_partition
 
 
-def attacker_data(paths: Paths, settings: Settings) -> AttackData:
-    """The attacker's own labelled images: ``attacker.budget`` of its partition, class-balanced."""
+def attacker_data(paths: Paths, settings: Settings, budget: int | None = None) -> AttackData:
+    """The attacker's own labelled images: ``budget`` (default ``attacker.budget``) of its
+    partition, class-balanced."""
     attacker = read_partition(paths.partition("attacker"))
-    index = torch.from_numpy(stratified_subset(attacker.labels.numpy(), settings.attacker.budget, settings.base.seed))
+    budget = settings.attacker.budget if budget is None else budget
+    index = torch.from_numpy(stratified_subset(attacker.labels.numpy(), budget, settings.base.seed))
     return AttackData(attacker.as_float()[index], attacker.labels[index])
 
 

@@ -163,11 +163,12 @@ class IssueSettings:
         return [f"customer-{i:04d}" for i in range(1, self.customers + 1)]
 
 
-GRID_KEYS = ("attack", "targets", "coalition_sizes")  # keys of a grid entry that are not the attack's own options
+GRID_KEYS = ("attack", "targets", "coalition_sizes", "budget")  # keys of a grid entry that are not the attack's own options
 
 
 def attack_options(config: dict[str, Any]) -> dict[str, Any]:
-    """The attack's own options in a grid entry (without ``attack``, ``targets`` and ``coalition_sizes``)."""
+    """The attack's own options in a grid entry (without ``attack``, ``targets``, ``coalition_sizes``
+    and ``budget``: the attacker's images for this entry, one of ``attacker.budgets``)."""
     return {k: v for k, v in config.items() if k not in GRID_KEYS}
 
 
@@ -216,6 +217,8 @@ class AttackSettings:
             try:
                 create_attack(config["attack"], **attack_options(config))
                 checks.integer(f"attack {config['attack']!r}", "targets", config.get("targets", self.targets), 1)
+                if "budget" in config:
+                    checks.integer(f"attack {config['attack']!r}", "budget", config["budget"], 1)
                 for c in self.sizes_for(config):
                     checks.integer(f"attack {config['attack']!r}", "coalition_sizes[]", c, 2)
             except InvalidConfig as exc:

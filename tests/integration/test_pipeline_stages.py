@@ -28,7 +28,7 @@ PARAMS = small_params(attack={
         {"attack": "compose", "steps": [{"attack": "average"}, {"attack": "prune", "rate": 0.5}]},
         {"attack": "compose", "steps": [{"attack": "permute"}, {"attack": "rescale", "spread": 10.0}]},
         {"attack": "distill", "labels": ["soft", "hard"], "epochs": 2},
-        {"attack": "distill", "labels": "hard", "student": "other", "widths": [4, 8], "hidden": [16], "epochs": 2},
+        {"attack": "distill", "labels": "hard", "student": "other", "widths": [4, 8], "hidden": [16], "epochs": 2, "budget": 200},
         {"attack": "serve_coalition", "mode": "vote"},
         {"attack": "query_filter", "detector": "softmax", "fallback": "second"},
     ],
@@ -186,7 +186,7 @@ def test_attack_stage_traces_attacked_copies(staged):
     rows = pd.read_csv(staged.metrics / "attacks.csv")
     assert list(rows.columns) == CSV_COLUMNS
     assert set(rows["attack"]) == {"fine_tune_adam", "prune", "average", "average>prune", "permute>rescale",
-                                   "distill_soft", "distill_hard", "distill_hard_other", "serve_coalition_vote",
+                                   "distill_soft", "distill_hard", "distill_hard_other@200", "serve_coalition_vote",
                                    "query_filter_softmax_second"}
     assert len(rows) == 1 + 2 + 1 + 1 + 1 + 3 + 1 + 1
     assert (rows["innocents_accused"] == 0).all() and (rows["innocents_accused_api"] == 0).all()
@@ -195,9 +195,11 @@ def test_attack_stage_traces_attacked_copies(staged):
     served = rows[rows["attack"].isin(["serve_coalition_vote", "query_filter_softmax_second"])]
     assert (served["caught"] == 0).all() and served["ber"].isna().all()  # an API only: nothing for the weights channel
     baseline = {r["budget"]: r["accuracy"] for r in json.loads(staged.attacker_baseline.read_text())}
-    assert np.allclose(rows["attacker_alone_accuracy"], baseline[SETTINGS.attacker.budget], atol=1e-5)
+    assert SETTINGS.attacker.budget == 100 and set(rows["attacker_budget"]) == {100, 200}  # one entry on 200 of its images
+    assert np.allclose(rows["attacker_alone_accuracy"], rows["attacker_budget"].map(baseline), atol=1e-5)  # each against its own baseline
     assert (rows["worth_it"] == (rows["accuracy"] > rows["attacker_alone_accuracy"])).all()
-    other = rows[rows["attack"] == "distill_hard_other"].iloc[0]
+    other = rows[rows["attack"] == "distill_hard_other@200"].iloc[0]
+    assert other["attacker_budget"] == 200
     assert other["caught"] == 0 and pd.isna(other["ber"])  # another architecture: no weights to read
     read = other["key_agreement"] * SETTINGS.blackbox.keys  # ... but its answers to the keys are read: a share of the keys
     assert 0 <= other["key_agreement"] <= 1.0 and abs(read - round(read)) < 1e-3

@@ -115,7 +115,8 @@ def test_bad_values_name_their_key(section, key, value, named):
 
 
 def test_bad_attack_grid_entries_are_refused_before_any_work():
-    for entry, named in [({"attack": "bogus"}, "bogus"), ({"attack": "prune", "rate": 3.0}, "rate"), ({"attack": "prune", "ratio": 0.5}, "ratio")]:
+    for entry, named in [({"attack": "bogus"}, "bogus"), ({"attack": "prune", "rate": 3.0}, "rate"), ({"attack": "prune", "ratio": 0.5}, "ratio"),
+                          ({"attack": "distill", "budget": 0}, "budget"), ({"attack": "distill", "budget": "all"}, "budget")]:
         params = copy.deepcopy(SMALL_PARAMS)
         params["attack"]["grid"] = [entry]
         with pytest.raises(ConfigError) as err:
