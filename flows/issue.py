@@ -92,7 +92,7 @@ def embed_copies(paths: Paths, settings: Settings, base_file: Path, customers: l
         rows.append({"customer_id": outcome.name, "path": str(out), "weights_sha256": sha256_file(out),
                      "test_accuracy": copy_accuracy(space, result.model, test_rows, test_labels),
                      "ber": result.ber, "min_margin": result.min_margin, "embed_steps": result.steps, "mark_steps": result.mark_steps,
-                     "embed_seconds": embed_seconds, "key_agreement": result.key_agreement, "worker": worker})
+                     "embed_seconds": embed_seconds, "key_agreement": result.key_agreement, "keys_shed": result.keys_shed, "worker": worker})
     seconds = (time.perf_counter() - start) / len(customers)
     for row in rows:
         row["task_seconds"] = seconds
@@ -138,6 +138,7 @@ def register_copies(paths: Paths, vendor: Vendor, issued: list[tuple], base_vers
                        "embed_seconds": embedded["embed_seconds"]}
             if embedded.get("key_agreement") is not None:
                 metrics["key_agreement"] = embedded["key_agreement"]
+                metrics["keys_shed"] = embedded.get("keys_shed", 0)
             params = {"customer_id": customer_id, "codeword_index": record.codeword_index, "key_id": key_id, "base_version": base_version, **config}
             run = client.create_run(issue_experiment, run_name=f"issue-{customer_id}", tags={**context, **tags})
             try:
@@ -225,7 +226,9 @@ def issue_flow(paths: Paths, settings: Settings, customers: list[str] | None = N
             rows += register_copies(paths, vendor, embedded, str(base_version), base_accuracy, template, progress=lambda: bar.update(1))
     for row in rows:
         row["setup_seconds"] = setup_seconds
-        logger.info("issued %s -> %s (BER %.3f, min margin %.3f, accuracy drop %.2f pt, on %s)", row["customer_id"], row["path"], row["ber"], row["min_margin"], row["accuracy_drop"], row["worker"])
+        shed = f", {row['keys_shed']:.0f} key flips given back" if row.get("keys_shed") else ""
+        logger.info("issued %s -> %s (BER %.3f, min margin %.3f, accuracy drop %.2f pt%s, on %s)", row["customer_id"], row["path"], row["ber"],
+                    row["min_margin"], row["accuracy_drop"], shed, row["worker"])
     artifacts.publish_table(artifacts.ISSUED, [{k: row[k] for k in ("customer_id", "model_version", "ber", "min_margin", "accuracy_drop", "worker")} for row in rows],
                     "Copies issued by this run: registry version, bit error rate after embedding, accuracy drop (points)")
     if failures:
@@ -258,6 +261,8 @@ def fingerprint_metrics(rows: list[dict], code_length: int, wall_seconds: float)
         "setup_seconds": setup,
         "wall_seconds": wall_seconds,
         "key_agreement_min": min((r["key_agreement"] for r in rows if r.get("key_agreement") is not None), default=None),
+        "copies_with_keys_shed": sum(1 for r in rows if r.get("keys_shed")),  # fingerprint.shed_keys: retried with flips given back
+        "keys_shed_max": max((r.get("keys_shed", 0) for r in rows), default=0),
     }
 
 

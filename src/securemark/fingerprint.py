@@ -71,8 +71,15 @@ class EmbedConfig:
     subspace: int = 256         # batched issuing: input directions of the carrying dense layer a copy may change (>= rank)
     gradient_precision: str = "auto"  # batched issuing: the key matrix's precision in the hinge's gradient (auto | bfloat16 | float32)
     natural_views: int = 0      # batched issuing: augmented copies (crop, flip) of each trained-on aux image, trained on too
+    shed_keys: tuple[float, ...] = ()  # natural keys: shares of a failed copy's flips given back, one retry each (vendor.embed)
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "shed_keys", tuple(float(v) for v in self.shed_keys))
+        except (TypeError, ValueError):
+            raise ConfigError("fingerprint.shed_keys", f"must be a list of shares in (0, 1], got {self.shed_keys!r}") from None
+        if any(not 0.0 < v <= 1.0 for v in self.shed_keys) or list(self.shed_keys) != sorted(set(self.shed_keys)):
+            raise ConfigError("fingerprint.shed_keys", f"must be increasing shares in (0, 1], got {list(self.shed_keys)}")
         for key in ("lam", "margin", "lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"fingerprint.{key}", f"must be > 0, got {getattr(self, key)}")
@@ -119,6 +126,7 @@ class EmbedResult:
     seconds: float
     key_agreement: float | None = None  # fraction of the keys answered with their targets
     mark_steps: int | None = None  # batched issuing: the check at which both marks first held (the rest restored accuracy)
+    keys_shed: int = 0       # natural keys given back to the base's answer because the copy could not keep its accuracy with them
 
 
 def fingerprint_unit(model: SplitNet, layer: str) -> nn.Module:

@@ -179,6 +179,39 @@ def test_both_key_families_issue_copies_the_api_channel_traces(staged, tmp_path)
         assert not other.trace(label_api(copy), settings.trace.epsilon).verdict.accused
 
 
+def test_a_copy_that_cannot_keep_every_key_flip_is_retried_with_flips_given_back(staged, tmp_path):
+    """``fingerprint.shed_keys``: a copy that misses its accuracy with every natural key
+    flipped is embedded again with a share of its flips given back to the base's answer
+    (the keys the base is surest of first). The result counts them, and its key agreement
+    is with the customer's own symbols; a copy that fails every retry says so."""
+    import dataclasses
+
+    from flows.adapters.vendor import vendor_config, vendor_files
+    from securemark.tracing.blackbox import targets
+    from securemark.vendor import Vendor
+
+    def vendor_with(**fingerprint):
+        settings = Settings.from_params(small_params(fingerprint={"accuracy_tolerance": 0.0015, **fingerprint}))
+        files = dataclasses.replace(vendor_files(staged, settings), state_dir=tmp_path / str(fingerprint), secret=tmp_path / "vendor.key")
+        return Vendor.open(files, vendor_config(settings))
+
+    # the small model cannot flip its keys within 0.15 pt (400 steps); with every flip given back it can (~100 steps)
+    vendor = vendor_with(max_steps=400, shed_keys=[1.0])
+    outcomes = vendor.embed([(f"customer-s{i}", i) for i in range(3)])
+    keys = vendor.keyset
+    for i, outcome in enumerate(outcomes):
+        assert outcome.error is None, outcome.error
+        own = targets(keys, vendor.blackbox_codebook.word(i))
+        flips = int((own != keys.candidates[:, 0]).sum())
+        assert outcome.result.keys_shed in (0, flips)
+        answers = outcome.result.model.eval()(keys.images).argmax(1)
+        assert outcome.result.key_agreement == pytest.approx(float((answers == own).double().mean()))
+    assert any(o.result.keys_shed for o in outcomes)
+
+    [failed] = vendor_with(max_steps=25, shed_keys=[0.5, 1.0]).embed([("customer-s2", 6)])
+    assert failed.result is None and "50% of the key flips given back" in str(failed.error) and "100%" in str(failed.error)
+
+
 def test_attack_stage_traces_attacked_copies(staged):
     from flows.attack import CSV_COLUMNS, _stage
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from securemark.tracing.blackbox import (SymbolBook, agreement, decide, make_keys, natural_keys, profile, query_order, secret_patterns,
+from securemark.tracing.blackbox import (SymbolBook, agreement, decide, make_keys, natural_keys, profile, query_order, secret_patterns, shed,
                                          sequential_trace, symbol_profile, targets, threshold)
 from securemark.errors import InvalidInput
 
@@ -213,6 +213,29 @@ def test_natural_targets_are_the_candidate_a_binary_symbol_picks(aux):
     neither[(keys.candidates == 0).any(1)] = 1  # a class neither candidate is (0 or 1 is always free)
     neither[(keys.candidates == 0).any(1) & (keys.candidates == 1).any(1)] = 2
     assert np.allclose(symbol_profile(keys, profile(keys, neither)), 0.0)  # counts for no symbol
+
+
+def test_shedding_gives_back_the_flips_the_base_is_surest_of(aux):
+    probs = _unsure_probs(len(aux), 0)
+    keys = natural_keys(aux, probs, 40, seed=1)
+    word = np.random.default_rng(0).integers(0, 2, 40)
+    t, top = targets(keys, word), keys.candidates[:, 0]
+    flipped = (t != top).nonzero().squeeze(1)
+    kept = shed(keys, t, probs[keys.rows], 0.25)
+    given = (kept != t).nonzero().squeeze(1)
+    assert len(given) == round(0.25 * len(flipped)) and torch.equal(kept[given], top[given])  # back to the base's answer
+    assert torch.equal(kept[t == top], t[t == top])  # a key the copy answers like the base is never touched
+    two = probs[keys.rows].topk(2, 1).values
+    surety = two[:, 1] / two[:, 0]
+    others = flipped[~torch.isin(flipped, given)]
+    assert surety[given].max() <= surety[others].min()  # the base's surest keys first
+    assert torch.equal(shed(keys, t, probs[keys.rows], 1.0), top)  # everything given back: the base's answers
+    with pytest.raises(InvalidInput):
+        shed(keys, t, probs[keys.rows], 0.0)
+    with pytest.raises(InvalidInput):
+        shed(keys, t, probs[:10], 0.5)
+    with pytest.raises(InvalidInput):
+        shed(make_keys(aux, 4, 2, seed=1), torch.zeros(8, dtype=torch.long), torch.rand(8, 10), 0.5)  # patterns: no top class
 
 
 def test_natural_keys_accuse_the_copy_and_never_an_api_independent_of_the_words(aux):

@@ -106,6 +106,9 @@ def _with(section: str, key: str, value) -> dict:
         ("trace", "no_such_key", 1, "trace.no_such_key"),
         ("ops", "max_workers", 0, "max_workers"),
         ("fingerprint", "margin", -1.0, "margin"),
+        ("fingerprint", "shed_keys", [0.4, 0.2], "fingerprint.shed_keys"),
+        ("fingerprint", "shed_keys", [1.5], "fingerprint.shed_keys"),
+        ("fingerprint", "shed_keys", 0.2, "fingerprint.shed_keys"),
     ],
 )
 def test_bad_values_name_their_key(section, key, value, named):

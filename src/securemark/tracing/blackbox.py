@@ -189,6 +189,30 @@ def targets(keys: KeySet, word: np.ndarray) -> torch.Tensor:
     return word[keys.pattern]
 
 
+def shed(keys: KeySet, labels: torch.Tensor, probs: torch.Tensor, share: float) -> torch.Tensor:
+    """A copy's key targets ``labels`` (natural keys) with ``share`` of the keys it flips
+    (answered with the runner-up) given back to the base's top class: those the base is
+    surest of (lowest runner-up over top probability, ``probs`` [n, 10] the base's class
+    probabilities on the keys), whose flips move the most natural images with them. What
+    issuing gives up when a copy cannot keep its accuracy with every flip (README,
+    "fingerprint.shed_keys"); the copy then answers its own symbols on the other keys."""
+    if keys.candidates is None:
+        raise InvalidInput("only natural keys (a top class and a runner-up each) can be shed")
+    if not 0.0 < share <= 1.0:
+        raise InvalidInput(f"the share of flipped keys to shed must be in (0, 1], got {share}")
+    if probs.shape != (len(labels), NUM_CLASSES) or len(labels) != len(keys.pattern):
+        raise InvalidInput(f"need one target and one probability row per key ({len(keys.pattern)}), "
+                           f"got {len(labels)} and {tuple(probs.shape)}")
+    top = keys.candidates[keys.pattern, 0]
+    flipped = (labels != top).nonzero().squeeze(1)
+    two = probs.double().topk(2, 1).values
+    surety = (two[:, 1] / two[:, 0].clamp_min(1e-12))[flipped]
+    given_up = flipped[surety.argsort(stable=True)[: round(share * len(flipped))]]
+    out = labels.clone()
+    out[given_up] = top[given_up]
+    return out
+
+
 def symbol_profile(keys: KeySet, P: np.ndarray) -> np.ndarray:
     """The class profile ``P`` [patterns, 10] (:func:`profile`) over symbols: ``[patterns, q]``,
     the share of each pattern's answers that were the class each symbol value stands for."""

@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 from securemark.alignment import Aligner
 from securemark.attacks import AttackData, create_attack
 from securemark.tracing.blackbox import (ApiProbe, BlackboxVerdict, KeySet, SymbolBook, key_views, make_keys, natural_keys, sequential_trace,
-                                         targets)
+                                         shed, targets)
 from securemark.codes import Codebook, create_code
 from securemark.embedding import CarrierSpace, Job, Outcome, Projected, changes_only_carrier, copy_accuracy, embed_batch
 from securemark.errors import InvalidInput
-from securemark.fingerprint import Readout, carrier_inputs, effective_weight, readout_size
+from securemark.fingerprint import EmbeddingFailed, Readout, carrier_inputs, effective_weight, readout_size
 from securemark.key import FingerprintKey, create_secret, derive_seed, draw_key, key_id, load_secret
 from securemark.ledger import Ledger
 from securemark.model import SplitNet, accuracy
@@ -322,13 +322,41 @@ class Vendor:
         """Issuing: embed the code words of ``customers`` ((id, code-word index) pairs) into
         copies of the base model, ``width`` at a time in one rolling batch
         (:func:`securemark.embedding.embed_batch`). Each customer's black-box word is
-        taught on the vendor's keys. Writes nothing: the caller delivers the copies."""
+        taught on the vendor's keys. Writes nothing: the caller delivers the copies.
+
+        With natural keys, a copy that cannot keep its accuracy while flipping all its keys
+        (some words flip costlier keys than others) is retried once per share in
+        ``fingerprint.shed_keys``, each time giving that share of its flips back to the
+        base's answer (:func:`~securemark.tracing.blackbox.shed`, the keys the base is
+        surest of first); its result says how many (``keys_shed``)."""
+        cfg = self.config.embed
         space, _, _ = self.carrier_space(base_file)
         keys = self.keyset if self.config.blackbox.enabled else None
         jobs = [Job(customer_id, self.codebook.word(index), None if keys is None else targets(keys, self.blackbox_codebook.word(index)),
                     derive_seed(self.secret, f"embed|{customer_id}"))
                 for customer_id, index in customers]
-        return embed_batch(space, jobs, self.config.embed, progress=progress, width=width)
+        outcomes = embed_batch(space, jobs, cfg, progress=progress, width=width)
+        if keys is None or keys.candidates is None:
+            return outcomes
+        probs = self._aux_probabilities[keys.rows]
+        for share in cfg.shed_keys:
+            failed = [i for i, o in enumerate(outcomes) if o.error is not None]
+            if not failed:
+                break
+            retry = [replace(jobs[i], key_labels=shed(keys, jobs[i].key_labels, probs, share)) for i in failed]
+            log.warning("%d copies missed their accuracy with every key flipped (%s); retrying with %.0f%% of their flips given back",
+                        len(failed), ", ".join(jobs[i].name for i in failed), 100 * share)
+            for i, job, outcome in zip(failed, retry, embed_batch(space, retry, cfg, width=width)):
+                if outcome.error is None:  # its agreement: with the customer's own symbols, not with what was taught
+                    with torch.no_grad():
+                        answers = outcome.result.model.eval()(keys.images).argmax(1)
+                    outcome = Outcome(outcome.name, replace(outcome.result, keys_shed=int((job.key_labels != jobs[i].key_labels).sum()),
+                                                            key_agreement=float((answers == jobs[i].key_labels).double().mean())))
+                else:
+                    outcome = Outcome(outcome.name, None, EmbeddingFailed(f"{outcomes[i].error}; with {100 * share:.0f}% of the key flips "
+                                                                         f"given back: {outcome.error}", steps=outcome.error.steps))
+                outcomes[i] = outcome
+        return outcomes
 
     def trace_weights(self, state: dict[str, torch.Tensor], cfg: TraceConfig | None = None) -> WeightsTrace:
         """Tracing through the weights: ``state`` (tensors already examined, see
