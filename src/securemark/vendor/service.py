@@ -344,7 +344,7 @@ class Vendor:
             if not failed:
                 break
             retry = [replace(jobs[i], key_labels=shed(keys, jobs[i].key_labels, probs, share)) for i in failed]
-            log.warning("%d copies missed their accuracy with every key flipped (%s); retrying with %.0f%% of their flips given back",
+            log.warning("%d copies could not be made (%s); retrying with %.0f%% of their key flips given back",
                         len(failed), ", ".join(jobs[i].name for i in failed), 100 * share)
             for i, job, outcome in zip(failed, retry, embed_batch(space, retry, cfg, width=width)):
                 if outcome.error is None:  # its agreement: with the customer's own symbols, not with what was taught
