@@ -55,6 +55,27 @@ def test_more_noise_certifies_more_error_and_no_noise_certifies_nothing():
     assert none.mse_lower_bound == 0.0 and none.summary()["dfil"] is None
 
 
+def test_images_the_features_ignore_do_not_make_the_bound_infinite():
+    """A ReLU client that is off for half the images sends nothing that depends on them;
+    the reported bound is ``1 / mean dFIL`` (finite, below the mean of the per-image
+    bounds), and the median image's own bound is reported beside it."""
+    a = torch.randn(8, D, generator=torch.Generator().manual_seed(2)) / 28
+
+    class Gated(Linear):
+        def forward(self, x):
+            on = (x.flatten(1).mean(1, keepdim=True) > 0).to(x.dtype)  # all-negative images switch every unit off
+            return super().forward(x) * on
+
+    images = torch.cat([torch.rand(10, 1, 28, 28), -torch.rand(10, 1, 28, 28)])
+    got = fisher_bound(Gated(a), images, 0.5)
+    with torch.no_grad():
+        rms = float(Gated(a)(images).pow(2).mean().sqrt())
+    dfil_on = float(a.double().pow(2).sum()) / (0.5 * rms) ** 2 / D
+    assert got.dfil == pytest.approx(dfil_on / 2, rel=1e-4)
+    assert got.mse_lower_bound == pytest.approx(2 / dfil_on, rel=1e-4) and math.isfinite(got.mse_lower_bound)
+    assert got.mse_lower_bound_median >= got.mse_lower_bound
+
+
 def test_the_bound_refuses_what_is_not_a_batch_of_images():
     with pytest.raises(InvalidInput):
         fisher_bound(Linear(torch.zeros(2, D)), torch.rand(28, 28), 0.5)

@@ -41,8 +41,8 @@ def owner_markdown(owner: int, scores: dict[str, Any], variant: dict[str, Any], 
     bound = variant.get("mse_lower_bound")
     lines += ["", f"Over all owners: leakage {variant['leakage']:+.3f} (strongest: {variant['strongest']})."]
     if bound:
-        lines.append(f"Certified (dFIL): no unbiased reconstruction of any image gets below a per-pixel mean squared error of "
-                     f"{bound:.4f} (pixels in [0, 1]); attackers that lean on a prior of garments can.")
+        lines.append(f"Certified (dFIL): no unbiased reconstruction gets below a per-pixel mean squared error of "
+                     f"{bound:.4f} on average over the audited images (pixels in [0, 1]); attackers that lean on a prior of garments can.")
     else:
         lines.append("No noise is added to what you send: nothing is certified.")
     if picture:
