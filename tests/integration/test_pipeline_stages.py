@@ -191,25 +191,24 @@ def test_a_copy_that_cannot_keep_every_key_flip_is_retried_with_flips_given_back
     from securemark.vendor import Vendor
 
     def vendor_with(**fingerprint):
-        settings = Settings.from_params(small_params(fingerprint={"accuracy_tolerance": 0.0015, **fingerprint}))
+        settings = Settings.from_params(small_params(fingerprint=fingerprint))
         files = dataclasses.replace(vendor_files(staged, settings), state_dir=tmp_path / str(fingerprint), secret=tmp_path / "vendor.key")
         return Vendor.open(files, vendor_config(settings))
 
-    # the small model cannot flip its keys within 0.15 pt (400 steps); with every flip given back it can (~100 steps)
-    vendor = vendor_with(max_steps=400, shed_keys=[1.0])
-    outcomes = vendor.embed([(f"customer-s{i}", i) for i in range(3)])
+    # no pull on the keys (key_weight 0): a copy keeps about the base's answers, which are about half of its symbols
+    # (a word flips about half of the keys); with every flip given back it answers about 0.9 of them, over key_agreement 0.8
+    vendor = vendor_with(key_weight=0.0, key_agreement=0.8, accuracy_tolerance=0.05, max_steps=200, shed_keys=[1.0])
+    outcomes = vendor.embed([(f"customer-s{i}", i) for i in range(2)])
     keys = vendor.keyset
     for i, outcome in enumerate(outcomes):
         assert outcome.error is None, outcome.error
         own = targets(keys, vendor.blackbox_codebook.word(i))
-        flips = int((own != keys.candidates[:, 0]).sum())
-        assert outcome.result.keys_shed in (0, flips)
+        assert outcome.result.keys_shed == int((own != keys.candidates[:, 0]).sum()) > 0
         answers = outcome.result.model.eval()(keys.images).argmax(1)
-        assert outcome.result.key_agreement == pytest.approx(float((answers == own).double().mean()))
-    assert any(o.result.keys_shed for o in outcomes)
+        assert outcome.result.key_agreement == pytest.approx(float((answers == own).double().mean()))  # its own symbols
 
-    [failed] = vendor_with(max_steps=25, shed_keys=[0.5, 1.0]).embed([("customer-s2", 6)])
-    assert failed.result is None and "50% of the key flips given back" in str(failed.error) and "100%" in str(failed.error)
+    [failed] = vendor_with(max_steps=1, shed_keys=[0.5, 1.0]).embed([("customer-s2", 6)])  # no copy is made in one step
+    assert failed.result is None and "with 50% of the key flips given back" in str(failed.error) and "100%" in str(failed.error)
 
 
 def test_attack_stage_traces_attacked_copies(staged):
