@@ -172,11 +172,17 @@ def natural_keys(images: torch.Tensor, probs: torch.Tensor, count: int, seed: in
     if count > len(images):
         raise InvalidInput(f"blackbox: {count} natural keys need as many aux images, there are {len(images)}")
     top = probs.double().topk(2, 1)
-    ratio = top.values[:, 1] / top.values[:, 0].clamp_min(1e-12)
-    unsure = ratio.argsort(descending=True, stable=True)[: min(len(images), round(pool * count))]
+    unsure = _runner_up_ratio(probs).argsort(descending=True, stable=True)[: min(len(images), round(pool * count))]
     g = torch.Generator().manual_seed(seed)
     rows = unsure[torch.randperm(len(unsure), generator=g)[:count]]
     return KeySet(images[rows].contiguous(), torch.arange(count), rows.clone(), count, top.indices[rows].contiguous())
+
+
+def _runner_up_ratio(probs: torch.Tensor) -> torch.Tensor:
+    """Runner-up over top probability per row of ``probs`` [N, 10] (float64): 1 for a tie,
+    near 0 where the model is sure."""
+    two = probs.double().topk(2, 1).values
+    return two[:, 1] / two[:, 0].clamp_min(1e-12)
 
 
 def targets(keys: KeySet, word: np.ndarray) -> torch.Tensor:
@@ -194,8 +200,9 @@ def shed(keys: KeySet, labels: torch.Tensor, probs: torch.Tensor, share: float) 
     (answered with the runner-up) given back to the base's top class: those the base is
     surest of (lowest runner-up over top probability, ``probs`` [n, 10] the base's class
     probabilities on the keys), whose flips move the most natural images with them. What
-    issuing gives up when a copy cannot keep its accuracy with every flip (README,
-    "fingerprint.shed_keys"); the copy then answers its own symbols on the other keys."""
+    issuing gives up when a copy cannot keep its accuracy with every flip
+    (``fingerprint.shed_keys``, docs/pipeline.md "issue"); the copy then answers its own
+    symbols on the other keys."""
     if keys.candidates is None:
         raise InvalidInput("only natural keys (a top class and a runner-up each) can be shed")
     if not 0.0 < share <= 1.0:
@@ -205,9 +212,7 @@ def shed(keys: KeySet, labels: torch.Tensor, probs: torch.Tensor, share: float) 
                            f"got {len(labels)} and {tuple(probs.shape)}")
     top = keys.candidates[keys.pattern, 0]
     flipped = (labels != top).nonzero().squeeze(1)
-    two = probs.double().topk(2, 1).values
-    surety = (two[:, 1] / two[:, 0].clamp_min(1e-12))[flipped]
-    given_up = flipped[surety.argsort(stable=True)[: round(share * len(flipped))]]
+    given_up = flipped[_runner_up_ratio(probs)[flipped].argsort(stable=True)[: round(share * len(flipped))]]
     out = labels.clone()
     out[given_up] = top[given_up]
     return out

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from securemark.alignment import Aligner
 from securemark.attacks import AttackData, create_attack
-from securemark.tracing.blackbox import (ApiProbe, BlackboxVerdict, KeySet, SymbolBook, key_views, make_keys, natural_keys, sequential_trace,
-                                         shed, targets)
+from securemark.tracing.blackbox import (ApiProbe, BlackboxVerdict, KeySet, SymbolBook, agreement, key_views, label_api, make_keys,
+                                         natural_keys, sequential_trace, shed, targets)
 from securemark.codes import Codebook, create_code
 from securemark.embedding import CarrierSpace, Job, Outcome, Projected, changes_only_carrier, copy_accuracy, embed_batch
 from securemark.errors import InvalidInput
@@ -339,6 +339,7 @@ class Vendor:
         if keys is None or keys.candidates is None:
             return outcomes
         probs = self._aux_probabilities[keys.rows]
+        words = [self.blackbox_codebook.word(index) for _, index in customers]
         for share in cfg.shed_keys:
             failed = [i for i, o in enumerate(outcomes) if o.error is not None]
             if not failed:
@@ -348,10 +349,9 @@ class Vendor:
                         len(failed), ", ".join(jobs[i].name for i in failed), 100 * share)
             for i, job, outcome in zip(failed, retry, embed_batch(space, retry, cfg, width=width)):
                 if outcome.error is None:  # its agreement: with the customer's own symbols, not with what was taught
-                    with torch.no_grad():
-                        answers = outcome.result.model.eval()(keys.images).argmax(1)
+                    answers = label_api(outcome.result.model)(keys.images)
                     outcome = Outcome(outcome.name, replace(outcome.result, keys_shed=int((job.key_labels != jobs[i].key_labels).sum()),
-                                                            key_agreement=float((answers == jobs[i].key_labels).double().mean())))
+                                                            key_agreement=agreement(keys, words[i], answers)))
                 else:
                     outcome = Outcome(outcome.name, None, EmbeddingFailed(f"{outcomes[i].error}; with {100 * share:.0f}% of the key flips "
                                                                          f"given back: {outcome.error}", steps=outcome.error.steps))
