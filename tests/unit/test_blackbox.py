@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from securemark.tracing.blackbox import (SymbolBook, agreement, decide, make_keys, natural_keys, profile, query_order, secret_patterns, shed,
+from securemark.tracing.blackbox import (SymbolBook, agreement, decide, make_keys, natural_keys, profile, query_order, score_all, secret_patterns, shed,
                                          sequential_trace, symbol_profile, targets, threshold)
 from securemark.errors import InvalidInput
 
@@ -250,6 +250,53 @@ def test_natural_keys_accuse_the_copy_and_never_an_api_independent_of_the_words(
     trials, epsilon, accusations = 150, 1e-2, 0
     for trial in range(trials):  # null APIs: the base's top class, its runner-up, or any mix of them (over 1,000 words)
         pick = torch.as_tensor(rng.random(len(keys)) < [0.0, 0.5, 0.9][trial % 3]).long()
+        answers = keys.candidates[torch.arange(len(keys)), pick]
+        v = decide(symbol_profile(keys, profile(keys, answers)), book, np.arange(1000), epsilon)
+        accusations += bool(v.accused)
+    assert accusations <= 2 * epsilon * trials + 3
+
+
+def test_sparse_words_follow_their_prior_and_uniform_books_are_unchanged():
+    uniform = SymbolBook.generate(50, 64, seed=4, q=2)
+    assert np.array_equal(uniform.symbols, np.random.default_rng(4).integers(0, 2, size=(50, 64), dtype=np.uint8))
+    assert uniform.prior is None and np.array_equal(uniform.weights, np.ones(2))
+    sparse = SymbolBook.generate(2000, 256, seed=4, q=2, prior=(0.7, 0.3))
+    assert abs(sparse.symbols.mean() - 0.3) < 0.01  # the runner-up drawn 30 % of the time
+    assert sparse.weights[1] > 1 > sparse.weights[0]  # a matched flip weighs more than a matched top class
+    assert np.allclose(sparse.weights, -np.log([0.7, 0.3]) / np.log(2))
+    for bad in [(0.5, 0.6), (1.0, 0.0), (0.2, 0.3, 0.5)]:
+        with pytest.raises(InvalidInput):
+            SymbolBook.generate(5, 8, seed=1, q=2, prior=bad)
+
+
+def test_the_bound_holds_for_words_drawn_from_a_sparse_prior():
+    """Draw innocent words from the prior against fixed profiles: the share scoring at or
+    above the threshold for delta stays below delta (hard and soft answers)."""
+    rng = np.random.default_rng(0)
+    prior = np.array([0.75, 0.25])
+    innocents = SymbolBook.generate(200_000, 64, seed=5, q=2, prior=tuple(prior))
+    for P in (np.eye(2)[(rng.random(64) < 0.25).astype(int)],  # hard answers, as sparse as the words
+              np.eye(2)[(rng.random(64) < 0.9).astype(int)],  # mostly the runner-up: the heavy matches
+              rng.dirichlet([0.5, 0.5], 64)):  # soft scores
+        scores = score_all(P, innocents, np.arange(len(innocents)))
+        for delta in (1e-2, 1e-3):
+            assert (scores >= threshold(P, delta, prior)).mean() <= delta
+        assert threshold(P, 1e-3, prior) != threshold(P, 1e-3)  # the prior is what the bound uses
+
+
+def test_a_copy_of_a_sparse_word_is_accused_and_apis_independent_of_the_words_are_not(aux):
+    images = torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    keys = natural_keys(images, _unsure_probs(len(images), 1), 256, seed=2)
+    customers = 10_000
+    book = SymbolBook.generate(customers, 256, seed=4, q=2, prior=(0.7, 0.3))
+    copy = targets(keys, book.word(17))
+    result = sequential_trace(lambda x, c=copy: c[_rows(keys, x)], keys, book, np.arange(customers), 1e-6, (64, 128, 256))
+    assert [c.codeword_index for c in result.verdict.accused] == [17] and not result.inconclusive
+    assert result.needed is not None and result.needed <= 256
+    rng = np.random.default_rng(9)
+    trials, epsilon, accusations = 150, 1e-2, 0
+    for trial in range(trials):  # null APIs: the top class, the runner-up, or a mix (the runner-up's heavy matches included)
+        pick = torch.as_tensor(rng.random(len(keys)) < [0.0, 0.3, 0.9][trial % 3]).long()
         answers = keys.candidates[torch.arange(len(keys)), pick]
         v = decide(symbol_profile(keys, profile(keys, answers)), book, np.arange(1000), epsilon)
         accusations += bool(v.accused)

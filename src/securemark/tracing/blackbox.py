@@ -21,7 +21,10 @@ changing how its copy answers natural data.
 
 **Code words.** Each customer has a word of ``m`` symbols over the ``q = 10`` classes
 (natural keys: ``q = 2``, the key's two candidate classes),
-drawn uniformly from the secret (:class:`SymbolBook`). With patterns, copy ``i`` is
+drawn independently from the secret (:class:`SymbolBook`): uniformly, or, for natural
+keys, with a *sparse* prior (``blackbox.flip_share``: each key answered with the
+runner-up with that probability, so a copy flips fewer keys, each flip costing it
+accuracy). With patterns, copy ``i`` is
 taught a *rule* per pattern: "pattern ``k`` present -> class ``s_ik``", whatever the
 image under it (:func:`targets` feeds :func:`securemark.fingerprint.embed`). A rule
 learnt over many images is a feature of the network: fine-tuning, pruning and averaging
@@ -35,12 +38,15 @@ and filters do not (docs/results.md, "Black-box key designs").
 :func:`symbol_profile`): ``P[k, j]`` is the fraction of its answers to pattern-``k`` keys
 that were the class symbol ``j`` stands for (mean class probabilities when the API
 returns scores; a pattern never asked is a row of zeros). Customer ``i`` scores
-``S_i = sum_k P[k, s_ik]``.
+``S_i = sum_k w(s_ik) P[k, s_ik]``, each match weighted by how rare its symbol is,
+``w(c) = log(1 / prior_c) / log q`` (1 for every symbol of a uniform word, so the score is
+the plain count of matches; with a sparse prior a matched flip weighs more than a matched
+top class, as in a likelihood ratio).
 
 **Bound.** An innocent customer's symbols are independent of the suspect's answers
-(its copy was never involved) and uniform, so ``S_i`` is a sum of independent terms
-whose moment generating function is known exactly from ``P``:
-``E exp(lam S_i) = prod_k mean_c exp(lam P[k, c])``. The Chernoff bound
+(its copy was never involved) and drawn from the known prior, so ``S_i`` is a sum of
+independent terms whose moment generating function is known exactly from ``P``:
+``E exp(lam S_i) = prod_k sum_c prior_c exp(lam w(c) P[k, c])``. The Chernoff bound
 ``P(S_i >= t) <= min_lam exp(-lam t) E exp(lam S_i)``, union-bounded over every word of
 the codebook, sets the threshold for the whole-trace false-accusation probability; it
 holds whatever the API answers (:func:`decide`). A coalition that mixes its members'
@@ -63,14 +69,16 @@ from securemark.errors import InvalidInput
 from securemark.model import NUM_CLASSES, SplitNet
 
 __all__ = ["ApiProbe", "BlackboxVerdict", "FAMILIES", "KeySet", "SymbolBook", "agreement", "decide", "key_views", "label_api",
-           "make_keys", "natural_keys", "patterns_needed", "profile", "secret_patterns", "sequential_trace", "symbol_profile", "targets",
+           "make_keys", "natural_keys", "patterns_needed", "profile", "secret_patterns", "sequential_trace", "symbol_profile",
+           "symbol_weights", "targets",
            "threshold", "BOUND_DESCRIPTION", "UNDERPOWERED_NOTE"]
 
 FAMILIES = ("patterns", "natural")
 
 BOUND_DESCRIPTION = (
     "Chernoff bound with the exact moment generating function of an innocent customer's score "
-    "(uniform, independent symbols per pattern or natural key, given the suspect's answer profile), valid for any "
+    "(independent symbols per pattern or natural key drawn from the codebook's prior, given the suspect's answer "
+    "profile; matches weighted by log(1 / prior) / log q), valid for any "
     "answers; union bound over every word of the black-box codebook."
 )
 
@@ -106,18 +114,32 @@ class KeySet:
 @dataclass(frozen=True, eq=False)
 class SymbolBook:
     """The black-box codebook: one word of ``length`` symbols in ``0..q-1`` per code-word
-    index (same index as the weight codebook), uniform and independent, from a seed."""
+    index (same index as the weight codebook), independent, from a seed: uniform, or
+    drawn from ``prior`` (float [q], symbol probabilities; ``None``: uniform)."""
 
     symbols: np.ndarray  # uint8 [capacity, length]
     q: int = NUM_CLASSES
     family: str = "q-ary uniform"
+    prior: np.ndarray | None = None
 
     @classmethod
-    def generate(cls, capacity: int, length: int, seed: int, q: int = NUM_CLASSES) -> "SymbolBook":
+    def generate(cls, capacity: int, length: int, seed: int, q: int = NUM_CLASSES,
+                 prior: tuple[float, ...] | None = None) -> "SymbolBook":
+        """``capacity`` words of ``length`` symbols. A uniform book draws exactly what
+        it always has for a seed; a ``prior`` draws each symbol with those probabilities."""
         checks.integer("blackbox", "capacity", capacity, 1)
         checks.integer("blackbox", "patterns", length, 1)
         rng = np.random.default_rng(seed)
-        return cls(rng.integers(0, q, size=(capacity, length), dtype=np.uint8), q)
+        if prior is None:
+            return cls(rng.integers(0, q, size=(capacity, length), dtype=np.uint8), q)
+        prior = _checked_prior(prior, q)
+        symbols = np.searchsorted(np.cumsum(prior)[:-1], rng.random((capacity, length)), side="right").astype(np.uint8)
+        return cls(symbols, q, "q-ary, prior " + "/".join(f"{v:g}" for v in prior), prior)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """What a match on each symbol value adds to a score, float64 [q] (:func:`symbol_weights`)."""
+        return symbol_weights(self.prior, self.q)
 
     @property
     def length(self) -> int:
@@ -132,6 +154,22 @@ class SymbolBook:
 
 
 @torch.no_grad()
+def _checked_prior(prior, q: int) -> np.ndarray:
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape != (q,) or not np.all(prior > 0) or abs(prior.sum() - 1.0) > 1e-9:
+        raise InvalidInput(f"a symbol prior needs {q} positive probabilities summing to 1, got {prior.tolist()}")
+    return prior
+
+
+def symbol_weights(prior: np.ndarray | None, q: int) -> np.ndarray:
+    """``w(c) = log(1 / prior_c) / log q``: 1 for every value of a uniform symbol (a score
+    is then the count of matches); under a sparse prior a match on the rare value weighs
+    more. float64 [q]."""
+    if prior is None:
+        return np.ones(q)
+    return -np.log(_checked_prior(prior, q)) / math.log(q)
+
+
 def secret_patterns(seed: int, m: int, cells: int = 7) -> torch.Tensor:
     """``m`` binary images (float {0, 1}, [m, 1, 28, 28]) of ``cells x cells`` random
     blocks, drawn from ``seed`` (derived from the vendor secret)."""
@@ -270,46 +308,53 @@ def agreement(keys: KeySet, word: np.ndarray, answers: torch.Tensor) -> float:
 _LAMBDAS = np.geomspace(1e-3, 1e3, 481)  # Chernoff exponents tried (any one gives a valid bound)
 
 
-def _log_mgf(P: np.ndarray, lams: np.ndarray) -> np.ndarray:
+def _log_mgf(P: np.ndarray, lams: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
     """``log E exp(lam S)`` of an innocent's score for each ``lam``: sum over patterns of
-    ``log mean_c exp(lam P[k, c])`` (log-sum-exp, stable for large ``lam``)."""
-    z = lams[:, None, None] * P[None]  # [L, m, q]
+    ``log sum_c prior_c exp(lam w(c) P[k, c])`` (log-sum-exp, stable for large ``lam``;
+    ``prior`` ``None``: uniform)."""
+    q = P.shape[1]
+    log_prior = np.full(q, -math.log(q)) if prior is None else np.log(_checked_prior(prior, q))
+    z = lams[:, None, None] * (P * symbol_weights(prior, q))[None] + log_prior  # [L, m, q]
     top = z.max(2, keepdims=True)
-    return (top[..., 0] + np.log(np.exp(z - top).mean(2))).sum(1)
+    return (top[..., 0] + np.log(np.exp(z - top).sum(2))).sum(1)
 
 
-def threshold(P: np.ndarray, delta: float) -> float:
+def threshold(P: np.ndarray, delta: float, prior: np.ndarray | None = None) -> float:
     """The smallest score ``t`` with ``P(S_innocent >= t) <= delta`` by the Chernoff bound:
     ``min_lam (log E exp(lam S) - log delta) / lam`` (any ``lam`` gives a valid threshold;
-    the grid's best is taken)."""
+    the grid's best is taken). ``prior``: the codebook's symbol prior (``None``: uniform)."""
     if not 0 < delta < 1:
         raise InvalidInput(f"delta must be in (0, 1), got {delta}")
-    return float(np.min((_log_mgf(P, _LAMBDAS) - math.log(delta)) / _LAMBDAS))
+    return float(np.min((_log_mgf(P, _LAMBDAS, prior) - math.log(delta)) / _LAMBDAS))
 
 
-def tail_bound(P: np.ndarray, scores: np.ndarray) -> np.ndarray:
+def tail_bound(P: np.ndarray, scores: np.ndarray, prior: np.ndarray | None = None) -> np.ndarray:
     """Chernoff bound on ``P(S_innocent >= s)`` for each ``s`` in ``scores`` (at most 1)."""
     scores = np.asarray(scores, dtype=np.float64)
-    log_b = (_log_mgf(P, _LAMBDAS)[None, :] - scores[:, None] * _LAMBDAS[None, :]).min(1)
+    log_b = (_log_mgf(P, _LAMBDAS, prior)[None, :] - scores[:, None] * _LAMBDAS[None, :]).min(1)
     return np.exp(np.minimum(log_b, 0.0))
 
 
-def patterns_needed(q: int, words: int, delta: float, most: int) -> int | None:
+def patterns_needed(q: int, words: int, delta: float, most: int, prior: np.ndarray | None = None) -> int | None:
     """The fewest patterns an *unmodified* copy must be read on to be accused: the
     smallest ``k`` whose perfect profile (each of ``k`` patterns answered with the
-    copy's symbol every time, one-hot rows) scores ``k`` at or above the threshold for
-    ``delta`` over ``words`` code words. ``None`` when even all ``most`` patterns are
-    not enough (a bound stricter than any read of these keys can meet).
+    copy's symbol every time, one-hot rows) scores at or above the threshold for
+    ``delta`` over ``words`` code words. With a sparse ``prior`` the copy is taken to
+    hold the commonest symbol on every pattern (the least a match can weigh), so the
+    figure is conservative. ``None`` when even all ``most`` patterns are not enough (a
+    bound stricter than any read of these keys can meet).
 
     A read on fewer patterns cannot accuse even an unmodified copy answering every key
     with its symbol (the strongest evidence a pattern can give), so its "no one accused"
     says nothing: it is inconclusive (:func:`sequential_trace`)."""
     if words < 1 or most < 1:
         return None
+    common = 0 if prior is None else int(np.argmax(prior))
+    weight = float(symbol_weights(prior, q)[common])
     one_hot = np.zeros((most, q))
-    one_hot[:, 0] = 1.0
-    for k in range(1, most + 1):  # threshold(k one-hot rows) is what an innocent's score k is compared against
-        if threshold(one_hot[:k], delta / words) <= k:
+    one_hot[:, common] = 1.0
+    for k in range(1, most + 1):  # threshold(k one-hot rows) is what the copy's score k * weight is compared against
+        if threshold(one_hot[:k], delta / words, prior) <= k * weight:
             return k
     return None
 
@@ -320,9 +365,9 @@ UNDERPOWERED_NOTE = ("inconclusive: the read answered {answered} of the {pattern
 
 
 def score_all(P: np.ndarray, book: SymbolBook, indices: np.ndarray) -> np.ndarray:
-    """``S_i = sum_k P[k, s_ik]`` for the words ``indices`` (float64)."""
+    """``S_i = sum_k w(s_ik) P[k, s_ik]`` for the words ``indices`` (float64)."""
     symbols = book.symbols[indices].astype(np.int64)  # [N, m]
-    return P[np.arange(P.shape[0])[None, :], symbols].sum(1)
+    return (P * book.weights)[np.arange(P.shape[0])[None, :], symbols].sum(1)
 
 
 def decide(P: np.ndarray, book: SymbolBook, indices: np.ndarray, epsilon: float, top: int = 5):
@@ -340,10 +385,10 @@ def decide(P: np.ndarray, book: SymbolBook, indices: np.ndarray, epsilon: float,
         return Verdict("q-ary match", epsilon, math.inf, len(indices), [], others, np.zeros(len(indices)),
                        "no key was answered with a class, so there is nothing to score")
     scores = score_all(P, book, indices)
-    thr = threshold(P, epsilon / len(indices))
+    thr = threshold(P, epsilon / len(indices), book.prior)
     order = np.argsort(-scores)
     shown = order[: max(top, int((scores >= thr).sum()) + top)]
-    per = tail_bound(P, scores[shown])
+    per = tail_bound(P, scores[shown], book.prior)
     candidates = [Candidate(int(indices[j]), float(scores[j]), float(p), float(min(1.0, p * len(indices))))
                   for j, p in zip(shown, per)]
     accused = [c for c in candidates if c.score >= thr]
@@ -460,7 +505,7 @@ def sequential_trace(ask, keys: KeySet, book: SymbolBook, indices: np.ndarray, e
         verdict = dataclasses.replace(verdict, accused=sorted(found.values(), key=lambda c: -c.score),
                                       top_others=[c for c in verdict.top_others if c.codeword_index not in found])
     answered = int((P.sum(1) > 0).sum())
-    needed = patterns_needed(book.q, len(indices), share, keys.patterns)
+    needed = patterns_needed(book.q, len(indices), share, keys.patterns, book.prior)
     result = BlackboxVerdict(verdict, queries, stop_index, P, answered, needed)
     if result.inconclusive:
         note = UNDERPOWERED_NOTE.format(answered=answered, patterns=keys.patterns, epsilon=epsilon, words=len(indices),

@@ -52,6 +52,7 @@ class BlackboxConfig:
     family: str = "patterns"         # patterns: secret block patterns blended into aux images | natural: unsure aux images
     natural_keys: int = 512          # natural: keys = binary symbols (the base's top class or runner-up)
     natural_pool: float = 2.0        # natural: drawn from the natural_pool x natural_keys aux images the base is least sure of
+    flip_share: float = 0.5          # natural: probability a word's symbol is the runner-up (0.5: uniform words; less: sparse)
     patterns: int = 64               # secret patterns = symbols (classes) of a black-box word
     per_pattern: int = 8             # aux images each pattern is blended into (keys = patterns * per_pattern)
     blend: float = 0.4               # key = (1 - blend) * aux image + blend * pattern
@@ -73,6 +74,7 @@ class BlackboxConfig:
         checks.choice("blackbox", "family", self.family, FAMILIES)
         checks.integer("blackbox", "natural_keys", self.natural_keys, 1)
         checks.number("blackbox", "natural_pool", self.natural_pool, 1.0)
+        checks.number("blackbox", "flip_share", self.flip_share, 0.0, 0.5, low_open=True)
         checks.integer("blackbox", "patterns", self.patterns, 1)
         checks.integer("blackbox", "per_pattern", self.per_pattern, 1)
         checks.number("blackbox", "blend", self.blend, 0.0, 1.0, low_open=True, high_open=True)
@@ -106,6 +108,14 @@ class BlackboxConfig:
     def q(self) -> int:
         """Values a symbol takes: a class, or one of a natural key's two candidate classes."""
         return 2 if self.family == "natural" else NUM_CLASSES
+
+    @property
+    def prior(self) -> tuple[float, ...] | None:
+        """The words' symbol prior: natural keys with ``flip_share`` below one half draw
+        the runner-up with that probability (sparse words); otherwise uniform (``None``)."""
+        if self.family != "natural" or self.flip_share == 0.5:
+            return None
+        return (1.0 - self.flip_share, self.flip_share)
 
     @property
     def max_queries(self) -> int:

@@ -113,7 +113,7 @@ class Vendor:
         codebook = _cached_codebook(files.state_dir / "codebook.npz", codebook_id,
                                     lambda: create_code(code.family, **code.options).generate(code.capacity, derive_seed(secret, "codebook")))
         bb = config.blackbox
-        blackbox_codebook = SymbolBook.generate(code.capacity, bb.symbols, derive_seed(secret, "blackbox-codebook"), bb.q)
+        blackbox_codebook = SymbolBook.generate(code.capacity, bb.symbols, derive_seed(secret, "blackbox-codebook"), bb.q, bb.prior)
         ledger = Ledger(files.state_dir / "ledger.sqlite", capacity=len(codebook), codebook_id=codebook_id)
         embed = config.embed
         n_weights = readout_size(config.model, embed.layer, embed.readout, embed.rank)
@@ -186,7 +186,7 @@ class Vendor:
             keys, codebook, order_seed = self.keyset, self.blackbox_codebook, derive_seed(self.secret, "key-order")
         else:
             keys = self._keys(secret)
-            codebook = SymbolBook.generate(len(self.blackbox_codebook), bb.symbols, derive_seed(secret, "blackbox-codebook"), bb.q)
+            codebook = SymbolBook.generate(len(self.blackbox_codebook), bb.symbols, derive_seed(secret, "blackbox-codebook"), bb.q, bb.prior)
             order_seed = derive_seed(secret, "key-order")
         return ApiProbe(keys, codebook, codebook_indices(codebook), bb.checkpoints, bb.repeats, order_seed, bb.explain)
 
