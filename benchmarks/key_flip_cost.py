@@ -18,6 +18,9 @@ says what is trained: ``server`` (every layer after the cut; issuing trains fewe
 than 16 numbers, so a flip could be carved with fewer neighbours). ``--keep`` says which
 flips a fraction keeps: ``random`` ones, or the ``isolated`` ones (farthest from the
 vendor's ``aux`` images in what crosses the cut: would choosing keys that way help?).
+``--fine-tune E`` then attacks every copy as the attack grid's first entry does (the whole
+network fine-tuned for ``E`` epochs with Adam on the attacker's ``attacker.budget`` images) and
+reports the share of its flips the attacked copy still answers (does the mark survive?).
 
 Needs the outputs of ``dvc repro train`` and the vendor secret
 (``SECUREMARK_SECRET_FILE`` / ``SECUREMARK_VENDOR_DIR``); run from the repository root:
@@ -56,6 +59,8 @@ def main() -> None:
     ap.add_argument("--keep", nargs="+", default=["random"], choices=["random", "isolated"],
                     help="which flips a fraction keeps: random ones, or those farthest from the aux images in what crosses the cut")
     ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--fine-tune", type=int, default=0, metavar="EPOCHS",
+                    help="then fine-tune each copy this many epochs on the attacker's images and count the flips it keeps (0: off)")
     ap.add_argument("--lr", type=float, nargs="+", default=[0.0015], help="Adam step size (one per --tune entry, or one for all)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -65,9 +70,11 @@ def main() -> None:
 
     from safetensors.torch import load_file
 
+    from flows.adapters.partitions import attacker_data
     from flows.adapters.paths import Paths
     from flows.adapters.settings import Settings
     from flows.adapters.vendor import open_vendor
+    from securemark.attacks import create_attack
     from securemark.storage import read_partition
     from securemark.tracing.blackbox import targets
     from securemark.weights import load_weights
@@ -115,6 +122,7 @@ def main() -> None:
         z_aux, z_key = crossing(aux_x), crossing(key_x)
         scale = z_aux.std(0) + 1e-6
         isolation = torch.cdist(z_key / scale, z_aux / scale).topk(10, dim=1, largest=False).values.mean(1)
+    attacker = attacker_data(paths, settings) if args.fine_tune else None
     words = np.random.default_rng(1).choice(len(vendor.codebook), size=args.words, replace=False)
     rows = []
     for (mode, lr), keep_by, fraction in itertools.product(zip(args.tune, lrs), args.keep, args.fractions):
@@ -151,8 +159,15 @@ def main() -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            survived = None
+            if attacker is not None:  # the leaker's fine-tuning, on the whole network and the key images themselves
+                attacked = create_attack("fine_tune", epochs=args.fine_tune)([model], attacker, torch.Generator().manual_seed(int(w)))
+                with torch.no_grad():
+                    answers = torch.cat([attacked(keys.images[s : s + 1000].float()) for s in range(0, len(keys), 1000)]).argmax(1)
+                flipped = labels != top
+                survived = round(float((answers[flipped] == labels[flipped]).double().mean()), 4)
             with torch.no_grad():
-                copies.append({"word": int(w), "flips": int((labels != top).sum()),
+                copies.append({"word": int(w), "flips": int((labels != top).sum()), "flips_kept_after_fine_tune": survived,
                                "key_agreement": round(accuracy(tail(model, key_x), labels), 4),
                                "test_drop": round((base_test_accuracy - accuracy(tail(model, test_x), test_y)) * 100, 2),
                                "bank_drop": round((accuracy(base_bank, bank_y) - accuracy(model.server(bank_z), bank_y)) * 100, 2),
@@ -162,12 +177,15 @@ def main() -> None:
         row = {"tune": mode, "lr": lr, "keep": keep_by, "fraction": fraction, "flips_mean": mean_flips,
                "test_drop_mean": round(statistics.fmean(drops), 3), "test_drop_max": max(drops),
                "drop_per_100_flips": round(statistics.fmean(drops) / mean_flips * 100, 3) if mean_flips else None,
-               "key_agreement_min": min(c["key_agreement"] for c in copies), "copies": copies,
+               "key_agreement_min": min(c["key_agreement"] for c in copies),
+               "flips_kept_after_fine_tune_mean": (round(statistics.fmean(c["flips_kept_after_fine_tune"] for c in copies), 3)
+                                                   if args.fine_tune else None),
+               "copies": copies,
                "seconds_per_copy": round((time.perf_counter() - start) / len(words), 1)}
         print(row, flush=True)
         rows.append(row)
     report({"model": base.spec.to_dict(), "defence": dataclasses.asdict(settings.defence),
-            "keys": len(keys.pattern), "key_confidence": cfg.key_confidence, "key_weight": cfg.key_weight, "steps": args.steps,
+            "keys": len(keys.pattern), "key_confidence": cfg.key_confidence, "key_weight": cfg.key_weight, "steps": args.steps, "fine_tune_epochs": args.fine_tune,
             "base_test_accuracy": base_test_accuracy, "settings": rows}, args.out, one_line=False)
 
 
