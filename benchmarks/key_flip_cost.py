@@ -15,7 +15,9 @@ bank (the features the server received) and on half of the vendor's ``aux`` imag
 entropy at ``fingerprint.key_weight`` until ``fingerprint.key_confidence``. ``--tune``
 says what is trained: ``server`` (every layer after the cut; issuing trains fewer) or
 ``server+neck`` (the client's bottleneck block too: where an image still has more
-than 16 numbers, so a flip could be carved with fewer neighbours). ``--keep`` says which
+than 16 numbers, so a flip could be carved with fewer neighbours) or ``copy`` (every layer
+of the customer's copy, its conv blocks included: the owners' client is not the copy's,
+so the vendor may carve the mark where the image is still whole). ``--keep`` says which
 flips a fraction keeps: ``random`` ones, or the ``isolated`` ones (farthest from the
 vendor's ``aux`` images in what crosses the cut: would choosing keys that way help?).
 ``--fine-tune E`` then attacks every copy as the attack grid's first entry does (the whole
@@ -55,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--words", type=int, default=3, help="black-box words (copies) per setting")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="share of each word's flips kept")
-    ap.add_argument("--tune", nargs="+", default=["server"], choices=["server", "server+neck"])
+    ap.add_argument("--tune", nargs="+", default=["server"], choices=["server", "server+neck", "copy"])
     ap.add_argument("--keep", nargs="+", default=["random"], choices=["random", "isolated"],
                     help="which flips a fraction keeps: random ones, or those farthest from the aux images in what crosses the cut")
     ap.add_argument("--steps", type=int, default=1500)
@@ -100,7 +102,8 @@ def main() -> None:
     aux, test = read_partition(paths.partition("aux")), read_partition(paths.partition("test"))
     kept = torch.ones(len(aux.labels), dtype=torch.bool)
     kept[keys.rows] = False
-    aux_x, aux_y, test_x, test_y, key_x = trunk_of(aux.as_float()[kept]), aux.labels[kept], trunk_of(test.as_float()), test.labels, trunk_of(keys.images)
+    aux_raw, test_raw, key_raw = aux.as_float()[kept], test.as_float(), keys.images.float()
+    aux_x, aux_y, test_x, test_y, key_x = trunk_of(aux_raw), aux.labels[kept], trunk_of(test_raw), test.labels, trunk_of(key_raw)
     bank = load_file(str(vendor.files.bank))
     pick = torch.randperm(len(bank["labels"]), generator=torch.Generator().manual_seed(0))[:BANK_ROWS]
     bank_z, bank_y = bank["features"][pick].float(), bank["labels"][pick]
@@ -109,6 +112,9 @@ def main() -> None:
 
     def tail(model, x):  # from the trunk's output to the logits
         return model.server(model.client.neck(x)) if base.spec.bottleneck else model.server(x)
+
+    def whole(model, x):  # the copy from the image to the logits, in chunks
+        return torch.cat([model(x[s : s + 2000]) for s in range(0, len(x), 2000)])
 
     def accuracy(logits, labels) -> float:
         return float((logits.argmax(1) == labels).double().mean())
@@ -136,10 +142,12 @@ def main() -> None:
             else:  # the least isolated flips are given back
                 given_back = flips[isolation[flips].argsort()[:n_back]]
             labels[given_back] = top[given_back]
+            fwd, (ax, tx, kx) = (whole, (aux_raw, test_raw, key_raw)) if mode == "copy" else (tail, (aux_x, test_x, key_x))
             model = copy.deepcopy(base).eval()  # batch norms keep the base's statistics, as in issuing
             for p in model.parameters():
                 p.requires_grad_(False)
-            trained_params = list(model.server.parameters()) + (list(model.client.neck.parameters()) if mode == "server+neck" else [])
+            trained_params = (list(model.parameters()) if mode == "copy" else
+                              list(model.server.parameters()) + (list(model.client.neck.parameters()) if mode == "server+neck" else []))
             for p in trained_params:
                 p.requires_grad_(True)
             opt = torch.optim.Adam(trained_params, lr=lr)
@@ -148,11 +156,11 @@ def main() -> None:
                 b = torch.randint(len(bank_y), (cfg.batch_size,), generator=g)
                 a = trained[torch.randint(len(trained), (cfg.batch_size,), generator=g)]
                 k = torch.randint(len(labels), (cfg.batch_size,), generator=g)
-                log_bank, log_aux = F.log_softmax(model.server(bank_z[b]), 1), F.log_softmax(tail(model, aux_x[a]), 1)
+                log_bank, log_aux = F.log_softmax(model.server(bank_z[b]), 1), F.log_softmax(fwd(model, ax[a]), 1)
                 keep = (F.kl_div(log_bank, F.log_softmax(base_bank[b], 1), log_target=True, reduction="batchmean")
                         + F.kl_div(log_aux, F.log_softmax(base_aux[a], 1), log_target=True, reduction="batchmean"))
                 ce = F.nll_loss(log_bank, bank_y[b]) + F.nll_loss(log_aux, aux_y[a])
-                key_logits = tail(model, key_x[k])
+                key_logits = fwd(model, kx[k])
                 unsure = key_logits.softmax(1).gather(1, labels[k, None]).squeeze(1) < cfg.key_confidence
                 key_ce = (F.cross_entropy(key_logits, labels[k], reduction="none") * unsure).mean()
                 loss = keep + cfg.restore_weight * ce + cfg.key_weight * key_ce
@@ -168,10 +176,10 @@ def main() -> None:
                 survived = round(float((answers[flipped] == labels[flipped]).double().mean()), 4)
             with torch.no_grad():
                 copies.append({"word": int(w), "flips": int((labels != top).sum()), "flips_kept_after_fine_tune": survived,
-                               "key_agreement": round(accuracy(tail(model, key_x), labels), 4),
-                               "test_drop": round((base_test_accuracy - accuracy(tail(model, test_x), test_y)) * 100, 2),
+                               "key_agreement": round(accuracy(fwd(model, kx), labels), 4),
+                               "test_drop": round((base_test_accuracy - accuracy(fwd(model, tx), test_y)) * 100, 2),
                                "bank_drop": round((accuracy(base_bank, bank_y) - accuracy(model.server(bank_z), bank_y)) * 100, 2),
-                               "aux_check_drop": round((accuracy(base_aux[checked], aux_y[checked]) - accuracy(tail(model, aux_x[checked]), aux_y[checked])) * 100, 2)})
+                               "aux_check_drop": round((accuracy(base_aux[checked], aux_y[checked]) - accuracy(fwd(model, ax[checked]), aux_y[checked])) * 100, 2)})
         drops = [c["test_drop"] for c in copies]
         mean_flips = statistics.fmean(c["flips"] for c in copies)
         row = {"tune": mode, "lr": lr, "keep": keep_by, "fraction": fraction, "flips_mean": mean_flips,
