@@ -22,7 +22,8 @@ flips a fraction keeps: ``random`` ones, or the ``isolated`` ones (farthest from
 vendor's ``aux`` images in what crosses the cut: would choosing keys that way help?).
 ``--fine-tune E`` then attacks every copy as the attack grid's first entry does (the whole
 network fine-tuned for ``E`` epochs with Adam on the attacker's ``attacker.budget`` images) and
-reports the share of its flips the attacked copy still answers (does the mark survive?).
+reports the share of its flips the attacked copy still answers (does the mark survive?) and
+its agreement over every key (what the trace's bound reads).
 
 Needs the outputs of ``dvc repro train`` and the vendor secret
 (``SECUREMARK_SECRET_FILE`` / ``SECUREMARK_VENDOR_DIR``); run from the repository root:
@@ -167,15 +168,17 @@ def main() -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            survived = None
+            survived = agreed = None
             if attacker is not None:  # the leaker's fine-tuning, on the whole network and the key images themselves
                 attacked = create_attack("fine_tune", epochs=args.fine_tune)([model], attacker, torch.Generator().manual_seed(int(w)))
                 with torch.no_grad():
                     answers = torch.cat([attacked(keys.images[s : s + 1000].float()) for s in range(0, len(keys), 1000)]).argmax(1)
                 flipped = labels != top
                 survived = round(float((answers[flipped] == labels[flipped]).double().mean()), 4)
+                agreed = round(float((answers == labels).double().mean()), 4)  # over every key: what the trace's bound reads
             with torch.no_grad():
                 copies.append({"word": int(w), "flips": int((labels != top).sum()), "flips_kept_after_fine_tune": survived,
+                               "key_agreement_after_fine_tune": agreed,
                                "key_agreement": round(accuracy(fwd(model, kx), labels), 4),
                                "test_drop": round((base_test_accuracy - accuracy(fwd(model, tx), test_y)) * 100, 2),
                                "bank_drop": round((accuracy(base_bank, bank_y) - accuracy(model.server(bank_z), bank_y)) * 100, 2),
@@ -188,6 +191,8 @@ def main() -> None:
                "key_agreement_min": min(c["key_agreement"] for c in copies),
                "flips_kept_after_fine_tune_mean": (round(statistics.fmean(c["flips_kept_after_fine_tune"] for c in copies), 3)
                                                    if args.fine_tune else None),
+               "key_agreement_after_fine_tune_mean": (round(statistics.fmean(c["key_agreement_after_fine_tune"] for c in copies), 3)
+                                                      if args.fine_tune else None),
                "copies": copies,
                "seconds_per_copy": round((time.perf_counter() - start) / len(words), 1)}
         print(row, flush=True)
