@@ -153,7 +153,6 @@ class SymbolBook:
         return self.symbols[int(index)].astype(np.int64)
 
 
-@torch.no_grad()
 def _checked_prior(prior, q: int) -> np.ndarray:
     prior = np.asarray(prior, dtype=np.float64)
     if prior.shape != (q,) or not np.all(prior > 0) or abs(prior.sum() - 1.0) > 1e-9:
@@ -170,6 +169,7 @@ def symbol_weights(prior: np.ndarray | None, q: int) -> np.ndarray:
     return -np.log(_checked_prior(prior, q)) / math.log(q)
 
 
+@torch.no_grad()
 def secret_patterns(seed: int, m: int, cells: int = 7) -> torch.Tensor:
     """``m`` binary images (float {0, 1}, [m, 1, 28, 28]) of ``cells x cells`` random
     blocks, drawn from ``seed`` (derived from the vendor secret)."""
