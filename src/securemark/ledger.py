@@ -11,7 +11,8 @@ of who got which, so tracing is worthless without it. It is a SQLite file (stdli
 - ``complete`` marks the copy issued once its weights exist (model version, hash).
 
 A ``meta`` table pins the codebook id and capacity at creation, so a ledger cannot be
-silently reused with another codebook. Rows are never deleted, which makes
+silently reused with another codebook; and, when given, the black-box keys' settings
+(``blackbox_id``), since issued copies answer only the keys and words drawn under them. Rows are never deleted, which makes
 ``max(codeword_index) + 1`` the smallest unused index.
 """
 
@@ -114,14 +115,16 @@ def _record(row: tuple) -> LedgerRecord:
 class Ledger:
     """Durable customer -> code word store, safe to share between processes.
 
-    ``Ledger(path, capacity, codebook_id)`` creates the file (and its directory) on
-    first use and records ``capacity`` (number of code words, indices ``0..capacity-1``)
-    and ``codebook_id``; reopening with other values raises :class:`LedgerMismatch`.
+    ``Ledger(path, capacity, codebook_id, blackbox_id)`` creates the file (and its
+    directory) on first use and records ``capacity`` (number of code words, indices
+    ``0..capacity-1``), ``codebook_id`` and ``blackbox_id``; reopening with other values
+    raises :class:`LedgerMismatch`. A ledger created without ``blackbox_id`` (or by an
+    older version) adopts the first one it is opened with.
     Each call opens its own short-lived connection, so an instance holds no open file
     and may be used from several threads or passed to other processes.
     """
 
-    def __init__(self, path: str | Path, capacity: int, codebook_id: str) -> None:
+    def __init__(self, path: str | Path, capacity: int, codebook_id: str, blackbox_id: str | None = None) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise LedgerError(f"ledger capacity must be a positive integer, got {capacity!r}")
         if not isinstance(codebook_id, str) or not codebook_id:
@@ -129,6 +132,7 @@ class Ledger:
         self.path = Path(path)
         self.capacity = capacity
         self.codebook_id = codebook_id
+        self.blackbox_id = blackbox_id
         private_dir(self.path.parent)
         os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, FILE_MODE))  # 0600 before SQLite opens it (its journals copy the mode)
         tighten(self.path)  # a ledger created by an older version may be wider
@@ -168,10 +172,10 @@ class Ledger:
         with self._write() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
-            conn.executemany(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
-                [("capacity", str(self.capacity)), ("codebook_id", self.codebook_id)],
-            )
+            pinned = [("capacity", str(self.capacity)), ("codebook_id", self.codebook_id)]
+            if self.blackbox_id is not None:
+                pinned.append(("blackbox_id", self.blackbox_id))
+            conn.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", pinned)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("codebook_id") != self.codebook_id:
             raise LedgerMismatch(
@@ -182,6 +186,12 @@ class Ledger:
             raise LedgerMismatch(
                 f"ledger {self.path} was created with capacity {meta.get('capacity')}, not {self.capacity}, "
                 f"for codebook {self.codebook_id!r}"
+            )
+        if self.blackbox_id is not None and meta.get("blackbox_id") != self.blackbox_id:
+            raise LedgerMismatch(
+                f"ledger {self.path} issued copies that answer the black-box keys {meta.get('blackbox_id')!r}, "
+                f"not {self.blackbox_id!r}: tracing by API would read keys those copies never learned; "
+                "restore those blackbox settings (params.yaml), or use a new vendor state for the new ones"
             )
 
     # -- writes ---------------------------------------------------------------------

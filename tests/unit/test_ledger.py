@@ -106,6 +106,21 @@ def test_reopen_with_other_codebook_or_capacity_is_refused(tmp_path):
     assert reopened.get("alice").codeword_index == 0
 
 
+def test_reopen_with_other_blackbox_keys_is_refused(tmp_path):
+    """Copies answer the keys they were issued with: other key settings are refused,
+    and a ledger from before the pin adopts the first settings it is opened with."""
+    path = tmp_path / "ledger.sqlite"
+    Ledger(path, capacity=5, codebook_id="cb", blackbox_id="natural-keys=256").assign("alice", "k")
+    with pytest.raises(LedgerMismatch, match="natural-keys=256"):
+        Ledger(path, capacity=5, codebook_id="cb", blackbox_id="natural-keys=512")
+    assert Ledger(path, capacity=5, codebook_id="cb", blackbox_id="natural-keys=256").get("alice").codeword_index == 0
+    older = tmp_path / "older.sqlite"
+    Ledger(older, capacity=5, codebook_id="cb").assign("bob", "k")
+    Ledger(older, capacity=5, codebook_id="cb", blackbox_id="patterns=64x8")
+    with pytest.raises(LedgerMismatch, match="patterns=64x8"):
+        Ledger(older, capacity=5, codebook_id="cb", blackbox_id="natural-keys=256")
+
+
 def test_constructor_rejects_bad_capacity(tmp_path):
     with pytest.raises(LedgerError, match="capacity"):
         Ledger(tmp_path / "l.sqlite", capacity=0, codebook_id="cb")

@@ -118,6 +118,15 @@ class BlackboxConfig:
         return (1.0 - self.flip_share, self.flip_share)
 
     @property
+    def identity(self) -> str:
+        """The settings that fix the keys and the words (not how copies are taught or
+        APIs queried): issued copies answer only the keys and words drawn under these,
+        so the ledger pins them (:class:`securemark.ledger.Ledger`)."""
+        if self.family == "natural":
+            return f"natural-keys={self.natural_keys}-pool={self.natural_pool}-flip_share={self.flip_share}"
+        return f"patterns={self.patterns}x{self.per_pattern}-blend={self.blend}-cells={self.cells}"
+
+    @property
     def max_queries(self) -> int:
         """The query budget of one trace: every key, ``repeats`` times."""
         return self.keys * self.repeats

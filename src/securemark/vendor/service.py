@@ -114,7 +114,7 @@ class Vendor:
                                     lambda: create_code(code.family, **code.options).generate(code.capacity, derive_seed(secret, "codebook")))
         bb = config.blackbox
         blackbox_codebook = SymbolBook.generate(code.capacity, bb.symbols, derive_seed(secret, "blackbox-codebook"), bb.q, bb.prior)
-        ledger = Ledger(files.state_dir / "ledger.sqlite", capacity=len(codebook), codebook_id=codebook_id)
+        ledger = Ledger(files.state_dir / "ledger.sqlite", capacity=len(codebook), codebook_id=codebook_id, blackbox_id=bb.identity)
         embed = config.embed
         n_weights = readout_size(config.model, embed.layer, embed.readout, embed.rank)
         key = FingerprintKey.for_secret(secret, embed.layer, codebook.length, n_weights)
