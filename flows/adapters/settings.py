@@ -300,7 +300,7 @@ class Settings:
             issue=build(IssueSettings, _section(params, "issue"), "issue"),
             trace=build(TraceConfig, _section(params, "trace"), "trace"),
             attacker=build(AttackerSettings, params.get("attacker") or {}, "attacker"),
-            attack=build(AttackSettings, params.get("attack") or {}, "attack"),
+            attack=build(AttackSettings, _aim_at_fingerprint(params.get("attack") or {}, fingerprint.get("layer", EmbedConfig.layer)), "attack"),
             ops=build(OpsSettings, params.get("ops") or {}, "ops"),
         )
         if settings.blackbox.keys > settings.prepare.aux_size:
@@ -316,6 +316,25 @@ class Settings:
     def flat(self, section: str) -> dict[str, Any]:
         """One section as flat ``section.key: value`` pairs (for MLflow params)."""
         return {f"{section}.{k}": v for k, v in _flatten(getattr(self, section)).items()}
+
+
+FINGERPRINTED = "fingerprinted"  # in an attack's `layers`: the block whose weight carries the code word
+
+
+def _aim_at_fingerprint(value: Any, layer: str) -> Any:
+    """``value`` (an attack section, or part of it) with every ``fingerprinted`` entry of
+    a ``layers`` list replaced by the block that ``fingerprint.layer`` names
+    (``server.dense2.linear.weight`` -> ``server.dense2``): the grid's attacks aimed at
+    the fingerprint follow it when the architecture or the layer changes."""
+    if isinstance(value, list):
+        return [_aim_at_fingerprint(v, layer) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: _aim_at_fingerprint(v, layer) for k, v in value.items()}
+    if isinstance(out.get("layers"), list):
+        block = str(layer).rsplit(".", 2)[0]
+        out["layers"] = [block if x == FINGERPRINTED else x for x in out["layers"]]
+    return out
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -127,6 +127,21 @@ def test_bad_attack_grid_entries_are_refused_before_any_work():
         assert named in str(err.value) and "attack.grid" in str(err.value)
 
 
+def test_attacks_aimed_at_the_fingerprint_follow_its_layer():
+    """``fingerprinted`` in an attack's layers names the block fingerprint.layer names,
+    also inside a composed attack; other layers stay as written."""
+    params = copy.deepcopy(SMALL_PARAMS)
+    params["fingerprint"]["layer"] = "server.dense2.linear.weight"
+    params["attack"]["grid"] = [{"attack": "obfuscate", "layers": ["server.block2", "fingerprinted"]},
+                                {"attack": "compose", "steps": [{"attack": "average"}, {"attack": "obfuscate", "layers": ["fingerprinted"]}]}]
+    plain, composed = Settings.from_params(params).attack.configs()
+    assert plain["layers"] == ["server.block2", "server.dense2"]
+    assert composed["steps"][1]["layers"] == ["server.dense2"]
+    committed = Settings.load(REPO / "params.yaml", "full")
+    aimed = [c["layers"] for c in committed.attack.configs() if c["attack"] == "obfuscate"]
+    assert aimed and all(committed.fingerprint.embed.layer.startswith(layers[-1] + ".") for layers in aimed)
+
+
 def test_bad_code_family_and_unknown_section_are_refused():
     params = copy.deepcopy(SMALL_PARAMS)
     params["fingerprint"]["code"] = {"family": "hamming", "capacity": 10}
