@@ -58,7 +58,7 @@ $(DATA_STAMP): | $(STAMP)
 	bash scripts/ensure_dataset.sh $(BIN)/python
 
 # One Prefect server for the whole run (flows/entry/pipeline.py), then dvc repro, in the
-# profile PROFILE (default | full; README "Profiles").
+# profile PROFILE (default | full | private; README "Profiles").
 PROFILE ?= default
 run: setup
 	$(BIN)/python -m flows.entry.pipeline --profile $(PROFILE)

@@ -10,9 +10,10 @@ server, also on Ctrl-C or failure. With ``PREFECT_API_URL`` already set, that se
 used and nothing is started. The exit code is ``dvc repro``'s.
 
 ``--profile NAME`` (``make run PROFILE=full``) first writes ``base.profile: NAME`` into
-params.yaml (README "Profiles"), so that DVC sees the change, re-runs exactly the stages
-whose evaluation sizes differ and records it in dvc.lock; the rest of the file is left as
-it is. An unknown profile is refused before anything runs.
+params.yaml (README "Profiles"), so that DVC sees the change, re-runs the stages that read
+what the profile changes (``full``: evaluation sizes; ``private``: the design, so training
+and everything after it) and records it in dvc.lock; the rest of the file is left as it
+is. An unknown profile is refused before anything runs.
 """
 
 from __future__ import annotations

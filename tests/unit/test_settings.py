@@ -47,6 +47,26 @@ def test_the_full_profile_overlays_only_evaluation_sizes():
     assert full.trace.drift_recipes == default.trace.drift_recipes and full.blackbox.patterns == default.blackbox.patterns
 
 
+def test_the_private_profile_is_a_whole_design_whose_attacks_follow_the_fingerprint():
+    """``private`` changes the design (the cut, a 64-number bottleneck, the defence, the
+    fingerprinted layer) and nothing the evaluation measures; its fingerprinted layer and
+    every layer its grid aims at exist in its model."""
+    from securemark.fingerprint import fingerprint_unit
+    from securemark.model import build_model, units
+
+    params = load_params(REPO / "params.yaml")
+    default, private = Settings.from_params(params, "default"), Settings.from_params(params, "private")
+    assert private.model.bottleneck == 64 and private.model.cut == 2 and default.model.bottleneck == 0
+    for same in ("data", "prepare", "train", "blackbox", "trace", "attacker", "issue"):
+        assert getattr(private, same) == getattr(default, same), same
+    model = build_model(private.model, 0)
+    fingerprint_unit(model, private.fingerprint.embed.layer)  # raises if the layer is not a block of this model
+    paths = {p for p, _ in units(model)}
+    aimed = [layer for c in private.attack.configs() for step in [c, *c.get("steps", [])] if step["attack"] == "obfuscate"
+             for layer in step["layers"]]
+    assert aimed and set(aimed) <= paths and "server.dense2" in aimed
+
+
 def test_profiles_merge_mappings_and_replace_lists():
     params = copy.deepcopy(SMALL_PARAMS)
     params["profiles"] = {"wide": {"attack": {"coalition_sizes": [2, 3]}, "trace": {"null_random_keys": 5}}}
