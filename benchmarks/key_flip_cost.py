@@ -17,7 +17,9 @@ says what is trained: ``server`` (every layer after the cut; issuing trains fewe
 ``server+neck`` (the client's bottleneck block too: where an image still has more
 than 16 numbers, so a flip could be carved with fewer neighbours) or ``copy`` (every layer
 of the customer's copy, its conv blocks included: the owners' client is not the copy's,
-so the vendor may carve the mark where the image is still whole). ``--keep`` says which
+so the vendor may carve the mark where the image is still whole) or ``client`` (the copy's
+conv blocks and bottleneck block only: the server, and the white-box code word in it, stay
+as issued). ``--keep`` says which
 flips a fraction keeps: ``random`` ones, or the ``isolated`` ones (farthest from the
 vendor's ``aux`` images in what crosses the cut: would choosing keys that way help?).
 ``--fine-tune E`` then attacks every copy as the attack grid's first entry does (the whole
@@ -58,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--words", type=int, default=3, help="black-box words (copies) per setting")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="share of each word's flips kept")
-    ap.add_argument("--tune", nargs="+", default=["server"], choices=["server", "server+neck", "copy"])
+    ap.add_argument("--tune", nargs="+", default=["server"], choices=["server", "server+neck", "copy", "client"])
     ap.add_argument("--keep", nargs="+", default=["random"], choices=["random", "isolated"],
                     help="which flips a fraction keeps: random ones, or those farthest from the aux images in what crosses the cut")
     ap.add_argument("--steps", type=int, default=1500)
@@ -143,12 +145,13 @@ def main() -> None:
             else:  # the least isolated flips are given back
                 given_back = flips[isolation[flips].argsort()[:n_back]]
             labels[given_back] = top[given_back]
-            fwd, (ax, tx, kx) = (whole, (aux_raw, test_raw, key_raw)) if mode == "copy" else (tail, (aux_x, test_x, key_x))
+            fwd, (ax, tx, kx) = (whole, (aux_raw, test_raw, key_raw)) if mode in ("copy", "client") else (tail, (aux_x, test_x, key_x))
             model = copy.deepcopy(base).eval()  # batch norms keep the base's statistics, as in issuing
             for p in model.parameters():
                 p.requires_grad_(False)
-            trained_params = (list(model.parameters()) if mode == "copy" else
-                              list(model.server.parameters()) + (list(model.client.neck.parameters()) if mode == "server+neck" else []))
+            trained_params = {"copy": lambda: list(model.parameters()), "client": lambda: list(model.client.parameters()),
+                              "server": lambda: list(model.server.parameters()),
+                              "server+neck": lambda: list(model.server.parameters()) + list(model.client.neck.parameters())}[mode]()
             for p in trained_params:
                 p.requires_grad_(True)
             opt = torch.optim.Adam(trained_params, lr=lr)

@@ -12,8 +12,8 @@ of who got which, so tracing is worthless without it. It is a SQLite file (stdli
 
 A ``meta`` table pins the codebook id and capacity at creation, so a ledger cannot be
 silently reused with another codebook; and, when given, the black-box keys' settings
-(``blackbox_id``), since issued copies answer only the keys and words drawn under them. Rows are never deleted, which makes
-``max(codeword_index) + 1`` the smallest unused index.
+(``blackbox_id``), since issued copies answer only the keys and words drawn under them.
+Rows are never deleted, which makes ``max(codeword_index) + 1`` the smallest unused index.
 """
 
 from __future__ import annotations
