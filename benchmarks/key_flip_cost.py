@@ -149,9 +149,9 @@ def main() -> None:
             model = copy.deepcopy(base).eval()  # batch norms keep the base's statistics, as in issuing
             for p in model.parameters():
                 p.requires_grad_(False)
-            trained_params = {"copy": lambda: list(model.parameters()), "client": lambda: list(model.client.parameters()),
-                              "server": lambda: list(model.server.parameters()),
-                              "server+neck": lambda: list(model.server.parameters()) + list(model.client.neck.parameters())}[mode]()
+            modules = {"copy": [model], "client": [model.client], "server": [model.server],
+                       "server+neck": [model.server, model.client.neck] if base.spec.bottleneck else []}[mode]
+            trained_params = [p for m in modules for p in m.parameters()]
             for p in trained_params:
                 p.requires_grad_(True)
             opt = torch.optim.Adam(trained_params, lr=lr)
