@@ -53,7 +53,7 @@ from securemark.training import augment
 from securemark.tracing import (OFF_DATA_NOTE, DriftModel, Extractor, Verdict, codebook_indices, decide_readings, degeneracy, fit_drift,
                                 no_verdict, suspect_outputs_finite)
 from securemark.vendor.cache import file_digest, folder_digest, persisted
-from securemark.vendor.config import TraceConfig, VendorConfig, VendorFiles, recipe_options
+from securemark.vendor.config import BlackboxConfig, TraceConfig, VendorConfig, VendorFiles, recipe_options
 from securemark.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class Vendor:
         codebook = _cached_codebook(files.state_dir / "codebook.npz", codebook_id,
                                     lambda: create_code(code.family, **code.options).generate(code.capacity, derive_seed(secret, "codebook")))
         bb = config.blackbox
-        blackbox_codebook = SymbolBook.generate(code.capacity, bb.symbols, derive_seed(secret, "blackbox-codebook"), bb.q, bb.prior)
+        blackbox_codebook = _blackbox_book(bb, code.capacity, secret)
         ledger = Ledger(files.state_dir / "ledger.sqlite", capacity=len(codebook), codebook_id=codebook_id, blackbox_id=bb.identity)
         embed = config.embed
         n_weights = readout_size(config.model, embed.layer, embed.readout, embed.rank)
@@ -186,7 +186,7 @@ class Vendor:
             keys, codebook, order_seed = self.keyset, self.blackbox_codebook, derive_seed(self.secret, "key-order")
         else:
             keys = self._keys(secret)
-            codebook = SymbolBook.generate(len(self.blackbox_codebook), bb.symbols, derive_seed(secret, "blackbox-codebook"), bb.q, bb.prior)
+            codebook = _blackbox_book(bb, len(self.blackbox_codebook), secret)
             order_seed = derive_seed(secret, "key-order")
         return ApiProbe(keys, codebook, codebook_indices(codebook), bb.checkpoints, bb.repeats, order_seed, bb.explain)
 
@@ -449,6 +449,11 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 def _client_features(base: SplitNet, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([base.client(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+def _blackbox_book(bb: BlackboxConfig, capacity: int, secret: bytes) -> SymbolBook:
+    """The black-box words a vendor with ``secret`` draws (its own, or a null secret's)."""
+    return SymbolBook.generate(capacity, bb.symbols, derive_seed(secret, "blackbox-codebook"), bb.q, bb.prior)
 
 
 def _cached_codebook(cache: Path, codebook_id: str, generate) -> Codebook:
